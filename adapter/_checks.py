@@ -1,0 +1,39 @@
+"""Input checks shared by the adapters: clear ValueErrors that name the actual values."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_adapter_input(
+    x: torch.Tensor, mask: torch.Tensor | None, in_dim: int, param: torch.Tensor, name: str
+) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} expects a tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != in_dim:
+        raise ValueError(f"{name} expects input (..., {in_dim}), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+    if x.device != param.device:
+        raise ValueError(f"{name}: input is on {x.device} but the adapter's parameters are on {param.device}")
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"{name}: input dtype {x.dtype} does not match the parameter dtype {param.dtype}; "
+            "cast one of them (adapter.to(dtype)) or run under torch.autocast"
+        )
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"{name}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"{name}: mask shape {tuple(mask.shape)} must equal the input's leading shape "
+                f"{tuple(x.shape[:-1])}"
+            )
+        if mask.device != x.device:
+            raise ValueError(f"{name}: mask is on {mask.device}, input on {x.device}")
+
+
+def check_positive(**dims: int) -> None:
+    for name, value in dims.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")

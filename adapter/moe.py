@@ -1,0 +1,179 @@
+"""The MoE adapter (paper eq. 2-5, Table 4) as a drop-in nn.Module.
+
+    z = N(x)                                   LayerNorm with affine
+    h = sum_{i in top-k} G_i W2_i SiLU(W1_i z) routed experts (moe_kernels.moe_ffn)
+        + sum_s W2s_s SiLU(W1s_s z)            optional shared experts, always on
+    y = N(P(h))                                P = Linear(d -> D), or the aggregation block
+                                               LN -> Linear(d -> A) -> SiLU -> Linear(A -> D)
+
+No biases anywhere. Routed expert weights are stacked: `w1` (E, d, f) and `w2` (E, f, d).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe_kernels
+from adapter._checks import check_adapter_input, check_positive
+from adapter.stats import ParamCounts
+
+
+@dataclass(kw_only=True)
+class MoEAdapterConfig:
+    """Sizes and options of an MoE adapter.
+
+    in_dim d, out_dim D, expert_dim f, aggregation_dim A (0: a plain Linear d -> D),
+    num_shared_experts S of width shared_expert_dim (default f), balance_p "topk" (p = G, eq. 8)
+    or "softmax" (GShard). aux_loss_weight scales this adapter's term in `total_aux_loss` (0 turns
+    the balance loss off, the "w/o EBL" ablation). backend: "auto", "triton" or "torch".
+    """
+
+    in_dim: int
+    out_dim: int
+    expert_dim: int
+    num_experts: int = 8
+    top_k: int = 4
+    aggregation_dim: int = 0
+    num_shared_experts: int = 0
+    shared_expert_dim: int | None = None
+    balance_p: str = "topk"
+    aux_loss_weight: float = 1.0
+    norm_eps: float = 1e-5
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_positive(
+            in_dim=self.in_dim,
+            out_dim=self.out_dim,
+            expert_dim=self.expert_dim,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+        )
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} > num_experts={self.num_experts}")
+        for name in ("aggregation_dim", "num_shared_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.shared_expert_dim is None:
+            self.shared_expert_dim = self.expert_dim
+        check_positive(shared_expert_dim=self.shared_expert_dim)
+        if self.balance_p not in moe_kernels.BALANCE_MODES:
+            raise ValueError(f"balance_p must be one of {moe_kernels.BALANCE_MODES}, got {self.balance_p!r}")
+        if not (math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0):
+            raise ValueError(f"aux_loss_weight must be finite and >= 0, got {self.aux_loss_weight}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.backend not in moe_kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {moe_kernels.BACKENDS}, got {self.backend!r}")
+
+    def param_counts(self) -> ParamCounts:
+        d, D, f, E, k = self.in_dim, self.out_dim, self.expert_dim, self.num_experts, self.top_k
+        A, S, fs = self.aggregation_dim, self.num_shared_experts, self.shared_expert_dim
+        per_expert = 2 * d * f
+        out = (2 * d + d * A + A * D) if A else d * D
+        always_on = 2 * d + d * E + S * 2 * d * fs + out + 2 * D  # LN, router, shared, P, LN
+        return ParamCounts(total=always_on + E * per_expert, active=always_on + k * per_expert)
+
+
+class MoEAdapter(nn.Module):
+    """Sparse MoE projector mapping (..., d) -> (..., D).
+
+    `forward(x, mask=None)` returns a plain tensor. `mask` (bool, x's leading shape) marks real
+    tokens: padded ones get no routed-expert work, come out as exact zeros, and are left out of
+    the balance statistics. After each forward the module holds:
+      aux_loss        differentiable scalar L_aux (eq. 10) of that call
+      expert_counts   int32 (E,) tokens routed to each expert in that call
+      last_topk_idx   int32 (N, k) experts chosen per flattened token (-1 for padding)
+    A NaN in a real token's input makes that token's output and aux_loss NaN; the other tokens'
+    outputs are unaffected (the training loop skips non-finite steps).
+    """
+
+    def __init__(self, config: MoEAdapterConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        d, E, f = c.in_dim, c.num_experts, c.expert_dim
+        self.norm_in = nn.LayerNorm(d, eps=c.norm_eps)
+        self.router = nn.Linear(d, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, d, f))
+        self.w2 = nn.Parameter(torch.empty(E, f, d))
+        if c.num_shared_experts:
+            self.shared_w1 = nn.Parameter(torch.empty(c.num_shared_experts, d, c.shared_expert_dim))
+            self.shared_w2 = nn.Parameter(torch.empty(c.num_shared_experts, c.shared_expert_dim, d))
+        if c.aggregation_dim:
+            self.agg_norm = nn.LayerNorm(d, eps=c.norm_eps)
+            self.agg_up = nn.Linear(d, c.aggregation_dim, bias=False)
+            self.agg_down = nn.Linear(c.aggregation_dim, c.out_dim, bias=False)
+        else:
+            self.proj = nn.Linear(d, c.out_dim, bias=False)
+        self.norm_out = nn.LayerNorm(c.out_dim, eps=c.norm_eps)
+        self.reset_expert_parameters()
+        self.aux_loss: torch.Tensor | None = None
+        self.expert_counts: torch.Tensor | None = None
+        self.last_topk_idx: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def reset_expert_parameters(self) -> None:
+        """nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+        for w in (self.w1, getattr(self, "shared_w1", None)):
+            if w is not None:
+                w.uniform_(-(w.shape[1] ** -0.5), w.shape[1] ** -0.5)
+        for w in (self.w2, getattr(self, "shared_w2", None)):
+            if w is not None:
+                w.uniform_(-(w.shape[1] ** -0.5), w.shape[1] ** -0.5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        check_adapter_input(x, mask, c.in_dim, self.w1, "MoEAdapter")
+        lead = x.shape[:-1]
+        x_TD = x.reshape(-1, c.in_dim)
+        mask_T = None
+        if mask is not None:
+            mask_T = mask.reshape(-1)
+            # Zero padded rows first: a NaN there would otherwise reach LayerNorm's weight grad.
+            x_TD = torch.where(mask_T[:, None], x_TD, 0)
+        z_TD = self.norm_in(x_TD)
+        out = moe_kernels.moe_ffn(
+            z_TD,
+            self.router.weight,
+            self.w1,
+            self.w2,
+            top_k=c.top_k,
+            token_mask_T=mask_T,
+            balance_p=c.balance_p,
+            backend=c.backend,
+        )
+        h_TD = out.h_TD
+        if c.num_shared_experts:
+            h_TD = h_TD + self._shared_experts(z_TD)
+        if c.aggregation_dim:
+            h_TD = self.agg_down(F.silu(self.agg_up(self.agg_norm(h_TD))))
+        else:
+            h_TD = self.proj(h_TD)
+        y_TD = self.norm_out(h_TD)
+        if mask_T is not None:
+            y_TD = torch.where(mask_T[:, None], y_TD, 0)
+        self.aux_loss = out.aux_loss
+        self.expert_counts = out.counts_E.detach()
+        self.last_topk_idx = out.topk_idx_TK.detach()
+        return y_TD.reshape(*lead, c.out_dim)
+
+    def _shared_experts(self, z_TD: torch.Tensor) -> torch.Tensor:
+        # sum_s W2s_s SiLU(W1s_s z) is one MLP whose hidden layer concatenates the S experts'.
+        S, d, fs = self.shared_w1.shape
+        w1_cat = self.shared_w1.permute(1, 0, 2).reshape(d, S * fs)
+        w2_cat = self.shared_w2.reshape(S * fs, d)
+        return F.silu(z_TD @ w1_cat) @ w2_cat
+
+    def param_counts(self) -> ParamCounts:
+        """Counted from the parameters: routed experts count k/E of their size as active."""
+        total = sum(p.numel() for p in self.parameters())
+        routed = self.w1.numel() + self.w2.numel()
+        per_expert = routed // self.config.num_experts
+        return ParamCounts(total=total, active=total - routed + self.config.top_k * per_expert)

@@ -1,0 +1,49 @@
+"""Model-wide helpers: parameter counts, the summed balance loss, per-expert loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """total: stored parameters; active: parameters used per token (routed experts count k/E)."""
+
+    total: int
+    active: int
+
+    def __str__(self) -> str:
+        return f"{self.total / 1e6:.2f}M total, {self.active / 1e6:.2f}M active"
+
+
+def moe_adapters(model: nn.Module) -> list[nn.Module]:
+    from adapter.moe import MoEAdapter
+
+    return [m for m in model.modules() if isinstance(m, MoEAdapter)]
+
+
+def total_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of `aux_loss_weight * aux_loss` over every MoEAdapter in `model` after its last forward.
+
+    Add `lambda * total_aux_loss(model)` to the task loss (paper eq. 6); None when no MoE adapter
+    ran a forward since construction.
+    """
+    terms = [m.config.aux_loss_weight * m.aux_loss for m in moe_adapters(model) if m.aux_loss is not None]
+    if not terms:
+        return None
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+def expert_loads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{module name: fraction of routed pairs per expert} from each MoEAdapter's last forward."""
+    from adapter.moe import MoEAdapter
+
+    loads = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MoEAdapter) and m.expert_counts is not None:
+            counts = m.expert_counts.double()
+            loads[name] = counts / counts.sum().clamp(min=1)
+    return loads

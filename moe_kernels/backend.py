@@ -1,0 +1,58 @@
+"""The one place that decides which implementation runs an op.
+
+- "triton": the fused Triton kernels. On CUDA tensors they compile for the GPU; on CPU tensors they
+  run in Triton's interpreter, which needs TRITON_INTERPRET=1 in the environment *before* triton
+  is imported (that is how CI tests the real kernels without a GPU).
+- "torch": the pure-PyTorch reference (`reference.py`), on any device.
+- "auto": "triton" on CUDA when triton imports and E <= MAX_TRITON_EXPERTS, else "torch". On CPU
+  "auto" is always "torch": the interpreter is a test vehicle, hundreds of times slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+# The router kernel holds a (tokens x experts) tile in registers; past 128 experts it spills.
+MAX_TRITON_EXPERTS = 128
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str:
+    """Return "triton" or "torch" for a request, or raise ValueError saying why it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        use_triton = device.type == "cuda" and triton_available() and num_experts <= MAX_TRITON_EXPERTS
+        return "triton" if use_triton else "torch"
+    if not triton_available():
+        raise ValueError("backend='triton' but the triton package is not installed")
+    if num_experts > MAX_TRITON_EXPERTS:
+        raise ValueError(
+            f"backend='triton' supports at most {MAX_TRITON_EXPERTS} experts, got num_experts={num_experts}"
+        )
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        if not interpreter_requested():
+            raise ValueError(
+                "backend='triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "in the environment before triton is imported, or use backend='torch'"
+            )
+        return "triton"
+    raise ValueError(f"backend='triton' runs on CUDA or (interpreted) CPU tensors, got device {device}")

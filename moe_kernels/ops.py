@@ -1,0 +1,112 @@
+"""Public functional ops: validate inputs once, apply autocast, pick a backend, run it.
+
+Shape legend: T tokens, D token width, F expert hidden width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels import reference
+from moe_kernels.backend import resolve_backend
+from moe_kernels.reference import BALANCE_MODES, MoEOutput
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise ValueError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts]; got top_k={top_k}, num_experts={num_experts}")
+
+
+def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p):
+    named = {"z_TD": z_TD, "router_weight_ED": router_weight_ED, "w1_EDF": w1_EDF, "w2_EFD": w2_EFD}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if z_TD.dim() != 2:
+        raise ValueError(f"z_TD must be 2-D (T, D), got shape {tuple(z_TD.shape)}")
+    if w1_EDF.dim() != 3 or w2_EFD.dim() != 3 or router_weight_ED.dim() != 2:
+        raise ValueError(
+            "expected router_weight_ED (E, D), w1_EDF (E, D, F), w2_EFD (E, F, D); got "
+            f"{tuple(router_weight_ED.shape)}, {tuple(w1_EDF.shape)}, {tuple(w2_EFD.shape)}"
+        )
+    T, D = z_TD.shape
+    E, D1, F = w1_EDF.shape
+    if D1 != D or tuple(w2_EFD.shape) != (E, F, D) or tuple(router_weight_ED.shape) != (E, D):
+        raise ValueError(
+            f"shape mismatch: z_TD {tuple(z_TD.shape)} (D={D}) needs router_weight_ED ({E}, {D}), "
+            f"w1_EDF ({E}, {D}, F), w2_EFD ({E}, F, {D}); got {tuple(router_weight_ED.shape)}, "
+            f"{tuple(w1_EDF.shape)}, {tuple(w2_EFD.shape)}"
+        )
+    devices = {t.device for t in named.values()}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) != 1 and not torch.is_autocast_enabled(z_TD.device.type):
+        raise ValueError(f"dtype mismatch outside autocast: {dtypes}")
+    check_top_k(top_k, E)
+    if token_mask_T is not None:
+        if token_mask_T.dtype != torch.bool or tuple(token_mask_T.shape) != (T,):
+            raise ValueError(
+                f"token_mask_T must be bool of shape ({T},), got {token_mask_T.dtype} "
+                f"{tuple(token_mask_T.shape)}"
+            )
+        if token_mask_T.device != z_TD.device:
+            raise ValueError(f"token_mask_T is on {token_mask_T.device}, z_TD on {z_TD.device}")
+    if balance_p not in BALANCE_MODES:
+        raise ValueError(f"balance_p must be one of {BALANCE_MODES}, got {balance_p!r}")
+
+
+def _empty_output(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k) -> MoEOutput:
+    """T == 0: empty results that still reach every parameter, so backward gives zero grads."""
+    E, D = router_weight_ED.shape
+    anchor = (z_TD.sum() + router_weight_ED.sum() + w1_EDF.sum() + w2_EFD.sum()) * 0
+    acc = reference.routing_dtype(z_TD.dtype)
+    dev = z_TD.device
+    return MoEOutput(
+        h_TD=z_TD.new_zeros(0, D) + anchor.to(z_TD.dtype),
+        aux_loss=anchor.to(acc),
+        counts_E=torch.zeros(E, dtype=torch.int32, device=dev),
+        topk_idx_TK=torch.zeros(0, top_k, dtype=torch.int32, device=dev),
+        topk_weight_TK=torch.zeros(0, top_k, dtype=acc, device=dev),
+    )
+
+
+def moe_ffn(
+    z_TD: torch.Tensor,
+    router_weight_ED: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    *,
+    top_k: int,
+    token_mask_T: torch.Tensor | None = None,
+    balance_p: str = "topk",
+    backend: str = "auto",
+) -> MoEOutput:
+    """Routed experts of the MoE adapter: router, top-k, expert MLPs, weighted sum, balance loss.
+
+    z_TD is the normalized token (the router and experts read the same z). Returns `MoEOutput`
+    (see reference.py): h_TD in z's dtype, a differentiable aux_loss, and the routing decisions.
+    `token_mask_T` (bool) marks real tokens; the others get no expert work and a zero row.
+    Under torch.autocast the floating inputs are cast to the autocast dtype. A NaN in a token's z
+    makes that token's h and the aux loss NaN; other tokens' rows are unaffected.
+    """
+    _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
+    device_type = z_TD.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        z_TD, router_weight_ED, w1_EDF, w2_EFD = (
+            t.to(dtype) for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD)
+        )
+    with torch.autocast(device_type, enabled=False):
+        if z_TD.shape[0] == 0:
+            return _empty_output(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k)
+        args = (z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
+        if resolve_backend(backend, z_TD.device, w1_EDF.shape[0]) == "torch":
+            return reference.moe_ffn(*args)
+        from moe_kernels import functions  # imports triton; only needed on this path
+
+        return functions.moe_ffn(*args)

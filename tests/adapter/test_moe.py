@@ -1,0 +1,200 @@
+"""MoEAdapter: the whole module against an independent float64 evaluation, masks, dtypes, errors."""
+
+import math
+
+import pytest
+import torch
+
+from adapter import MoEAdapter, MoEAdapterConfig, total_aux_loss
+from tests.utils import assert_close, naive_moe_adapter
+
+SMALL = dict(in_dim=12, out_dim=10, expert_dim=7, num_experts=5, top_k=2)
+
+
+def _adapter(dtype=torch.float64, **overrides):
+    cfg = MoEAdapterConfig(**{**SMALL, "backend": "torch", **overrides})
+    m = MoEAdapter(cfg).to(dtype)
+    with torch.no_grad():  # non-trivial LayerNorm affines, so the test sees them
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"aggregation_dim": 9},
+        {"aggregation_dim": 9, "num_shared_experts": 2, "shared_expert_dim": 3},
+        {"balance_p": "softmax", "num_shared_experts": 1},
+        {"top_k": 5},
+        {"top_k": 1, "num_experts": 1},
+    ],
+)
+def test_matches_independent_float64_evaluation(overrides):
+    m = _adapter(**overrides)
+    x = torch.randn(3, 7, SMALL["in_dim"], dtype=torch.float64)
+    y = m(x)
+    y_ref, aux_ref, counts_ref = naive_moe_adapter(m, x.reshape(-1, SMALL["in_dim"]))
+    assert y.shape == (3, 7, SMALL["out_dim"])
+    assert_close(y.reshape(-1, SMALL["out_dim"]), y_ref, rtol=1e-10, atol=1e-10, name="y")
+    assert_close(m.aux_loss, aux_ref, rtol=1e-10, atol=1e-10, name="aux")
+    assert torch.equal(m.expert_counts, counts_ref)
+    assert m.last_topk_idx.shape == (21, m.config.top_k)
+
+
+def test_gradcheck_float64():
+    m = _adapter(aggregation_dim=6, num_shared_experts=1, shared_expert_dim=3)
+    x = torch.randn(5, SMALL["in_dim"], dtype=torch.float64, requires_grad=True)
+    params = tuple(m.parameters())
+
+    def fn(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+            m, dict(zip([n for n, _ in m.named_parameters()], ps, strict=True))
+        ):
+            y = m(x)
+            return y, m.aux_loss
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_mask_padding_changes_nothing_for_real_tokens():
+    m = _adapter(aggregation_dim=8, num_shared_experts=1)
+    B, L = 3, 6
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    x = torch.randn(B, L, SMALL["in_dim"], dtype=torch.float64, requires_grad=True)
+    junk = torch.where(mask[..., None], x.detach(), 1e3 * torch.randn_like(x))
+    junk[~mask] = float("nan")  # NaN padding must not leak either
+    junk.requires_grad_(True)
+    y1 = m(x, mask)
+    aux1, counts1 = m.aux_loss, m.expert_counts
+    g1 = torch.autograd.grad((y1.sum() + aux1), tuple(m.parameters()))
+    y2 = m(junk, mask)
+    aux2, counts2 = m.aux_loss, m.expert_counts
+    g2 = torch.autograd.grad((y2.sum() + aux2), tuple(m.parameters()))
+    assert torch.equal(y1, y2) and torch.equal(aux1, aux2) and torch.equal(counts1, counts2)
+    assert (y2[~mask] == 0).all()
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.isfinite(b).all() and torch.equal(a, b)
+    # And the masked call equals running the real tokens alone.
+    y_real = m(x[mask])
+    assert_close(y1[mask], y_real, rtol=1e-12, atol=1e-12, name="y real")
+    assert_close(aux1, m.aux_loss, rtol=1e-12, atol=1e-12, name="aux")
+    assert torch.equal(counts1, m.expert_counts)
+    assert int(counts1.sum()) == int(mask.sum()) * m.config.top_k
+
+
+def test_all_padding_gives_zero_output_and_zero_aux():
+    m = _adapter()
+    x = torch.randn(2, 4, SMALL["in_dim"], dtype=torch.float64)
+    y = m(x, torch.zeros(2, 4, dtype=torch.bool))
+    assert (y == 0).all() and m.aux_loss.item() == 0.0 and int(m.expert_counts.sum()) == 0
+
+
+def test_empty_batch_returns_empty_and_backprops():
+    m = _adapter()
+    x = torch.randn(0, SMALL["in_dim"], dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    assert y.shape == (0, SMALL["out_dim"])
+    (y.sum() + m.aux_loss).backward()
+    assert m.w1.grad is not None and (m.w1.grad == 0).all()
+    assert m(torch.randn(2, 0, SMALL["in_dim"], dtype=torch.float64)).shape == (2, 0, SMALL["out_dim"])
+
+
+def test_nan_input_stays_in_its_token():
+    m = _adapter()
+    x = torch.randn(6, SMALL["in_dim"], dtype=torch.float64)
+    y_clean = m(x)
+    x[2, 3] = float("nan")
+    y = m(x)
+    assert torch.isnan(y[2]).all()
+    keep = torch.arange(6) != 2
+    assert torch.equal(y[keep], y_clean[keep])
+    assert math.isnan(m.aux_loss.item())
+    assert int(m.expert_counts.sum()) == 6 * m.config.top_k  # a NaN token is still routed
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"top_k": 6}, "top_k=6 > num_experts=5"),
+        ({"top_k": 0}, "top_k must be a positive int"),
+        ({"expert_dim": -3}, "expert_dim must be a positive int"),
+        ({"in_dim": 2.5}, "in_dim must be a positive int"),
+        ({"balance_p": "gshard"}, "balance_p must be one of"),
+        ({"backend": "cuda"}, "backend must be one of"),
+        ({"aux_loss_weight": float("nan")}, "aux_loss_weight"),
+        ({"aggregation_dim": -1}, "aggregation_dim"),
+    ],
+)
+def test_config_rejects_bad_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoEAdapterConfig(**{**SMALL, **kwargs})
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = _adapter(torch.float32)
+    with pytest.raises(ValueError, match=r"expects input \(\.\.\., 12\), got shape \(4, 11\)"):
+        m(torch.randn(4, 11))
+    with pytest.raises(ValueError, match="input dtype torch.float16 does not match the parameter dtype"):
+        m(torch.randn(4, 12, dtype=torch.float16))
+    with pytest.raises(ValueError, match="floating-point"):
+        m(torch.ones(4, 12, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask shape"):
+        m(torch.randn(2, 3, 12), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        m(torch.randn(2, 3, 12), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_in_and_out(dtype):
+    m32 = _adapter(torch.float32, aggregation_dim=16)
+    m = _adapter(torch.float32, aggregation_dim=16)
+    m.load_state_dict(m32.state_dict())
+    m = m.to(dtype)
+    x = torch.randn(4, 9, SMALL["in_dim"])
+    y = m(x.to(dtype))
+    assert y.dtype == dtype and y.shape == (4, 9, SMALL["out_dim"])
+    y32 = m32(x)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 2e-2}[dtype]
+    # Low-precision routing may flip a near-tie; compare the tokens whose choices agree.
+    same = (m.last_topk_idx == m32.last_topk_idx).all(1).reshape(4, 9)
+    assert same.float().mean() > 0.8
+    assert_close(y[same].float(), y32[same], atol=tol, rtol=tol, name=str(dtype))
+
+
+def test_autocast_cpu_bf16():
+    m = _adapter(torch.float32, aggregation_dim=16)
+    x = torch.randn(4, 9, SMALL["in_dim"])
+    y32 = m(x)
+    idx32 = m.last_topk_idx
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        (y.float().sum() + m.aux_loss).backward()
+    assert y.dtype in (torch.bfloat16, torch.float32) and y.shape == y32.shape
+    same = (m.last_topk_idx == idx32).all(1).reshape(4, 9)
+    assert same.float().mean() > 0.8
+    assert_close(y[same].float(), y32[same], atol=0.1, rtol=0.1, name="autocast bf16")
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())
+
+
+def test_state_dict_round_trip():
+    m = _adapter(torch.float32, aggregation_dim=8, num_shared_experts=2)
+    m2 = MoEAdapter(m.config)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(5, SMALL["in_dim"])
+    assert torch.equal(m(x), m2(x))
+    assert set(m.state_dict()) >= {"w1", "w2", "router.weight", "shared_w1", "agg_up.weight"}
+    assert m.state_dict()["w1"].shape == (5, 12, 7)
+
+
+def test_total_aux_loss_sums_weighted_adapters():
+    a = _adapter(aux_loss_weight=1.0)
+    b = _adapter(aux_loss_weight=0.5)
+    model = torch.nn.ModuleDict({"a": a, "b": b})
+    assert total_aux_loss(model) is None
+    x = torch.randn(6, SMALL["in_dim"], dtype=torch.float64)
+    a(x)
+    b(x)
+    assert_close(total_aux_loss(model), a.aux_loss + 0.5 * b.aux_loss, rtol=1e-6, name="total aux")

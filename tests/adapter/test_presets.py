@@ -1,0 +1,53 @@
+"""Presets: parameter counts equal the formulas from Table 4's dims."""
+
+import pytest
+import torch
+
+from adapter import PRESETS, MoEAdapterConfig, build_adapter, preset
+
+d, D = 2560, 2048  # Table 4
+LN = lambda n: 2 * n  # noqa: E731  (LayerNorm weight + bias)
+
+
+def table4_moe(E, k, f, A=10240):
+    experts = E * (d * f + f * d)
+    always = LN(d) + d * E + LN(d) + d * A + A * D + LN(D)
+    return always + experts, always + k * (d * f + f * d)
+
+
+EXPECTED = {
+    "dense": (LN(d) + d * 20480 + 20480 * D + LN(D),) * 2,
+    "moe-8c4": table4_moe(8, 4, 1280),
+    "moe-16c4": table4_moe(16, 4, 1280),
+    "moe-8c1": table4_moe(8, 1, 1280),
+    "moe-4c2": table4_moe(4, 2, 1280),
+    "moe-8c4-half-f": table4_moe(8, 4, 640),
+    "moe-8c4-double-f": table4_moe(8, 4, 2560),
+    "moe-8c4-no-ebl": table4_moe(8, 4, 1280),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_param_counts_match_table4_formulas(name):
+    cfg = preset(name)
+    with torch.device("meta"):  # ~100M parameters: count them without allocating
+        module = build_adapter(cfg)
+    total, active = EXPECTED[name]
+    assert (cfg.param_counts().total, cfg.param_counts().active) == (total, active)
+    assert (module.param_counts().total, module.param_counts().active) == (total, active)
+
+
+def test_paper_numbers_and_the_documented_mismatch():
+    dense, moe = preset("dense").param_counts(), preset("moe-8c4").param_counts()
+    assert round(dense.total / 1e6, 1) == 94.4  # the paper's dense figure
+    assert round(moe.total / 1e6, 2) == 99.65 and round(moe.active / 1e6, 2) == 73.44  # not 94.4 / 70.8
+
+
+def test_ablation_knobs():
+    assert preset("moe-8c4-no-ebl").aux_loss_weight == 0.0
+    assert (preset("moe-4c2").num_experts, preset("moe-4c2").top_k) == (4, 2)
+    small = preset("moe-8c4", in_dim=64, out_dim=48, backend="torch")
+    assert isinstance(small, MoEAdapterConfig)
+    assert (small.expert_dim, small.aggregation_dim, small.backend) == (32, 256, "torch")
+    with pytest.raises(ValueError, match="unknown preset 'moe-9c9'"):
+        preset("moe-9c9")
