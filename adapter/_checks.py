@@ -26,8 +26,7 @@ def check_adapter_input(
             raise ValueError(f"{name}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
         if tuple(mask.shape) != tuple(x.shape[:-1]):
             raise ValueError(
-                f"{name}: mask shape {tuple(mask.shape)} must equal the input's leading shape "
-                f"{tuple(x.shape[:-1])}"
+                f"{name}: mask shape {tuple(mask.shape)} must equal the input's leading shape {tuple(x.shape[:-1])}"
             )
         if mask.device != x.device:
             raise ValueError(f"{name}: mask is on {mask.device}, input on {x.device}")

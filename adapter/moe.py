@@ -152,10 +152,7 @@ class MoEAdapter(nn.Module):
         h_TD = out.h_TD
         if c.num_shared_experts:
             h_TD = h_TD + self._shared_experts(z_TD)
-        if c.aggregation_dim:
-            h_TD = self.agg_down(F.silu(self.agg_up(self.agg_norm(h_TD))))
-        else:
-            h_TD = self.proj(h_TD)
+        h_TD = self.agg_down(F.silu(self.agg_up(self.agg_norm(h_TD)))) if c.aggregation_dim else self.proj(h_TD)
         y_TD = self.norm_out(h_TD)
         if mask_T is not None:
             y_TD = torch.where(mask_T[:, None], y_TD, 0)

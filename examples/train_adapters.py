@@ -30,8 +30,10 @@ class HeterogeneousTokens:
         self.bases = [torch.linalg.qr(torch.randn(in_dim, rank, generator=g))[0] for _ in CATEGORIES]
         self.means = [2.0 * torch.randn(in_dim, generator=g) / in_dim**0.5 for _ in CATEGORIES]
         self.teachers = [
-            (torch.randn(in_dim, 4 * rank, generator=g) / in_dim**0.5,
-             torch.randn(4 * rank, out_dim, generator=g) / (4 * rank) ** 0.5)
+            (
+                torch.randn(in_dim, 4 * rank, generator=g) / in_dim**0.5,
+                torch.randn(4 * rank, out_dim, generator=g) / (4 * rank) ** 0.5,
+            )
             for _ in CATEGORIES
         ]
 

@@ -51,8 +51,7 @@ def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_
     if token_mask_T is not None:
         if token_mask_T.dtype != torch.bool or tuple(token_mask_T.shape) != (T,):
             raise ValueError(
-                f"token_mask_T must be bool of shape ({T},), got {token_mask_T.dtype} "
-                f"{tuple(token_mask_T.shape)}"
+                f"token_mask_T must be bool of shape ({T},), got {token_mask_T.dtype} {tuple(token_mask_T.shape)}"
             )
         if token_mask_T.device != z_TD.device:
             raise ValueError(f"token_mask_T is on {token_mask_T.device}, z_TD on {z_TD.device}")
@@ -98,9 +97,7 @@ def moe_ffn(
     device_type = z_TD.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        z_TD, router_weight_ED, w1_EDF, w2_EFD = (
-            t.to(dtype) for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD)
-        )
+        z_TD, router_weight_ED, w1_EDF, w2_EFD = (t.to(dtype) for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD))
     with torch.autocast(device_type, enabled=False):
         if z_TD.shape[0] == 0:
             return _empty_output(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k)

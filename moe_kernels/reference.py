@@ -132,9 +132,7 @@ def permute(topk_idx_TK: torch.Tensor, num_experts: int) -> Permutation:
     pair_row = torch.empty_like(sorted_pair_R)
     pair_row[sorted_pair_R] = torch.arange(T * K, device=flat.device)
     pair_row = torch.where(flat < 0, -1, pair_row)
-    return Permutation(
-        counts_E, offsets_E1, sorted_pair_R.to(torch.int32), pair_row.view(T, K).to(torch.int32)
-    )
+    return Permutation(counts_E, offsets_E1, sorted_pair_R.to(torch.int32), pair_row.view(T, K).to(torch.int32))
 
 
 def expert_mlp(

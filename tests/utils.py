@@ -34,9 +34,7 @@ def assert_close(
         rel = err / e.abs().clamp(min=1e-300)
         max_rel = rel[finite].max().item() if finite.any() else math.nan
         idx = bad.nonzero()[:max_show].tolist()
-        shown = ", ".join(
-            f"{tuple(i)}: got {a[tuple(i)].item():.6g} want {e[tuple(i)].item():.6g}" for i in idx
-        )
+        shown = ", ".join(f"{tuple(i)}: got {a[tuple(i)].item():.6g} want {e[tuple(i)].item():.6g}" for i in idx)
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (rtol={rtol}, atol={atol}); "
             f"max abs err {max_abs:.3g}, max rel err {max_rel:.3g}; first: {shown}"
@@ -140,3 +138,13 @@ def make_moe_inputs(T, D, F_, E, *, dtype=torch.float64, routing="uniform", seed
     w1 = torch.randn(E, D, F_, generator=g, dtype=torch.float64) / math.sqrt(D)
     w2 = torch.randn(E, F_, D, generator=g, dtype=torch.float64) / math.sqrt(F_)
     return tuple(t.to(dtype).requires_grad_(requires_grad) for t in (z, wr, w1, w2))
+
+
+def three_way_check(ours, torch_lowp, ref64, *, atol, name):
+    """fp16/bf16 rule: our error against float64 is at most twice torch's own low-precision error
+    on the same inputs, plus atol (max-abs errors)."""
+    ours_err = (ours.double() - ref64.double()).abs().max().item() if ours.numel() else 0.0
+    torch_err = (torch_lowp.double() - ref64.double()).abs().max().item() if ours.numel() else 0.0
+    assert ours_err <= 2 * torch_err + atol, (
+        f"{name}: max error vs float64 {ours_err:.3g} > 2 x torch's low-precision error {torch_err:.3g} + {atol}"
+    )

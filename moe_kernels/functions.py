@@ -1,0 +1,81 @@
+"""torch.autograd.Functions over the Triton kernels, and `moe_ffn`, the Triton path of ops.moe_ffn.
+
+Shape legend: T tokens, D token width, F expert hidden width, E experts, K experts per token.
+
+    logits_TE = z_TD @ router_weight_ED^T                     (torch matmul: E is small)
+    RouterFunction:  logits -> topk_weight_TK, aux_loss       (routing.py; + idx, counts, partials)
+    permute:         idx, counts, partials -> Permutation      (permute.py; not differentiable)
+    ExpertsFunction: z, w1, w2, topk_weight -> h_TD            (grouped_gemm.py)
+
+The weights' gradient reaches the router through ExpertsFunction's d(topk_weight) and the balance
+loss through RouterFunction's d(aux); both meet in one router-backward kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_kernels import grouped_gemm, permute, routing
+from moe_kernels.reference import MoEOutput, Permutation
+
+
+class RouterFunction(torch.autograd.Function):
+    """logits_TE -> (topk_weight_TK, aux_loss, topk_idx_TK, counts_E, blk_count_NE)."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, token_mask_T, top_k, balance_p):
+        r = routing.router_forward(logits_TE, top_k, token_mask_T, balance_p)
+        counts, dp, aux = routing.balance_forward(r.blk_count_NE, r.blk_psum_NE, top_k)
+        ctx.save_for_backward(logits_TE, r.topk_idx_TK, r.topk_weight_TK, dp)
+        ctx.balance_p = balance_p
+        ctx.mark_non_differentiable(r.topk_idx_TK, counts, r.blk_count_NE)
+        return r.topk_weight_TK, aux, r.topk_idx_TK, counts, r.blk_count_NE
+
+    @staticmethod
+    def backward(ctx, d_weight, d_aux, *_):
+        logits, idx, weight, dp = ctx.saved_tensors
+        if d_aux is None:
+            d_aux = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        dlogits = routing.router_backward(logits, idx, weight, d_weight, d_aux, dp, ctx.balance_p)
+        return dlogits, None, None, None
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """(z_TD, w1_EDF, w2_EFD, topk_weight_TK) -> h_TD for a fixed permutation."""
+
+    @staticmethod
+    def forward(ctx, z_TD, w1_EDF, w2_EFD, topk_weight_TK, counts_E, offsets_E1, sorted_pair_R, pair_row_TK,
+                save_pre):  # fmt: skip
+        perm = Permutation(counts_E, offsets_E1, sorted_pair_R, pair_row_TK)
+        h, saved = grouped_gemm.experts_forward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm, save_pre=save_pre)
+        ctx.save_for_backward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, *perm, saved.act_RF, saved.pre_RF)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh_TD):
+        z, w1, w2, weight, counts, offsets, sorted_pair, pair_row, act, pre = ctx.saved_tensors
+        perm = Permutation(counts, offsets, sorted_pair, pair_row)
+        saved = grouped_gemm.ExpertActivations(act, pre)
+        grads = grouped_gemm.experts_backward(
+            dh_TD, z, w1, w2, weight, perm, saved, needs=tuple(ctx.needs_input_grad[:4])
+        )
+        return (*grads, None, None, None, None, None)
+
+
+def moe_ffn(
+    z_TD: torch.Tensor,
+    router_weight_ED: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    top_k: int,
+    token_mask_T: torch.Tensor | None = None,
+    balance_p: str = "topk",
+) -> MoEOutput:
+    """The Triton implementation of reference.moe_ffn (inputs already validated by ops.moe_ffn)."""
+    logits_TE = F.linear(z_TD, router_weight_ED)
+    weight_TK, aux, idx_TK, counts_E, blk_count_NE = RouterFunction.apply(logits_TE, token_mask_T, top_k, balance_p)
+    perm = permute.permute(idx_TK, counts_E, blk_count_NE)
+    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (z_TD, w1_EDF, w2_EFD, weight_TK))
+    h_TD = ExpertsFunction.apply(z_TD, w1_EDF, w2_EFD, weight_TK, *perm, save_pre)
+    return MoEOutput(h_TD, aux, counts_E, idx_TK, weight_TK)

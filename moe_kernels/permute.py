@@ -1,0 +1,138 @@
+"""Token permutation: expert offsets, the stable expert-sorted order of (token, slot) pairs, and
+the tile schedule the grouped GEMMs walk.
+
+Shape legend: T tokens, E experts, K experts per token, R = T*K pairs (pair id p = t*K + s),
+NB token blocks of `router_block_t(E)` tokens (the router's blocking). Semantics:
+reference.permute.
+
+  _block_offsets_kernel  one program: expert offsets (exclusive prefix sum of the counts) and,
+                         per token block, where its first pair of each expert goes (NB, E).
+  _scatter_kernel        per token block: a pair's sorted row is its block's base for its expert
+                         plus the number of earlier tokens of the block on that expert. Writes
+                         sorted_pair (R,) and its inverse pair_row (T, K).
+  tile_of                @triton.jit helper the GEMMs call: M-tile index -> (expert, rows).
+
+A token picks an expert at most once, so ordering an expert's pairs by pair id is ordering them by
+token: the rank inside a block is a cumulative sum over the block's tokens. Every size comes from
+shapes the host knows (no .item(), no host sync), so the whole path is CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_kernels.reference import Permutation
+from moe_kernels.routing import expert_block, reduce_rows, router_block_t
+
+
+@triton.jit
+def tile_of(pid_m, counts_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Map a GEMM program's M-tile index to (expert, first sorted row, expert's end row).
+
+    Tiles are laid out expert after expert, cdiv(count_e, BLOCK_M) each. Deriving this from the
+    counts inside each program (an E-wide cumsum) replaces a separate schedule kernel and lets any
+    BLOCK_M share one permutation. expert == E means the tile is past the last one: no work.
+    """
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, axis=0)
+    rows_end = tl.cumsum(counts, axis=0)
+    expert = tl.sum((tiles_end <= pid_m).to(tl.int32), axis=0)
+    is_e = offs_e == expert
+    tile_begin = tl.sum(tl.where(is_e, tiles_end - tiles, 0), axis=0)
+    row_begin = tl.sum(tl.where(is_e, rows_end - counts, 0), axis=0)
+    row_end = tl.sum(tl.where(is_e, rows_end, 0), axis=0)
+    return expert, row_begin + (pid_m - tile_begin) * BLOCK_M, row_end
+
+
+@triton.jit
+def _block_offsets_kernel(
+    blk_count_ptr, counts_ptr, offsets_ptr, block_base_ptr,
+    NB, E,
+    BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    offs_e = tl.arange(0, BLOCK_E)
+    e_in = offs_e < E
+    counts = tl.load(counts_ptr + offs_e, mask=e_in, other=0)
+    ends = tl.cumsum(counts, axis=0)
+    tl.store(offsets_ptr + offs_e, ends - counts, mask=e_in)
+    tl.store(offsets_ptr + E, tl.sum(counts, axis=0))
+    running = ends - counts  # next free sorted row of each expert
+    for b0 in range(0, NB, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        m = (offs_b < NB)[:, None] & e_in[None, :]
+        offs = offs_b[:, None] * E + offs_e[None, :]
+        c = tl.load(blk_count_ptr + offs, mask=m, other=0)
+        tl.store(block_base_ptr + offs, running[None, :] + tl.cumsum(c, axis=0) - c, mask=m)
+        running += tl.sum(c, axis=0)
+
+
+@triton.jit
+def _scatter_kernel(
+    idx_ptr, block_base_ptr, sorted_pair_ptr, pair_row_ptr,
+    T, E,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    t_in = offs_t < T
+    offs_t64 = offs_t.to(tl.int64)
+    onehot = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int32)
+    for s in range(K):
+        idx_s = tl.load(idx_ptr + offs_t64 * K + s, mask=t_in, other=-1)
+        onehot += (offs_e[None, :] == idx_s[:, None]).to(tl.int32)
+    base = tl.load(block_base_ptr + pid * E + offs_e, mask=offs_e < E, other=0)
+    row_TE = base[None, :] + tl.cumsum(onehot, axis=0) - onehot  # sorted row if (t, e) is routed
+    for s in range(K):
+        idx_s = tl.load(idx_ptr + offs_t64 * K + s, mask=t_in, other=-1)
+        row = tl.sum(tl.where(offs_e[None, :] == idx_s[:, None], row_TE, 0), axis=1)
+        pair = offs_t64 * K + s
+        routed = idx_s >= 0
+        tl.store(sorted_pair_ptr + row, pair.to(tl.int32), mask=t_in & routed)
+        tl.store(pair_row_ptr + pair, tl.where(routed, row, -1), mask=t_in)
+
+
+def permute(topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, blk_count_NE: torch.Tensor) -> Permutation:
+    """Stable expert-sorted order of the pairs from the router's outputs (see module docstring).
+
+    topk_idx_TK int32 (T, K) with -1 for masked tokens; counts_E int32 (E,) and blk_count_NE int32
+    (NB, E) as written by routing.router_forward / balance_forward.
+    """
+    if topk_idx_TK.dim() != 2 or topk_idx_TK.dtype != torch.int32:
+        raise ValueError(f"topk_idx_TK must be int32 (T, K), got {topk_idx_TK.dtype} {tuple(topk_idx_TK.shape)}")
+    T, K = topk_idx_TK.shape
+    E = counts_E.shape[0]
+    nb = triton.cdiv(T, router_block_t(E))
+    if counts_E.dtype != torch.int32 or blk_count_NE.dtype != torch.int32 or blk_count_NE.shape != (nb, E):
+        raise ValueError(
+            f"expected counts_E int32 ({E},) and blk_count_NE int32 ({nb}, {E}) for T={T}; got "
+            f"{counts_E.dtype} {tuple(counts_E.shape)} and {blk_count_NE.dtype} {tuple(blk_count_NE.shape)}"
+        )
+    if not topk_idx_TK.is_contiguous():
+        raise ValueError("topk_idx_TK must be contiguous")
+    dev = topk_idx_TK.device
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
+    block_base = torch.empty(nb, E, dtype=torch.int32, device=dev)
+    sorted_pair = torch.empty(T * K, dtype=torch.int32, device=dev)
+    pair_row = torch.empty(T, K, dtype=torch.int32, device=dev)
+    block_e = expert_block(E)
+    _block_offsets_kernel[(1,)](
+        blk_count_NE, counts_E, offsets, block_base, nb, E, BLOCK_B=reduce_rows(E), BLOCK_E=block_e, num_warps=4
+    )
+    _scatter_kernel[(nb,)](
+        topk_idx_TK,
+        block_base,
+        sorted_pair,
+        pair_row,
+        T,
+        E,
+        K=K,
+        BLOCK_T=router_block_t(E),
+        BLOCK_E=block_e,
+        num_warps=4,
+    )
+    return Permutation(counts_E, offsets, sorted_pair, pair_row)

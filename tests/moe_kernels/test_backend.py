@@ -1,0 +1,46 @@
+"""backend.resolve_backend: the one place that picks triton or torch, with clear refusals."""
+
+import pytest
+import torch
+
+from moe_kernels import moe_ffn, resolve_backend
+from tests.utils import make_moe_inputs
+
+
+def test_auto_picks_torch_on_cpu_and_triton_on_cuda():
+    assert resolve_backend("auto", torch.device("cpu"), 8) == "torch"
+    assert resolve_backend("auto", torch.device("cuda", 0), 8) == "triton"
+    assert resolve_backend("auto", torch.device("cuda", 0), 129) == "torch"  # past the router's limit
+    assert resolve_backend("torch", torch.device("cuda", 0), 8) == "torch"
+
+
+def test_triton_on_cpu_runs_the_interpreter_when_requested(monkeypatch):
+    assert resolve_backend("triton", torch.device("cpu"), 8) == "triton"  # conftest sets TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.device("cpu"), 8)
+
+
+def test_refusals_name_values():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", torch.device("cpu"), 8)
+    with pytest.raises(ValueError, match="num_experts=200"):
+        resolve_backend("triton", torch.device("cpu"), 200)
+    with pytest.raises(ValueError, match="device meta"):
+        resolve_backend("triton", torch.device("meta"), 8)
+
+
+def test_moe_ffn_input_errors():
+    z, wr, w1, w2 = make_moe_inputs(6, 8, 5, 4, dtype=torch.float32, requires_grad=False)
+    with pytest.raises(ValueError, match="top_k=5, num_experts=4"):
+        moe_ffn(z, wr, w1, w2, top_k=5)
+    with pytest.raises(ValueError, match="z_TD must be 2-D"):
+        moe_ffn(z[None], wr, w1, w2, top_k=2)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        moe_ffn(z, wr, w1[:, :7], w2, top_k=2)
+    with pytest.raises(ValueError, match="dtype mismatch outside autocast"):
+        moe_ffn(z, wr, w1.double(), w2, top_k=2)
+    with pytest.raises(ValueError, match=r"token_mask_T must be bool of shape \(6,\)"):
+        moe_ffn(z, wr, w1, w2, top_k=2, token_mask_T=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="balance_p must be one of"):
+        moe_ffn(z, wr, w1, w2, top_k=2, balance_p="gshard")

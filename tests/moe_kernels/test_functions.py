@@ -1,0 +1,175 @@
+"""The Triton path of moe_ffn end to end: against the torch path, gradcheck, determinism, and the
+MoEAdapter on backend="triton" against backend="torch"."""
+
+import pytest
+import torch
+
+from adapter import MoEAdapter, MoEAdapterConfig
+from moe_kernels import moe_ffn
+from tests.utils import assert_close, make_moe_inputs, max_rel_error
+
+CASES = [  # T, D, F, E, K, routing
+    (1, 40, 72, 3, 1, "uniform"),
+    (1, 40, 40, 8, 8, "uniform"),
+    (7, 100, 72, 8, 2, "uniform"),
+    (7, 40, 100, 3, 3, "ties"),
+    (64, 72, 40, 8, 2, "one"),
+    (64, 40, 100, 8, 4, "empty"),
+    (129, 100, 40, 3, 2, "uniform"),
+    (129, 72, 72, 1, 1, "uniform"),
+]
+
+
+def _fwd_bwd(inputs, K, mask, balance_p, backend, seed=1):
+    out = moe_ffn(*inputs, top_k=K, token_mask_T=mask, balance_p=balance_p, backend=backend)
+    g = torch.Generator().manual_seed(seed)
+    dh = torch.randn(out.h_TD.shape, generator=g, dtype=torch.float64).to(out.h_TD.dtype)
+    loss = (out.h_TD * dh).sum() + 0.3 * out.aux_loss
+    return out, torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("balance_p", ["topk", "softmax"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("T,D,F,E,K,routing", CASES)
+def test_triton_equals_torch_in_float64(T, D, F, E, K, routing, masked, balance_p):
+    inputs = make_moe_inputs(T, D, F, E, routing=routing)
+    mask = torch.rand(T, generator=torch.Generator().manual_seed(5)) > 0.3 if masked else None
+    ref, ref_grads = _fwd_bwd(inputs, K, mask, balance_p, "torch")
+    out, grads = _fwd_bwd(inputs, K, mask, balance_p, "triton")
+    assert torch.equal(out.topk_idx_TK, ref.topk_idx_TK) and torch.equal(out.counts_E, ref.counts_E)
+    assert_close(out.topk_weight_TK, ref.topk_weight_TK, rtol=1e-12, atol=1e-14, name="weights")
+    assert_close(out.h_TD, ref.h_TD, rtol=1e-10, atol=1e-12, name="h")
+    assert_close(out.aux_loss, ref.aux_loss, rtol=1e-12, atol=1e-14, name="aux")
+    for name, a, b in zip(("dz", "drouter", "dw1", "dw2"), grads, ref_grads, strict=True):
+        assert_close(a, b, rtol=1e-9, atol=1e-11, name=name)
+
+
+@pytest.mark.parametrize("T,D,F,E,K,routing", CASES[1::2])
+def test_fp32_within_1e5_of_float64(T, D, F, E, K, routing):
+    inputs64 = make_moe_inputs(T, D, F, E, routing=routing)
+    inputs32 = tuple(t.detach().float().requires_grad_(True) for t in inputs64)
+    ref, ref_grads = _fwd_bwd(inputs64, K, None, "topk", "torch")
+    out, grads = _fwd_bwd(inputs32, K, None, "topk", "triton")
+    assert torch.equal(out.topk_idx_TK, ref.topk_idx_TK)
+    for name, a, b in zip(("h", "aux", "dz", "drouter", "dw1", "dw2"), (out.h_TD, out.aux_loss, *grads),
+                          (ref.h_TD, ref.aux_loss, *ref_grads), strict=True):  # fmt: skip
+        assert max_rel_error(a, b) <= 1e-5, f"{name}: {max_rel_error(a, b):.3g}"
+
+
+@pytest.mark.parametrize("balance_p", ["topk", "softmax"])
+def test_gradcheck_through_triton(balance_p):
+    """Fast-mode gradcheck (random directions) over all four inputs, plus the full Jacobian for
+    the router path (z and router weight), where the top-k softmax and balance loss meet."""
+    z, wr, w1, w2 = make_moe_inputs(5, 6, 4, 3, routing="uniform", seed=3)
+    mask = torch.tensor([True, True, False, True, True])
+
+    def fn(z, wr, w1, w2):
+        out = moe_ffn(z, wr, w1, w2, top_k=2, token_mask_T=mask, balance_p=balance_p, backend="triton")
+        return out.h_TD, out.aux_loss
+
+    assert torch.autograd.gradcheck(fn, (z, wr, w1, w2), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+    w1c, w2c = w1.detach(), w2.detach()
+    assert torch.autograd.gradcheck(lambda z, wr: fn(z, wr, w1c, w2c), (z, wr), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_bit_identical_across_runs():
+    inputs = make_moe_inputs(129, 72, 40, 8, routing="uniform")
+    inputs32 = tuple(t.detach().float().requires_grad_(True) for t in inputs)
+    a, ga = _fwd_bwd(inputs32, 2, None, "topk", "triton")
+    b, gb = _fwd_bwd(inputs32, 2, None, "topk", "triton")
+    for x, y in zip((*a, *ga), (*b, *gb), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_no_grad_forward_keeps_no_preactivation_and_matches():
+    inputs = tuple(t.detach().float() for t in make_moe_inputs(20, 40, 40, 3))
+    with torch.no_grad():
+        out = moe_ffn(*inputs, top_k=2, backend="triton")
+    ref = moe_ffn(*inputs, top_k=2, backend="torch")
+    assert max_rel_error(out.h_TD, ref.h_TD) <= 1e-5 and not out.h_TD.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_moe_adapter_triton_equals_torch(dtype):
+    cfg = dict(in_dim=40, out_dim=24, expert_dim=72, num_experts=8, top_k=2, aggregation_dim=32,
+               num_shared_experts=1, shared_expert_dim=16)  # fmt: skip
+    torch_m = MoEAdapter(MoEAdapterConfig(**cfg, backend="torch")).to(dtype)
+    triton_m = MoEAdapter(MoEAdapterConfig(**cfg, backend="triton")).to(dtype)
+    triton_m.load_state_dict(torch_m.state_dict())
+    x = torch.randn(3, 23, 40, dtype=dtype)
+    mask = torch.ones(3, 23, dtype=torch.bool)
+    mask[0, 15:] = False
+    # A random projection, not y.pow(2).sum(): that is constant through the final LayerNorm, so
+    # its gradients would be pure rounding noise.
+    proj = torch.randn(3, 23, 24, dtype=dtype)
+    outs = []
+    for m in (torch_m, triton_m):
+        y = m(x, mask)
+        ((y * proj).sum() + 0.1 * m.aux_loss).backward()
+        outs.append((y, m.aux_loss, m.expert_counts, {n: p.grad for n, p in m.named_parameters()}))
+    (y0, a0, c0, g0), (y1, a1, c1, g1) = outs
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert torch.equal(c0, c1)
+    assert max_rel_error(y1, y0) <= tol and max_rel_error(a1, a0) <= tol
+    for name in g0:
+        assert max_rel_error(g1[name], g0[name]) <= tol * 10, name
+
+
+@pytest.mark.gpu
+def test_bf16_adapter_on_gpu_three_way():
+    from tests.utils import three_way_check
+
+    cfg = dict(in_dim=256, out_dim=192, expert_dim=128, num_experts=8, top_k=4, aggregation_dim=512)
+    ref = MoEAdapter(MoEAdapterConfig(**cfg, backend="torch")).double()
+    x = torch.randn(4, 512, 256, dtype=torch.float64)
+    y_ref = ref(x)
+    torch_bf = MoEAdapter(MoEAdapterConfig(**cfg, backend="torch")).cuda().bfloat16()
+    ours = MoEAdapter(MoEAdapterConfig(**cfg, backend="triton")).cuda().bfloat16()
+    torch_bf.load_state_dict(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    xb = x.cuda().bfloat16()
+    y_t, y_o = torch_bf(xb), ours(xb)
+    same = (ours.last_topk_idx == ref.last_topk_idx.cuda()).all(1) & (torch_bf.last_topk_idx == ours.last_topk_idx).all(
+        1
+    )
+    assert same.float().mean() > 0.95
+    flat = lambda y: y.reshape(-1, y.shape[-1])[same.cpu()].cpu()  # noqa: E731
+    three_way_check(flat(y_o), flat(y_t), flat(y_ref), atol=2e-2, name="bf16 adapter")
+
+
+@pytest.mark.gpu
+def test_gpu_determinism_and_cuda_graph_capture():
+    inputs = tuple(t.detach().cuda().bfloat16().requires_grad_(True) for t in make_moe_inputs(4096, 256, 128, 8))
+    a, ga = _fwd_bwd(inputs, 4, None, "topk", "triton")
+    b, gb = _fwd_bwd(inputs, 4, None, "topk", "triton")
+    for x, y in zip((*a, *ga), (*b, *gb), strict=True):
+        assert torch.equal(x, y)
+    # No host sync anywhere on the path: forward + backward capture into one CUDA graph.
+    static = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            _fwd_bwd(static, 4, None, "topk", "triton")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, grads = _fwd_bwd(static, 4, None, "topk", "triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.h_TD, a.h_TD) and all(torch.equal(x, y) for x, y in zip(grads, ga, strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_triton_adapter_nan_token_and_empty_batch():
+    m = MoEAdapter(MoEAdapterConfig(in_dim=40, out_dim=24, expert_dim=40, num_experts=3, top_k=2, backend="triton"))
+    x = torch.randn(9, 40)
+    clean = m(x)
+    x[4, 0] = float("nan")
+    y = m(x)
+    keep = torch.arange(9) != 4
+    assert torch.isnan(y[4]).all() and torch.equal(y[keep], clean[keep]) and torch.isnan(m.aux_loss)
+    empty = torch.randn(0, 40, requires_grad=True)
+    out = m(empty)
+    (out.sum() + m.aux_loss).backward()
+    assert out.shape == (0, 24) and m.w1.grad is not None
