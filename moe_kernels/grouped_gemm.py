@@ -49,22 +49,27 @@ class GemmConfig(NamedTuple):
     num_stages: int
 
 
-def gemm_config(dtype: torch.dtype, rows: int, num_experts: int, epilogue: int = EPI_SCATTER) -> GemmConfig:
-    """Tile shapes, fixed per dtype and load rather than autotuned: autotuning would let two
+def gemm_config(
+    dtype: torch.dtype, rows: int, num_experts: int, *, aligned: bool, epilogue: int = EPI_SCATTER
+) -> GemmConfig:
+    """Tile shapes, fixed per dtype and shape class rather than autotuned: autotuning would let two
     processes pick different BLOCK_K, and so different summation orders, breaking bit-identical
-    results across runs. bf16/fp16 tiles were checked by compiling for sm_90 with Triton's ptxas
-    (benchmarks/inspect_sm90.py): wgmma, 128-bit cp.async, a 3-stage pipeline, no register spills.
-    Not yet timed on a GPU (none lent so far)."""
+    results across runs. Every config here was compiled for sm_90 with Triton 3.9's ptxas
+    (benchmarks/inspect_sm90.py): no register spills; 16-bit GEMMs use wgmma and, when `aligned`
+    (both GEMM widths multiples of 16, so loads vectorize), 128-bit cp.async in a 3-stage
+    pipeline. Not yet timed on a GPU (none lent so far)."""
     if interpreter_requested():
         # 32x64x64: test shapes (D=100, F=72, ~90 rows per expert) still cross every tile, expert
         # and K-loop boundary, at a third of the interpreter time of 16x32x32 (measured on CPU).
         return GemmConfig(32, 64, 64, 4, 1)
     if dtype == torch.float64:
         return GemmConfig(32, 32, 16, 4, 2)
-    if dtype == torch.float32:
-        return GemmConfig(64, 64, 32, 4, 3)
-    # The dSiLU epilogue holds acc, act and pre tiles at once: at 128x128 it spills 192 B/thread
-    # (sm_90 compile), at 128x64 it fits in 148 registers.
+    if dtype == torch.float32:  # 64x64x32 at 4 warps spilled 376 B on sm_90; 8 warps do not
+        return GemmConfig(128, 64, 32, 8, 3) if aligned else GemmConfig(64, 64, 32, 8, 3)
+    if not aligned:  # scalar loads pipeline through registers: 64x128x64 spilled 1080 B
+        return GemmConfig(64, 64, 32, 8, 3)
+    # The dSiLU epilogue holds acc, act and pre tiles at once: at 128x128 it spills 192 B/thread,
+    # at 128x64 it fits in 148 registers.
     block_n = 64 if epilogue == EPI_DSILU else 128
     if rows < 256 * num_experts:  # few rows per expert: halve M so fewer rows are padding
         return GemmConfig(64, block_n, 64, 4, 3)
@@ -289,7 +294,8 @@ def grouped_mm(
     E, KD, N = b_E.shape
     if a.shape[1] != KD:
         raise ValueError(f"inner dims differ: a {tuple(a.shape)} vs b_E {tuple(b_E.shape)}")
-    cfg = gemm_config(a.dtype, perm.sorted_pair_R.shape[0], E, epilogue)
+    aligned = KD % 16 == 0 and N % 16 == 0
+    cfg = gemm_config(a.dtype, perm.sorted_pair_R.shape[0], E, aligned=aligned, epilogue=epilogue)
     dev = a.device
     out = torch.empty(out_rows, N, dtype=out_dtype, device=dev)
     num_n = triton.cdiv(N, cfg.block_n)
@@ -335,7 +341,7 @@ def grouped_wgrad(
     """dW (E, P, Q) with dW[e] = sum over expert e's rows of x_row^T y_row (y scaled by G if given)."""
     E = perm.counts_E.shape[0]
     P, Q = x.shape[1], y.shape[1]
-    cfg = gemm_config(x.dtype, perm.sorted_pair_R.shape[0], E)
+    cfg = gemm_config(x.dtype, perm.sorted_pair_R.shape[0], E, aligned=P % 16 == 0 and Q % 16 == 0)
     dw = torch.empty(E, P, Q, dtype=out_dtype, device=x.device)
     block_p = block_q = cfg.block_n
     grid = (triton.cdiv(P, block_p) * triton.cdiv(Q, block_q), E)

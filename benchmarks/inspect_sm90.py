@@ -1,0 +1,172 @@
+"""Compile every Triton kernel of the MoE forward and backward for Hopper (sm_90) on a machine
+without a GPU, and report what the compiler made of it.
+
+The real host wrappers run on CPU tensors with Triton's JIT pointed at a stub sm_90 target; each
+launch compiles (with exactly the argument specialization a GPU launch would get: unit strides,
+16-divisible sizes and pointers) and is then skipped. Triton's bundled ptxas, cuobjdump and
+nvdisasm read the cubins. Nothing runs, so values are never read: this also shows the host path
+makes no data-dependent decisions.
+
+Per kernel it prints registers, local-memory (spill) bytes, shared memory, and the instruction
+mix that matters on Hopper: HGMMA (wgmma tensor cores), HMMA (older mma), LDGSTS (cp.async, with
+its width) and LDL/STL (spills). `--check` exits 1 when a kernel spills, or a 16-bit GEMM has no
+HGMMA, or (D and F multiples of 16) no 128-bit cp.async.
+
+    python -m benchmarks.inspect_sm90                      # paper shape, bf16
+    python -m benchmarks.inspect_sm90 --tokens 512 --check # the small-T tile configs
+"""
+
+from __future__ import annotations
+
+import os
+
+if "triton" in __import__("sys").modules and os.environ.get("TRITON_INTERPRET") == "1":
+    raise RuntimeError("inspect_sm90 needs the compiling JIT: run it in a process without TRITON_INTERPRET=1")
+os.environ["TRITON_INTERPRET"] = "0"
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+GEMM_KERNELS = ("_grouped_mm_kernel", "_grouped_wgrad_kernel")
+SHOWN_CONSTEXPRS = ("EPILOGUE", "GATHER_A", "GATHER_X", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_Q",
+                    "BLOCK_T", "BLOCK_E")  # fmt: skip
+
+
+class _StubTarget:
+    """Just enough of a Triton driver for the JIT to compile for a GPU it cannot see."""
+
+    def __init__(self, arch: int) -> None:
+        self.arch = arch
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _bin(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def analyse(name: str, kernel, constexprs: dict) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_bin("nvdisasm"), f.name], capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res))
+    ops = collections.Counter(re.findall(r"\b(HGMMA|HMMA|LDGSTS|LDL|STL)\b", sass))
+    ldgsts_widths = sorted({int(w) for w in re.findall(r"LDGSTS\S*?\.(\d+)\b", sass)}) or (
+        [32] if ops["LDGSTS"] else []
+    )
+    return {
+        "kernel": name,
+        "config": {
+            k: (str(v) if not isinstance(v, (int, bool)) else v) for k, v in constexprs.items() if k in SHOWN_CONSTEXPRS
+        },  # fmt: skip
+        "num_warps": kernel.metadata.num_warps,
+        "num_stages": kernel.metadata.num_stages,
+        "registers": int(usage.get("REG", 0)),
+        "spill_bytes": int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0)),
+        "shared_bytes": kernel.metadata.shared,
+        "hgmma": ops["HGMMA"],
+        "hmma": ops["HMMA"],
+        "cp_async": ops["LDGSTS"],
+        "cp_async_bits": max(ldgsts_widths) if ldgsts_widths else 0,
+        "ldl_stl": ops["LDL"] + ops["STL"],
+    }
+
+
+def compile_all(tokens: int, d: int, f: int, experts: int, top_k: int, dtype: torch.dtype, arch: int) -> list[dict]:
+    """Run moe_ffn forward + backward through the real wrappers with every launch compile-only."""
+    driver.set_active(_StubTarget(arch))
+    seen: list[dict] = []
+    original_run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        seen.append(analyse(self.fn.__name__, kernel, kwargs))
+
+    JITFunction.run = compile_only
+    try:
+        from moe_kernels import functions
+
+        z = torch.randn(tokens, d, dtype=dtype, requires_grad=True)
+        wr = torch.randn(experts, d, dtype=dtype, requires_grad=True)
+        w1 = torch.randn(experts, d, f, dtype=dtype, requires_grad=True)
+        w2 = torch.randn(experts, f, d, dtype=dtype, requires_grad=True)
+        out = functions.moe_ffn(z, wr, w1, w2, top_k)
+        (out.h_TD.float().sum() + out.aux_loss).backward()
+    finally:
+        JITFunction.run = original_run
+    return seen
+
+
+def problems(rows: list[dict], dtype: torch.dtype, aligned: bool) -> list[str]:
+    """Spills anywhere; for 16-bit GEMMs no wgmma, or (widths multiples of 16) no 128-bit cp.async."""
+    found = []
+    for r in rows:
+        label = f"{r['kernel']} {r['config']}"
+        if r["spill_bytes"] or r["ldl_stl"]:
+            found.append(f"{label}: spills {r['spill_bytes']} B ({r['ldl_stl']} LDL/STL)")
+        if r["kernel"] in GEMM_KERNELS and dtype != torch.float32:
+            if not r["hgmma"]:
+                found.append(f"{label}: no HGMMA (wgmma) instructions")
+            if aligned and r["cp_async_bits"] < 128:
+                found.append(f"{label}: no 128-bit cp.async (widest {r['cp_async_bits']} bit)")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192, help="T, tokens per call (picks the GEMM tile config)")
+    p.add_argument("--d", type=int, default=2560, help="D, token width (paper: 2560)")
+    p.add_argument("--f", type=int, default=1280, help="F, expert hidden width (paper: 1280)")
+    p.add_argument("--experts", type=int, default=8, help="E, number of experts")
+    p.add_argument("--top-k", type=int, default=4, help="K, experts per token")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="input dtype")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (90 = Hopper)")
+    p.add_argument("--json", type=Path, help="also write the table as JSON here")
+    p.add_argument("--check", action="store_true", help="exit 1 on spills, or 16-bit GEMMs without wgmma/cp.async")
+    args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    rows = compile_all(args.tokens, args.d, args.f, args.experts, args.top_k, dtype, args.arch)
+    print(f"sm_{args.arch} compile of moe_ffn fwd+bwd, {args.dtype}, T={args.tokens} D={args.d} F={args.f} "
+          f"E={args.experts} K={args.top_k} (triton {triton.__version__}, no GPU needed)")  # fmt: skip
+    header = f"{'kernel':24s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'wgmma':>5s} {'cp.async':>8s}  config"
+    print(header)
+    for r in rows:
+        cp = f"{r['cp_async']}x{r['cp_async_bits']}b" if r["cp_async"] else "-"
+        cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        print(f"{r['kernel']:24s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} "
+              f"{r['hgmma']:5d} {cp:>8s}  w{r['num_warps']} s{r['num_stages']} {cfg}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    found = problems(rows, dtype, aligned=args.d % 16 == 0 and args.f % 16 == 0)
+    for line in found:
+        print("PROBLEM:", line)
+    return 1 if (args.check and found) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
