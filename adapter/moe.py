@@ -139,16 +139,7 @@ class MoEAdapter(nn.Module):
             # Zero padded rows first: a NaN there would otherwise reach LayerNorm's weight grad.
             x_TD = torch.where(mask_T[:, None], x_TD, 0)
         z_TD = self.norm_in(x_TD)
-        out = moe_kernels.moe_ffn(
-            z_TD,
-            self.router.weight,
-            self.w1,
-            self.w2,
-            top_k=c.top_k,
-            token_mask_T=mask_T,
-            balance_p=c.balance_p,
-            backend=c.backend,
-        )
+        out = self.routed_experts(z_TD, mask_T)
         h_TD = out.h_TD
         if c.num_shared_experts:
             h_TD = h_TD + self._shared_experts(z_TD)
@@ -160,6 +151,15 @@ class MoEAdapter(nn.Module):
         self.expert_counts = out.counts_E.detach()
         self.last_topk_idx = out.topk_idx_TK.detach()
         return y_TD.reshape(*lead, c.out_dim)
+
+    def routed_experts(self, z_TD: torch.Tensor, mask_T: torch.Tensor | None) -> moe_kernels.MoEOutput:
+        """Router, top-k, routed expert MLPs, weighted sum and balance loss (eq. 2-4, 8-10).
+        Benchmarks override this to time other MoE implementations on the same module."""
+        c = self.config
+        return moe_kernels.moe_ffn(
+            z_TD, self.router.weight, self.w1, self.w2,
+            top_k=c.top_k, token_mask_T=mask_T, balance_p=c.balance_p, backend=c.backend,
+        )  # fmt: skip
 
     def _shared_experts(self, z_TD: torch.Tensor) -> torch.Tensor:
         # sum_s W2s_s SiLU(W1s_s z) is one MLP whose hidden layer concatenates the S experts'.

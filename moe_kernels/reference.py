@@ -146,7 +146,7 @@ def expert_mlp(
     counts = perm.counts_E.tolist()  # host sync: fine on the reference path
     num_rows = sum(counts)
     tokens_R = perm.sorted_pair_R[:num_rows].long() // top_k
-    x_RD = z_TD[tokens_R]
+    x_RD = z_TD.index_select(0, tokens_R)  # its backward is one index_add_, not index_put_
     out = []
     for e, x_e in enumerate(torch.split(x_RD, counts)):
         if x_e.shape[0]:
@@ -156,16 +156,20 @@ def expert_mlp(
     return torch.cat(out)
 
 
-def combine(y_RD: torch.Tensor, pair_row_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-    """h_t = sum_s G_{t,s} y_{row(t,s)} (eq. 4), summed in the routing dtype, returned in y's dtype."""
-    T, K = pair_row_TK.shape
-    valid_TK = pair_row_TK >= 0
-    if y_RD.shape[0] == 0:
-        return y_RD.new_zeros(T, y_RD.shape[1])
-    rows_TKD = y_RD[pair_row_TK.long().clamp(min=0)].to(topk_weight_TK.dtype)
-    # where, not multiply: the clamped row of an invalid pair may hold anything, NaN included.
-    weighted = torch.where(valid_TK[..., None], rows_TKD * topk_weight_TK[..., None], 0.0)
-    return weighted.sum(1).to(y_RD.dtype)
+def combine(y_RD: torch.Tensor, perm: Permutation, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    """h_t = sum_s G_{t,s} y_{row(t,s)} (eq. 4), summed in the routing dtype, returned in y's dtype.
+
+    Rows are weighted, copied to their pair's slot (unique slots: deterministic on every device),
+    and each token's K slots summed in order. Slots of masked tokens stay zero.
+    """
+    T, K = perm.pair_row_TK.shape
+    num_rows, out_dtype = y_RD.shape[0], y_RD.dtype
+    pairs_R = perm.sorted_pair_R[:num_rows].long()
+    weight_R = topk_weight_TK.reshape(-1).index_select(0, pairs_R)
+    y_RD = y_RD.to(topk_weight_TK.dtype) * weight_R[:, None]
+    slots = y_RD.new_zeros(T * K, y_RD.shape[1]) if num_rows < T * K else y_RD.new_empty(T * K, y_RD.shape[1])
+    h_TD = slots.index_copy(0, pairs_R, y_RD).view(T, K, -1).sum(1)
+    return h_TD.to(out_dtype)
 
 
 def moe_ffn(
@@ -184,5 +188,5 @@ def moe_ffn(
     perm = permute(topk_idx_TK, E)
     aux = balance_loss(logits_TE, topk_idx_TK, topk_weight_TK, E, balance_p)
     y_RD = expert_mlp(z_TD, w1_EDF, w2_EFD, perm, top_k)
-    h_TD = combine(y_RD, perm.pair_row_TK, topk_weight_TK)
+    h_TD = combine(y_RD, perm, topk_weight_TK)
     return MoEOutput(h_TD, aux, perm.counts_E, topk_idx_TK, topk_weight_TK)

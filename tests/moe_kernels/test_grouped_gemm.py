@@ -42,7 +42,7 @@ def _problem(T, D, F, E, K, routing, masked, seed=0):
 def _torch_path(z, w1, w2, w, perm, dh, K):
     """reference.expert_mlp + combine with autograd: (h, dz, dw1, dw2, dweight)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (z, w1, w2, w)]
-    h = reference.combine(reference.expert_mlp(*leaves[:3], perm, K), perm.pair_row_TK, leaves[3])
+    h = reference.combine(reference.expert_mlp(*leaves[:3], perm, K), perm, leaves[3])
     grads = torch.autograd.grad(h, leaves, dh.to(h.dtype), allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves, strict=True)]
     return (h, *grads)

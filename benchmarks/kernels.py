@@ -1,0 +1,91 @@
+"""Kernel-level benchmarks (GPU): each Triton kernel of the MoE op against its ceiling.
+
+Router + balance and the permutation are memory-bound: bytes each must move (every input read
+once, every output written once) over the measured copy bandwidth. The grouped GEMMs are
+compute-bound: their TFLOP/s against a dense torch.matmul (cuBLAS) doing the same FLOPs on the
+same dtype, and against the datasheet peak.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from benchmarks.timing import datasheet_for, device_info, time_gpu
+from moe_kernels import grouped_gemm, permute, routing
+
+
+def _dense_equivalent_ms(m: int, k: int, n: int, dtype, device) -> float:
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    return time_gpu(lambda: torch.matmul(a, b)).median_ms
+
+
+def run_kernel_benchmarks(d: int, f: int, E: int, K: int, tokens_list, device, ceilings,
+                          dtype=torch.bfloat16) -> list[dict]:  # fmt: skip
+    rows = []
+    sheet = datasheet_for(device_info(device)["device"])
+    dname = str(dtype).removeprefix("torch.")
+    for T in tokens_list:
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(T, E, device=device, dtype=dtype, generator=g)
+        nb = triton.cdiv(T, routing.router_block_t(E))
+
+        def route():
+            r = routing.router_forward(logits, K, None, "topk")
+            return r, routing.balance_forward(r.blk_count_NE, r.blk_psum_NE, K)
+
+        r, (counts, _, _) = route()
+        mem_rows = [
+            ("router+balance", route, T * E * logits.element_size() + T * K * 8 + nb * E * 16 + E * 12),
+            ("permutation", lambda: permute.permute(r.topk_idx_TK, counts, r.blk_count_NE),
+             T * K * 4 + T * K * 8 + nb * E * 8 + E * 8),
+        ]  # fmt: skip
+        for name, fn, nbytes in mem_rows:
+            t = time_gpu(fn)
+            gbs = nbytes / (t.median_ms * 1e-3) / 1e9
+            rows.append({"kernel": name, "tokens": T, "dtype": dname, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
+                         "p80_ms": t.p80_ms, "bytes": nbytes, "gbs": gbs,
+                         "pct_copy_bw": 100 * gbs / ceilings["copy_gbs"]})  # fmt: skip
+
+        perm = permute.permute(r.topk_idx_TK, counts, r.blk_count_NE)
+        z = torch.randn(T, d, device=device, dtype=dtype, generator=g)
+        w1 = torch.randn(E, d, f, device=device, dtype=dtype, generator=g) / d**0.5
+        w2 = torch.randn(E, f, d, device=device, dtype=dtype, generator=g) / f**0.5
+        weight = r.topk_weight_TK
+        R = T * K
+        act, pre = grouped_gemm.grouped_mm(z, w1, perm, K, gather_a=True, epilogue=grouped_gemm.EPI_SILU,
+                                           out_rows=R, out_dtype=dtype, store_pre=True)  # fmt: skip
+        dh = torch.randn(T, d, device=device, dtype=dtype, generator=g)
+        dpre, _ = grouped_gemm.grouped_mm(dh, w2.transpose(1, 2), perm, K, gather_a=True,
+                                          epilogue=grouped_gemm.EPI_DSILU, out_rows=R, out_dtype=dtype,
+                                          weight_TK=weight, act_RN=act, pre_RN=pre)  # fmt: skip
+        gemms = [  # name, fn, (M, K, N) of the dense matmul with the same FLOPs
+            ("up: gather z, @W1, SiLU", lambda: grouped_gemm.grouped_mm(
+                z, w1, perm, K, gather_a=True, epilogue=grouped_gemm.EPI_SILU, out_rows=R, out_dtype=dtype,
+                store_pre=True), (R, d, f)),
+            ("down: @W2, x G, scatter", lambda: grouped_gemm.grouped_mm(
+                act, w2, perm, K, gather_a=False, epilogue=grouped_gemm.EPI_SCATTER, out_rows=R, out_dtype=dtype,
+                weight_TK=weight), (R, f, d)),
+            ("down dX: dh @W2^T, dSiLU", lambda: grouped_gemm.grouped_mm(
+                dh, w2.transpose(1, 2), perm, K, gather_a=True, epilogue=grouped_gemm.EPI_DSILU, out_rows=R,
+                out_dtype=dtype, weight_TK=weight, act_RN=act, pre_RN=pre), (R, d, f)),
+            ("up dX: dpre @W1^T, scatter", lambda: grouped_gemm.grouped_mm(
+                dpre, w1.transpose(1, 2), perm, K, gather_a=False, epilogue=grouped_gemm.EPI_SCATTER,
+                out_rows=R, out_dtype=dtype), (R, f, d)),
+            ("dW1 = z^T dpre", lambda: grouped_gemm.grouped_wgrad(
+                z, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=dtype), (d, R, f)),
+            ("dW2 = act^T (G dh)", lambda: grouped_gemm.grouped_wgrad(
+                act, dh, perm, K, gather_x=False, gather_y=True, out_dtype=dtype, weight_TK=weight), (f, R, d)),
+        ]  # fmt: skip
+        for name, fn, (m, k, n) in gemms:
+            t = time_gpu(fn)
+            flops = 2.0 * m * k * n
+            tflops = flops / (t.median_ms * 1e-3) / 1e12
+            dense_ms = _dense_equivalent_ms(m, k, n, dtype, device)
+            dense_tflops = flops / (dense_ms * 1e-3) / 1e12
+            rows.append({"kernel": name, "tokens": T, "dtype": dname, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
+                         "p80_ms": t.p80_ms, "tflops": tflops, "dense_matmul_tflops": dense_tflops,
+                         "vs_dense_matmul": tflops / dense_tflops,
+                         "pct_datasheet": 100 * tflops / sheet[dname] if sheet else None})  # fmt: skip
+    return rows

@@ -1,0 +1,159 @@
+"""The implementations a benchmark run compares, all on one module's weights and the same inputs.
+
+Shape legend: T tokens, D adapter input width (the paper's d), F expert hidden width, E experts,
+K experts per token. FLOPs count matrix products only (2 per multiply-add); LayerNorm, SiLU,
+softmax and the permutation are memory-bound and excluded. A backward pass costs twice its forward
+(input and weight gradients), so fwd+bwd is 3x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapter import DenseAdapter, MoEAdapter, preset
+from moe_kernels import MoEOutput, reference
+
+MOE_PROVIDERS = ("moe-triton", "moe-torch", "moe-eager-loop", "moe-grouped-mm")
+PROVIDERS = (*MOE_PROVIDERS, "dense")
+
+
+class EagerLoopMoE(MoEAdapter):
+    """Routed experts as Hugging Face MoE blocks (e.g. Mixtral) write them: a Python loop over
+    experts, `torch.where` on a one-hot mask, gather, expert MLP, `index_add_` back."""
+
+    def routed_experts(self, z_TD: torch.Tensor, mask_T: torch.Tensor | None) -> MoEOutput:
+        E, K = self.config.num_experts, self.config.top_k
+        logits_TE = self.router(z_TD)
+        weights_TE = torch.softmax(logits_TE.float(), dim=-1)
+        top_w, top_idx = torch.topk(weights_TE, K, dim=-1)
+        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(z_TD.dtype)  # = softmax over the kept k
+        out = torch.zeros_like(z_TD)
+        expert_mask = F.one_hot(top_idx, E).permute(2, 1, 0)  # (E, K, T)
+        for e in range(E):
+            slot, tok = torch.where(expert_mask[e])
+            if tok.numel() == 0:
+                continue
+            y = F.silu(z_TD[tok] @ self.w1[e]) @ self.w2[e]
+            out.index_add_(0, tok, y * top_w[tok, slot, None])
+        idx32 = top_idx.to(torch.int32)
+        aux = reference.balance_loss(logits_TE, idx32, top_w.float(), E, self.config.balance_p)
+        return MoEOutput(out, aux, reference.expert_counts(idx32, E), idx32, top_w)
+
+
+class GroupedMMMoE(MoEAdapter):
+    """Routed experts through `torch._grouped_mm`: sort pairs by expert, gather a (T*K, D) copy of
+    the rows, two grouped GEMMs, weight, and un-permute with a (T, K, D) sum."""
+
+    def routed_experts(self, z_TD: torch.Tensor, mask_T: torch.Tensor | None) -> MoEOutput:
+        E, K = self.config.num_experts, self.config.top_k
+        T = z_TD.shape[0]
+        logits_TE = self.router(z_TD)
+        idx_TK, w_TK = reference.topk_route(logits_TE, K, mask_T)
+        perm = reference.permute(idx_TK, E)
+        tokens_R = perm.sorted_pair_R.long() // K
+        x_RD = z_TD[tokens_R]
+        offs = perm.offsets_E1[1:].to(torch.int32)
+        act_RF = F.silu(torch._grouped_mm(x_RD, self.w1, offs=offs))
+        y_RD = torch._grouped_mm(act_RF, self.w2, offs=offs)
+        y_TKD = y_RD[perm.pair_row_TK.long().reshape(-1)].view(T, K, -1)
+        h_TD = (y_TKD * w_TK[..., None].to(y_TKD.dtype)).sum(1)
+        aux = reference.balance_loss(logits_TE, idx_TK, w_TK, E, self.config.balance_p)
+        return MoEOutput(h_TD, aux, perm.counts_E, idx_TK, w_TK)
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    if not hasattr(torch, "_grouped_mm"):
+        return False, f"torch {torch.__version__} has no torch._grouped_mm"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return False, "torch._grouped_mm on CUDA takes bfloat16 only"
+        if torch.cuda.get_device_capability(device) < (9, 0):
+            return False, "torch._grouped_mm on CUDA needs sm_90+"
+    return True, ""
+
+
+@dataclass
+class Shapes:
+    d: int  # adapter input width (paper 2560)
+    D: int  # adapter output width (paper 2048)
+
+    def moe_config(self, backend: str):
+        return preset("moe-8c4", self.d, self.D, backend=backend)
+
+    def dense_config(self):
+        return preset("dense", self.d, self.D)
+
+
+def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """{name: module or a reason it cannot run here}. All MoE providers share one set of weights."""
+    torch.manual_seed(seed)
+    base = MoEAdapter(shapes.moe_config("torch")).to(device, dtype)
+    out: dict[str, nn.Module | str] = {}
+    classes = {"moe-triton": (MoEAdapter, "triton"), "moe-torch": (MoEAdapter, "torch"),
+               "moe-eager-loop": (EagerLoopMoE, "torch"), "moe-grouped-mm": (GroupedMMMoE, "torch")}  # fmt: skip
+    for name, (cls, backend) in classes.items():
+        if name == "moe-triton" and device.type != "cuda":
+            out[name] = "GPU only: on CPU the Triton kernels run in the interpreter, a test vehicle"
+            continue
+        if name == "moe-grouped-mm":
+            ok, why = grouped_mm_available(device, dtype)
+            if not ok:
+                out[name] = why
+                continue
+        m = cls(shapes.moe_config(backend)).to(device, dtype)
+        m.load_state_dict(base.state_dict())
+        out[name] = m
+    torch.manual_seed(seed)
+    out["dense"] = DenseAdapter(shapes.dense_config()).to(device, dtype)
+    return out
+
+
+def adapter_flops(module: nn.Module, tokens: int, mode: str) -> float:
+    """Matrix-product FLOPs of one call; mode: forward, backward or fwd+bwd."""
+    c = module.config
+    if isinstance(module, DenseAdapter):
+        fwd = 2 * tokens * (c.in_dim * c.hidden_dim + c.hidden_dim * c.out_dim)
+    else:
+        d, f = c.in_dim, c.expert_dim
+        out = (d * c.aggregation_dim + c.aggregation_dim * c.out_dim) if c.aggregation_dim else d * c.out_dim
+        shared = c.num_shared_experts * 2 * d * c.shared_expert_dim
+        fwd = 2 * tokens * (d * c.num_experts + c.top_k * 2 * d * f + shared + out)
+    return {"forward": 1, "backward": 2, "fwd+bwd": 3}[mode] * float(fwd)
+
+
+def make_step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    """A no-argument callable doing one `mode` step. backward re-runs the backward of one retained
+    forward graph (gradients accumulate; the timers reset them)."""
+    dy = torch.randn(*x.shape[:-1], module.config.out_dim, device=x.device, dtype=x.dtype)
+
+    def loss_of(y):
+        aux = getattr(module, "aux_loss", None)
+        loss = (y.float() * dy.float()).sum()
+        return loss if aux is None else loss + 0.01 * aux
+
+    if mode == "forward":
+
+        def step():
+            with torch.no_grad():
+                module(x)
+
+        return step
+    if mode == "fwd+bwd":
+
+        def step():
+            loss_of(module(x)).backward()
+
+        return step
+    if mode == "backward":
+        loss = loss_of(module(x))
+
+        def step():
+            loss.backward(retain_graph=True)
+
+        return step
+    raise ValueError(f"mode must be forward, backward or fwd+bwd, got {mode!r}")

@@ -1,0 +1,224 @@
+"""Turn benchmark rows into a printed table, CSV + JSON, a markdown summary, a plot, and a
+PASS/MISS line per target of issue 4 (only for what was measured)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+ROW_FIELDS = ("provider", "mode", "tokens", "routing", "dtype", "d", "D", "status", "median_ms", "p20_ms", "p80_ms",
+              "reps", "tokens_per_s", "tflops", "pct_datasheet", "pct_measured_mm", "peak_mem_mb",
+              "time_vs_dense", "mem_vs_dense", "load_max_over_mean")  # fmt: skip
+
+
+def _key(row: dict) -> tuple:
+    return row["mode"], row["tokens"], row["routing"], row["dtype"]
+
+
+def add_dense_ratios(rows: list[dict]) -> None:
+    """time_vs_dense / mem_vs_dense: each provider against the dense adapter of the same case."""
+    dense = {_key(r): r for r in rows if r["provider"] == "dense" and r.get("status") == "ok"}
+    for r in rows:
+        ref = dense.get(_key(r))
+        if r.get("status") != "ok" or ref is None:
+            continue
+        r["time_vs_dense"] = r["median_ms"] / ref["median_ms"]
+        if r.get("peak_mem_mb") and ref.get("peak_mem_mb"):
+            r["mem_vs_dense"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def text_table(rows: list[dict]) -> str:
+    head = (f"{'provider':15s} {'mode':8s} {'T':>6s} {'routing':8s} {'dtype':8s} {'median ms':>10s} "
+            f"{'p20-p80 ms':>17s} {'Mtok/s':>7s} {'TFLOP/s':>8s} {'%peak':>6s} {'mem MB':>8s} {'x dense':>7s}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"{r['provider']:15s} {r['mode']:8s} {r['tokens']:6d} {r['routing']:8s} {r['dtype']:8s} "
+                         f"{r['status']}")  # fmt: skip
+            continue
+        pct = r.get("pct_datasheet") if r.get("pct_datasheet") is not None else r.get("pct_measured_mm")
+        lines.append(
+            f"{r['provider']:15s} {r['mode']:8s} {r['tokens']:6d} {r['routing']:8s} {r['dtype']:8s} "
+            f"{r['median_ms']:10.3f} {r['p20_ms']:8.3f}-{r['p80_ms']:<8.3f} {r['tokens_per_s'] / 1e6:7.2f} "
+            f"{r['tflops']:8.2f} {_fmt(pct, '6.1f')} {_fmt(r.get('peak_mem_mb'), '8.1f')} "
+            f"{_fmt(r.get('time_vs_dense'), '7.2f')}"
+        )
+    return "\n".join(lines)
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = [f"{'kernel':30s} {'T':>6s} {'median ms':>10s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s} "
+             f"{'cuBLAS same FLOPs':>18s} {'ratio':>6s}"]  # fmt: skip
+    for r in rows:
+        lines.append(f"{r['kernel']:30s} {r['tokens']:6d} {r['median_ms']:10.4f} {_fmt(r.get('gbs'), '8.1f')} "
+                     f"{_fmt(r.get('pct_copy_bw'), '6.1f')} {_fmt(r.get('tflops'), '8.1f')} "
+                     f"{_fmt(r.get('dense_matmul_tflops'), '18.1f')} {_fmt(r.get('vs_dense_matmul'), '6.2f')}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _find(rows, provider, mode, tokens, routing="uniform", dtype="bfloat16"):
+    for r in rows:
+        if (r["provider"], r["mode"], r["tokens"], r["routing"], r["dtype"]) == (provider, mode, tokens, routing,
+                                                                                 dtype) and r.get("status") == "ok":  # fmt: skip
+            return r
+    return None
+
+
+def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) -> list[str]:
+    """Issue 4's targets, judged only on rows that ran; a target with no measurement says so."""
+    out = ["targets (issue 4):"]
+    if device_type == "cuda":
+        big = sorted({r["tokens"] for r in rows if r["tokens"] >= 8192 and r["dtype"] == "bfloat16"})
+        for t in big:
+            ours = _find(rows, "moe-triton", "fwd+bwd", t)
+            dense = _find(rows, "dense", "fwd+bwd", t)
+            loop = _find(rows, "moe-eager-loop", "fwd+bwd", t)
+            gmm = _find(rows, "moe-grouped-mm", "fwd+bwd", t)
+            if ours and dense:
+                ratio = ours["median_ms"] / dense["median_ms"]
+                out.append(f"  T={t}: MoE fwd+bwd / dense = {ratio:.2f} (target <= 0.85): "
+                           f"{'PASS' if ratio <= 0.85 else 'MISS'}")  # fmt: skip
+                if ours.get("peak_mem_mb") and dense.get("peak_mem_mb"):
+                    m = ours["peak_mem_mb"] / dense["peak_mem_mb"]
+                    out.append(f"  T={t}: peak memory MoE / dense = {m:.2f} (target <= 1.1): "
+                               f"{'PASS' if m <= 1.1 else 'MISS'}")  # fmt: skip
+            if ours and loop:
+                s = loop["median_ms"] / ours["median_ms"]
+                out.append(f"  T={t}: speed-up over eager loop = {s:.2f}x (target >= 3): {'PASS' if s >= 3 else 'MISS'}")
+            if ours and gmm:
+                s = gmm["median_ms"] / ours["median_ms"]
+                out.append(f"  T={t}: speed-up over torch._grouped_mm = {s:.2f}x (target > 1): "
+                           f"{'PASS' if s > 1 else 'MISS'}")  # fmt: skip
+        for k in kernel_rows:
+            if "vs_dense_matmul" in k:
+                v = k["vs_dense_matmul"]
+                out.append(f"  T={k['tokens']}: {k['kernel']}: {100 * v:.0f}% of cuBLAS at the same FLOPs "
+                           f"(target >= 70%): {'PASS' if v >= 0.7 else 'MISS'}")  # fmt: skip
+        if len(out) == 1:
+            out.append("  no GPU target measured in this run")
+    else:
+        for r in rows:
+            if r["provider"] == "moe-torch" and r["mode"] == "fwd+bwd" and r.get("status") == "ok":
+                loop = _find(rows, "moe-eager-loop", "fwd+bwd", r["tokens"], r["routing"], r["dtype"])
+                if loop:
+                    s = loop["median_ms"] / r["median_ms"]
+                    out.append(f"  CPU T={r['tokens']} {r['routing']}: torch reference fwd+bwd is {s:.2f}x the "
+                               f"eager loop's speed (target > 1): {'PASS' if s > 1 else 'MISS'}")  # fmt: skip
+        out.append("  GPU targets: not measured (no GPU in this run)")
+    return out
+
+
+def _stem(info: dict, tag: str | None) -> str:
+    if tag:
+        return tag
+    dev = re.sub(r"[^A-Za-z0-9]+", "-", info["device"].replace("CPU: ", "cpu-")).strip("-").lower()
+    return f"{dev[:40]}-{info['date'][:10]}"
+
+
+def write_all(out_dir: Path, tag, info, ceilings, plan, rows, kernel_rows) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _stem(info, tag)
+    paths = []
+    csv_path = out_dir / f"{stem}.csv"
+    with csv_path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    paths.append(csv_path)
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps({"info": info, "ceilings": ceilings, "plan": asdict(plan), "rows": rows,
+                                     "kernels": kernel_rows}, indent=1))  # fmt: skip
+    paths.append(json_path)
+    png = out_dir / f"{stem}.png"
+    if plot(rows, png, info):
+        paths.append(png)
+    md = out_dir / f"{stem}.md"
+    md.write_text(markdown(info, ceilings, plan, rows, kernel_rows, png.name if png in paths else None))
+    paths.append(md)
+    return paths
+
+
+def markdown(info, ceilings, plan, rows, kernel_rows, png_name) -> str:
+    lines = [
+        f"# Benchmark results: {info['device']}",
+        "",
+        f"- device: {info['device']} ({info['device_detail']})",
+        f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}"
+        + (f", CUDA {info['cuda']}" if info.get("cuda") else ""),
+        f"- git {info['git_sha']}, {info['date']}",
+        f"- adapter widths d = {plan.d}, D = {plan.D}; MoE preset moe-8c4 vs dense preset (Table 4 shapes"
+        + (")" if plan.d == 2560 else f", scaled by {plan.d / 2560:g})"),
+        "- measured ceilings: matmul "
+        + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items())
+        + f"; copy {ceilings['copy_gbs']:.1f} GB/s",
+        "",
+        "Times are medians with the 20th-80th percentile band; TFLOP/s counts matrix products only "
+        "(benchmarks/providers.py); `x dense` is time relative to the dense adapter in the same case.",
+        "",
+        "| provider | mode | T | routing | dtype | median ms | p20-p80 ms | Mtok/s | TFLOP/s | % peak | "
+        "peak MB | x dense | load max/mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['routing']} | {r['dtype']} | "
+                         f"{r['status']} | | | | | | | |")  # fmt: skip
+            continue
+        pct = r.get("pct_datasheet") if r.get("pct_datasheet") is not None else r.get("pct_measured_mm")
+        lines.append(
+            f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['routing']} | {r['dtype']} | {r['median_ms']:.3f} "
+            f"| {r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {r['tokens_per_s'] / 1e6:.2f} | {r['tflops']:.2f} | "
+            f"{_fmt(pct, '.1f')} | {_fmt(r.get('peak_mem_mb'), '.1f')} | {_fmt(r.get('time_vs_dense'), '.2f')} | "
+            f"{_fmt(r.get('load_max_over_mean'), '.2f')} |"
+        )
+    lines.append("")
+    lines.append("% peak: of the datasheet peak on a known GPU, else of the measured matmul ceiling.")
+    if kernel_rows:
+        lines += ["", "## Kernels", "", "```", kernel_table(kernel_rows), "```"]
+    lines += ["", "## Targets", "", "```", *target_lines(rows, kernel_rows,
+                                                       "cuda" if info.get("cuda") else "cpu"), "```"]  # fmt: skip
+    if png_name:
+        lines += ["", f"![time vs tokens]({png_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, info: dict) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["mode"], r["dtype"]) for r in rows if r.get("status") == "ok" and r["routing"] == "uniform"})
+    if not groups:
+        return False
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (mode, dtype) in zip(axes[0], groups, strict=True):
+        for prov in sorted({r["provider"] for r in rows}):
+            pts = sorted((r["tokens"], r["median_ms"], r["p20_ms"], r["p80_ms"]) for r in rows
+                         if r.get("status") == "ok" and r["provider"] == prov and r["mode"] == mode
+                         and r["dtype"] == dtype and r["routing"] == "uniform")  # fmt: skip
+            if not pts:
+                continue
+            t, med, lo, hi = zip(*pts, strict=True)
+            ax.plot(t, med, marker="o", label=prov)
+            ax.fill_between(t, lo, hi, alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(f"{mode}, {dtype}, uniform routing")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{info['device']} | torch {info['torch']} | {info['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

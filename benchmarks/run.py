@@ -1,0 +1,212 @@
+"""Benchmark entry point: `python -m benchmarks --help`.
+
+Times every provider (benchmarks/providers.py) on the same weights and inputs, for each mode,
+token count, routing pattern and dtype of a plan, plus kernel-level figures on a GPU, and writes
+CSV, JSON, a markdown summary and a plot under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import report
+from benchmarks.providers import MOE_PROVIDERS, PROVIDERS, Shapes, adapter_flops, build_providers, make_step
+from benchmarks.routing_patterns import ROUTINGS, make_tokens, set_router
+from benchmarks.timing import (
+    datasheet_for,
+    device_info,
+    measured_copy_gbs,
+    measured_matmul_tflops,
+    peak_memory_gpu,
+    time_cpu_interleaved,
+    time_gpu,
+)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MODES = ("forward", "backward", "fwd+bwd")
+
+
+@dataclass
+class Case:
+    dtype: str
+    routing: str
+    tokens: int
+    modes: tuple[str, ...]
+
+
+@dataclass
+class Plan:
+    """What one run measures. `d`/`D` are the adapter widths (paper: 2560 / 2048)."""
+
+    d: int
+    D: int
+    cases: list[Case] = field(default_factory=list)
+    kernels: bool = False
+
+
+def _plan(name: str) -> Plan:
+    if name == "gpu":  # paper shapes (Table 4), bf16 sweep + skewed routing + an fp32 check
+        cases = [Case("bfloat16", "uniform", t, MODES) for t in (1024, 4096, 8192, 16384, 65536)]
+        cases += [Case("bfloat16", r, t, ("fwd+bwd",)) for r in ("zipf", "one") for t in (8192, 65536)]
+        cases += [Case("float32", "uniform", t, ("fwd+bwd",)) for t in (1024, 8192)]
+        return Plan(2560, 2048, cases, kernels=True)
+    if name == "cpu":  # paper shapes / 10, what a 2-core CPU finishes in a few minutes
+        cases = [Case("float32", "uniform", t, MODES) for t in (1024, 4096)]
+        cases += [Case("float32", r, 4096, ("fwd+bwd",)) for r in ("zipf", "one")]
+        return Plan(256, 192, cases)
+    if name == "smoke":  # seconds: checks that the whole pipeline runs
+        return Plan(64, 48, [Case("float32", "uniform", 256, ("forward", "fwd+bwd")),
+                             Case("float32", "one", 256, ("fwd+bwd",))])  # fmt: skip
+    raise ValueError(f"unknown plan {name!r}")
+
+
+def _load_imbalance(module) -> float | None:
+    counts = getattr(module, "expert_counts", None)
+    if counts is None:
+        return None
+    c = counts.double()
+    return (c.max() / c.mean()).item() if c.sum() > 0 else None
+
+
+def run_adapter_benchmarks(plan: Plan, device: torch.device, providers: list[str], ceilings: dict,
+                           progress: bool = True) -> list[dict]:  # fmt: skip
+    rows: list[dict] = []
+    sheet = datasheet_for(device_info(device)["device"]) if device.type == "cuda" else None
+    total = sum(len(c.modes) for c in plan.cases)
+    bar = tqdm(total=total, desc="adapter benchmarks", disable=not progress, file=sys.stdout)
+    built: dict[str, dict] = {}
+    for case in plan.cases:
+        dtype = DTYPES[case.dtype]
+        if case.dtype not in built:
+            built.clear()  # one dtype's modules at a time
+            gc.collect()
+            built[case.dtype] = build_providers(Shapes(plan.d, plan.D), device, dtype)
+        mods = {n: m for n, m in built[case.dtype].items() if n in providers}
+        x, u = make_tokens(case.tokens, plan.d, device, dtype)
+        moe_mods = [m for n, m in mods.items() if n in MOE_PROVIDERS and not isinstance(m, str)]
+        if moe_mods:
+            set_router(moe_mods, u, x, case.routing)
+        x.requires_grad_(True)
+        for mode in case.modes:
+            runnable = {n: m for n, m in mods.items() if not isinstance(m, str)}
+            steps, errors = {}, {}
+            for n, m in runnable.items():
+                try:
+                    steps[n] = make_step(m, x, mode)
+                    steps[n]()
+                except Exception as exc:  # an OOM or unsupported case is reported, not fatal
+                    errors[n] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    steps.pop(n, None)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            params = [p for m in runnable.values() for p in m.parameters()] + [x]
+            reset = lambda: [setattr(p, "grad", None) for p in params]  # noqa: E731
+            timings, peaks = {}, {}
+            if device.type == "cuda":
+                for n, fn in steps.items():
+                    timings[n] = time_gpu(fn, grad_to_none=params)
+                    reset()
+                    peaks[n] = peak_memory_gpu(fn)
+                    reset()
+            else:
+                timings = time_cpu_interleaved(steps, reset=reset, budget_s=2.0 if plan.d < 512 else 6.0)
+            for n in providers:
+                m = mods.get(n)
+                row = {"provider": n, "mode": mode, "tokens": case.tokens, "routing": case.routing,
+                       "dtype": case.dtype, "d": plan.d, "D": plan.D}  # fmt: skip
+                if isinstance(m, str) or m is None:
+                    row["status"] = f"not run: {m or 'not selected'}"
+                elif n in errors:
+                    row["status"] = f"failed: {errors[n]}"
+                else:
+                    t = timings[n]
+                    flops = adapter_flops(m, case.tokens, mode)
+                    tflops = flops / (t.median_ms * 1e-3) / 1e12
+                    row.update(
+                        status="ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps,
+                        tokens_per_s=case.tokens / (t.median_ms * 1e-3), tflops=tflops,
+                        pct_datasheet=(100 * tflops / sheet[case.dtype]) if sheet else None,
+                        pct_measured_mm=100 * tflops / ceilings["matmul_tflops"][case.dtype]
+                        if case.dtype in ceilings["matmul_tflops"] else None,
+                        peak_mem_mb=peaks[n] / 2**20 if n in peaks else None,
+                        load_max_over_mean=_load_imbalance(m) if n in MOE_PROVIDERS else None,
+                    )  # fmt: skip
+                rows.append(row)
+            del steps
+            bar.update(1)
+        del x
+    bar.close()
+    report.add_dense_ratios(rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--plan", choices=["gpu", "cpu", "smoke"], default=None,
+                   help="what to measure: gpu = paper shapes, bf16 + fp32, T 1k..64k (default on CUDA); "
+                        "cpu = paper shapes / 10, fp32 (default without CUDA); smoke = seconds, for tests")  # fmt: skip
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
+                   help="implementations to time (default: all)")  # fmt: skip
+    p.add_argument("--tokens", type=int, nargs="+", help="override the plan's token counts")
+    p.add_argument("--routing", choices=ROUTINGS, nargs="+", help="keep only these routing patterns")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level benchmarks (GPU)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                   help="folder for the CSV / JSON / markdown / PNG results")  # fmt: skip
+    p.add_argument("--tag", default=None, help="results file name stem (default: device and date)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plan = _plan(args.plan or ("gpu" if device.type == "cuda" else "cpu"))
+    if args.tokens:
+        seen, cases = set(), []
+        for c in plan.cases:
+            for t in args.tokens:
+                key = (c.dtype, c.routing, t, c.modes)
+                if key not in seen:
+                    seen.add(key)
+                    cases.append(Case(c.dtype, c.routing, t, c.modes))
+        plan.cases = cases
+    if args.routing:
+        plan.cases = [c for c in plan.cases if c.routing in args.routing]
+    if device.type == "cpu":
+        plan.cases = [c for c in plan.cases if c.dtype == "float32"]  # CPU bf16 GEMMs are not representative
+
+    info = device_info(device)
+    print(f"device: {info['device']} ({info['device_detail']}); torch {info['torch']}, triton {info['triton']}")
+    dtypes = sorted({c.dtype for c in plan.cases})
+    ceilings = {
+        "matmul_tflops": {dt: measured_matmul_tflops(device, DTYPES[dt]) for dt in dtypes},
+        "copy_gbs": measured_copy_gbs(device),
+    }
+    print("measured ceilings:", {k: ({kk: round(vv, 1) for kk, vv in v.items()} if isinstance(v, dict)
+                                     else round(v, 1)) for k, v in ceilings.items()})  # fmt: skip
+    rows = run_adapter_benchmarks(plan, device, args.providers, ceilings, progress=not args.quiet)
+    kernel_rows: list[dict] = []
+    if plan.kernels and not args.no_kernels and device.type == "cuda":
+        from benchmarks import kernels
+
+        moe = Shapes(plan.d, plan.D).moe_config("triton")
+        kernel_rows = kernels.run_kernel_benchmarks(
+            moe.in_dim, moe.expert_dim, moe.num_experts, moe.top_k, (8192, 65536), device, ceilings
+        )
+    paths = report.write_all(args.out, args.tag, info, ceilings, plan, rows, kernel_rows)
+    print(report.text_table(rows))
+    if kernel_rows:
+        print(report.kernel_table(kernel_rows))
+    print("\n".join(report.target_lines(rows, kernel_rows, device.type)))
+    print("wrote", ", ".join(str(pth) for pth in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

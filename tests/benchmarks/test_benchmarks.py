@@ -1,0 +1,80 @@
+"""The benchmark code itself: FLOP formulas, routing patterns, providers computing the same
+function, the entry point writing every output, and CPU-sized pytest-benchmark cases."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from adapter import DenseAdapter, MoEAdapter, preset
+from benchmarks import run
+from benchmarks.providers import PROVIDERS, Shapes, adapter_flops, build_providers, make_step
+from benchmarks.routing_patterns import make_tokens, set_router
+from tests.utils import max_rel_error
+
+
+def test_flop_formulas_match_table4():
+    with torch.device("meta"):
+        dense, moe = DenseAdapter(preset("dense")), MoEAdapter(preset("moe-8c4"))
+    d, D, H = 2560, 2048, 20480
+    assert adapter_flops(dense, 1, "forward") == 2 * (d * H + H * D)
+    assert adapter_flops(moe, 1, "forward") == 2 * (d * 8 + 4 * 2 * d * 1280 + d * 10240 + 10240 * D)
+    assert adapter_flops(moe, 10, "fwd+bwd") == 3 * 10 * adapter_flops(moe, 1, "forward")
+    assert round(adapter_flops(moe, 1, "forward") / adapter_flops(dense, 1, "forward"), 2) == 0.78  # issue 4
+
+
+def test_routing_patterns_give_the_intended_loads():
+    mods = build_providers(Shapes(64, 48), torch.device("cpu"), torch.float32)
+    m = mods["moe-torch"]
+    x, u = make_tokens(2048, 64, "cpu", torch.float32)
+    loads = {}
+    for routing in ("uniform", "zipf", "one"):
+        set_router([m], u, x, routing)
+        m(x)
+        loads[routing] = m.expert_counts.double()
+    assert (loads["uniform"].max() / loads["uniform"].mean()) < 1.15
+    assert loads["one"][0] == 2048  # every token picks expert 0
+    z = loads["zipf"]
+    assert z[0] > z[3] > z[7] and (z[0] / z.mean()) > 1.5
+
+
+def test_providers_compute_the_same_adapter():
+    mods = build_providers(Shapes(64, 48), torch.device("cpu"), torch.float32)
+    assert isinstance(mods["moe-triton"], str) and "GPU only" in mods["moe-triton"]
+    x, u = make_tokens(300, 64, "cpu", torch.float32)
+    moe = [mods[n] for n in ("moe-torch", "moe-eager-loop", "moe-grouped-mm")]
+    set_router(moe, u, x, "zipf")
+    ref = moe[0](x)
+    for m in moe[1:]:
+        assert max_rel_error(m(x), ref) < 1e-5, type(m).__name__
+        assert torch.equal(m.expert_counts, moe[0].expert_counts)
+
+
+def test_entry_point_writes_every_output(tmp_path):
+    assert run.main(["--plan", "smoke", "--out", str(tmp_path), "--tag", "smoke", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "smoke.csv")))
+    assert {r["provider"] for r in rows} == set(PROVIDERS)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["p80_ms"]) for r in ok)
+    assert all(r["status"].startswith("not run: GPU only") for r in rows if r["provider"] == "moe-triton")
+    dense = [r for r in ok if r["provider"] == "dense"]
+    assert all(float(r["time_vs_dense"]) == 1.0 for r in dense)
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert data["info"]["torch"] == torch.__version__ and data["info"]["device"].startswith("CPU")
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| moe-torch | fwd+bwd | 256 |" in md and "GPU targets: not measured" in md
+    assert (tmp_path / "smoke.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("provider", ["moe-torch", "moe-eager-loop", "moe-grouped-mm", "dense"])
+def test_cpu_fwd_bwd_benchmark(benchmark, provider):
+    """CPU-sized pytest-benchmark case (CI keeps it short: 5 rounds)."""
+    mods = build_providers(Shapes(128, 96), torch.device("cpu"), torch.float32)
+    x, u = make_tokens(1024, 128, "cpu", torch.float32)
+    if provider != "dense":
+        set_router([mods[provider]], u, x, "uniform")
+    x.requires_grad_(True)
+    step = make_step(mods[provider], x, "fwd+bwd")
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    assert all(p.grad is not None for p in mods[provider].parameters())
