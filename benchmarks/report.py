@@ -35,8 +35,10 @@ def _fmt(v, spec: str) -> str:
 
 
 def text_table(rows: list[dict]) -> str:
-    head = (f"{'provider':15s} {'mode':8s} {'T':>6s} {'routing':8s} {'dtype':8s} {'median ms':>10s} "
-            f"{'p20-p80 ms':>17s} {'Mtok/s':>7s} {'TFLOP/s':>8s} {'%peak':>6s} {'mem MB':>8s} {'x dense':>7s}")  # fmt: skip
+    head = (
+        f"{'provider':15s} {'mode':8s} {'T':>6s} {'routing':8s} {'dtype':8s} {'median ms':>10s} "
+        f"{'p20-p80 ms':>17s} {'Mtok/s':>7s} {'TFLOP/s':>8s} {'%peak':>6s} {'mem MB':>8s} {'x dense':>7s}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
@@ -57,16 +59,18 @@ def kernel_table(rows: list[dict]) -> str:
     lines = [f"{'kernel':30s} {'T':>6s} {'median ms':>10s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s} "
              f"{'cuBLAS same FLOPs':>18s} {'ratio':>6s}"]  # fmt: skip
     for r in rows:
-        lines.append(f"{r['kernel']:30s} {r['tokens']:6d} {r['median_ms']:10.4f} {_fmt(r.get('gbs'), '8.1f')} "
-                     f"{_fmt(r.get('pct_copy_bw'), '6.1f')} {_fmt(r.get('tflops'), '8.1f')} "
-                     f"{_fmt(r.get('dense_matmul_tflops'), '18.1f')} {_fmt(r.get('vs_dense_matmul'), '6.2f')}")  # fmt: skip
+        lines.append(
+            f"{r['kernel']:30s} {r['tokens']:6d} {r['median_ms']:10.4f} {_fmt(r.get('gbs'), '8.1f')} "
+            f"{_fmt(r.get('pct_copy_bw'), '6.1f')} {_fmt(r.get('tflops'), '8.1f')} "
+            f"{_fmt(r.get('dense_matmul_tflops'), '18.1f')} {_fmt(r.get('vs_dense_matmul'), '6.2f')}"
+        )
     return "\n".join(lines)
 
 
 def _find(rows, provider, mode, tokens, routing="uniform", dtype="bfloat16"):
+    want = (provider, mode, tokens, routing, dtype)
     for r in rows:
-        if (r["provider"], r["mode"], r["tokens"], r["routing"], r["dtype"]) == (provider, mode, tokens, routing,
-                                                                                 dtype) and r.get("status") == "ok":  # fmt: skip
+        if (r["provider"], r["mode"], r["tokens"], r["routing"], r["dtype"]) == want and r.get("status") == "ok":
             return r
     return None
 
@@ -91,7 +95,9 @@ def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) ->
                                f"{'PASS' if m <= 1.1 else 'MISS'}")  # fmt: skip
             if ours and loop:
                 s = loop["median_ms"] / ours["median_ms"]
-                out.append(f"  T={t}: speed-up over eager loop = {s:.2f}x (target >= 3): {'PASS' if s >= 3 else 'MISS'}")
+                out.append(
+                    f"  T={t}: speed-up over eager loop = {s:.2f}x (target >= 3): {'PASS' if s >= 3 else 'MISS'}"
+                )
             if ours and gmm:
                 s = gmm["median_ms"] / ours["median_ms"]
                 out.append(f"  T={t}: speed-up over torch._grouped_mm = {s:.2f}x (target > 1): "

@@ -8,6 +8,7 @@ CSV, JSON, a markdown summary and a plot under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 from dataclasses import dataclass, field
@@ -67,6 +68,11 @@ def _plan(name: str) -> Plan:
     raise ValueError(f"unknown plan {name!r}")
 
 
+def _clear_grads(params) -> None:
+    for p in params:
+        p.grad = None
+
+
 def _load_imbalance(module) -> float | None:
     counts = getattr(module, "expert_counts", None)
     if counts is None:
@@ -107,7 +113,7 @@ def run_adapter_benchmarks(plan: Plan, device: torch.device, providers: list[str
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
             params = [p for m in runnable.values() for p in m.parameters()] + [x]
-            reset = lambda: [setattr(p, "grad", None) for p in params]  # noqa: E731
+            reset = functools.partial(_clear_grads, params)
             timings, peaks = {}, {}
             if device.type == "cuda":
                 for n, fn in steps.items():

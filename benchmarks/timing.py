@@ -72,9 +72,7 @@ def time_cpu_interleaved(
             if reset:
                 reset()
         r += 1
-    return {
-        n: Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s)) for n, s in samples.items()
-    }
+    return {n: Timing(statistics.median(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s)) for n, s in samples.items()}
 
 
 def peak_memory_gpu(fn: Callable[[], None]) -> int:
@@ -137,9 +135,10 @@ def device_info(device: torch.device) -> dict[str, str]:
 
 def _cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
