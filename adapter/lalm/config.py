@@ -1,0 +1,152 @@
+"""Configs of the reference LALM and its training run, and their command-line form.
+
+Every field carries its help text; `add_dataclass_args` turns a dataclass into argparse flags
+(`--field-name`) and `dataclass_from_args` back, so the CLI and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapter.presets import PRESETS
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    llm: str = _f("tiny", "'tiny' (a small random Qwen3, CPU demo and tests) or a local transformers model directory")
+    tokenizer: str = _f("gpt2-offline", "'gpt2-offline' (GPT-2 BPE shipped with openai-whisper) or a local directory")
+    encoder: str = _f("demo", "Whisper encoder: a preset (large-v3, base, tiny, demo; random weights) or a .pt "
+                      "checkpoint file of openai-whisper")  # fmt: skip
+    adapter: str = _f("moe-8c4", f"adapter preset: {', '.join(sorted(PRESETS))}")
+    audio_dim: int = _f(2560, "d: width of the fused audio features the adapter reads (paper: 2560)")
+    semantic_codes: int = _f(0, "size of the k-means semantic codebook (discrete stream); 0 turns it off")
+    use_continuous: bool = _f(True, "feed the fused continuous encoder features (off: discrete stream only)")
+    adapter_backend: str = _f("auto", "MoE kernels: auto (Triton on CUDA), triton or torch")
+    tiny_llm_hidden: int = _f(128, "hidden size of the 'tiny' LLM")
+    tiny_llm_layers: int = _f(2, "decoder layers of the 'tiny' LLM")
+
+    def __post_init__(self) -> None:
+        if self.adapter not in PRESETS:
+            raise ValueError(f"adapter must be one of {sorted(PRESETS)}, got {self.adapter!r}")
+        for name in ("audio_dim", "tiny_llm_hidden", "tiny_llm_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.semantic_codes < 0:
+            raise ValueError(f"semantic_codes must be >= 0, got {self.semantic_codes}")
+        if not self.use_continuous and not self.semantic_codes:
+            raise ValueError("both audio streams are off: keep use_continuous or set semantic_codes > 0")
+        if self.tiny_llm_hidden % 32:
+            raise ValueError(
+                f"tiny_llm_hidden must be a multiple of 32 (4 heads of width >= 8), got {self.tiny_llm_hidden}"
+            )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    train_manifest: str = _f("", "JSONL manifest of the training examples (required)")
+    val_manifest: str = _f("", "JSONL manifest for periodic held-out evaluation (optional)")
+    output_dir: str = _f("runs/lalm", "where logs and checkpoints go")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
+    seed: int = _f(0, "seed for weights, data order and every RNG")
+    max_steps: int = _f(200, "optimizer steps")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.0, "learning rate at the end of the decay, as a fraction of the peak")
+    warmup_steps: int = _f(20, "linear warmup steps (paper: 20)")
+    decay_fraction: float = _f(0.2, "final fraction of the steps with linear decay (Warmup-Stable-Decay)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    beta1: float = _f(0.9, "AdamW beta1 (paper: 0.9)")
+    beta2: float = _f(0.95, "AdamW beta2 (paper: 0.95)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step on each process")
+    max_batch_tokens: int = _f(4096, "padded text positions (prompt + answer) per micro-batch")
+    max_batch_size: int = _f(32, "examples per micro-batch")
+    aux_lambda: float = _f(0.01, "lambda: weight of the adapters' balance loss (eq. 6); 0 turns it off")
+    freeze_encoder: bool = _f(True, "keep the Whisper encoder frozen (its features are then computed once)")
+    freeze_llm: bool = _f(False, "keep the LLM frozen (the paper's adapter-only setting)")
+    train_adapter: bool = _f(True, "train the adapter (and the feature fusion and semantic embeddings)")
+    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
+    log_every: int = _f(1, "steps between JSONL log lines")
+    eval_every: int = _f(50, "steps between held-out evaluations (0: only at the end)")
+    save_every: int = _f(50, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        positive = ("max_steps", "grad_accum", "max_batch_tokens", "max_batch_size", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0.0 <= self.decay_fraction <= 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"decay_fraction and min_lr_ratio must be in [0, 1], got {self.decay_fraction}, "
+                             f"{self.min_lr_ratio}")  # fmt: skip
+        if self.aux_lambda < 0 or self.grad_clip < 0:
+            raise ValueError(f"aux_lambda and grad_clip must be >= 0, got {self.aux_lambda}, {self.grad_clip}")
+        if self.freeze_llm and not self.train_adapter and self.freeze_encoder:
+            raise ValueError("nothing to train: encoder, LLM and adapter are all frozen")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+def _arg_type(tp):
+    return {"int": int, "float": float, "str": str}.get(tp if isinstance(tp, str) else tp.__name__, str)
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=()) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip or dataclasses.is_dataclass(typing.get_type_hints(cls).get(f.name)):
+            continue
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f.metadata.get("help", f.name) + f" (default: {default})"
+        if typing.get_type_hints(cls)[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=_arg_type(typing.get_type_hints(cls)[f.name]), default=default,
+                                help=help_text)  # fmt: skip
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = "", **extra):
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if hasattr(args, key):
+            values[f.name] = getattr(args, key)
+    return cls(**values, **extra)
+
+
+def train_config_from_argv(argv=None, description: str = "") -> TrainConfig:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_args(p, TrainConfig, skip=("model",))
+    add_dataclass_args(p, ModelConfig)
+    p.add_argument("--config", type=Path, help="a JSON TrainConfig to start from (flags given override it)")
+    args = p.parse_args(argv)
+    if args.config:
+        base = json.loads(args.config.read_text())
+        given = {a.dest for a in p._actions if any(s in (argv or []) for s in a.option_strings)}
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        for name in given - {"config"}:
+            if name in model_fields:
+                base.setdefault("model", {})[name] = getattr(args, name)
+            else:
+                base[name] = getattr(args, name)
+        return TrainConfig(**base)
+    return dataclass_from_args(TrainConfig, args, model=dataclass_from_args(ModelConfig, args))

@@ -1,0 +1,251 @@
+"""Data for the reference LALM: manifests, prompts with audio placeholders, features, batches.
+
+A manifest is JSONL, one example per line:
+    {"id": "...", "audio": "clips/x.wav" (relative to the manifest, or absolute; omit or null for
+     a text-only example), "question": "...", "answer": "...", optional "category", "task",
+     "choices": [...], "text": the question as plain text for the modality-gap evaluation}
+
+Prompt layout (ids):  <|audio_start|> <|audio_pad|> x F <|audio_end|> "\\n{question}\\nAnswer:"  and the
+answer " {answer}" <eos>, where F = audio.audio_frames(samples): placeholders and frames always
+agree. Loss falls on the answer tokens only.
+
+Batches are formed by length (examples of similar size together, so little is padding), in an
+order that is a pure function of (seed, epoch): a run can resume at any batch, and R ranks take
+every R-th batch of the same list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile
+import torch
+
+from adapter.lalm.audio import HOP_LENGTH, SAMPLE_RATE, audio_frames, load_audio, log_mel
+from adapter.lalm.model import IGNORE, Batch, pad_frames
+
+
+@dataclass
+class Example:
+    id: str
+    question: str
+    answer: str = ""
+    audio: Path | None = None
+    category: str = ""
+    task: str = ""
+    choices: list[str] = field(default_factory=list)
+    text: str = ""  # the question as plain text (modality-gap evaluation)
+    num_samples: int = 0  # at 16 kHz, after resampling (0 for text-only)
+
+    @property
+    def num_frames(self) -> int:
+        return audio_frames(self.num_samples) if self.audio is not None else 0
+
+
+def _resampled_length(path: Path) -> int:
+    """Samples at 16 kHz of a file, from its header (scipy's resample_poly output length)."""
+    try:
+        info = soundfile.info(str(path))
+    except Exception as exc:
+        from adapter.lalm.audio import AudioError
+
+        raise AudioError(f"cannot read audio header of {path}: {exc}") from exc
+    if info.samplerate == SAMPLE_RATE:
+        return info.frames
+    g = math.gcd(info.samplerate, SAMPLE_RATE)
+    return math.ceil(info.frames * (SAMPLE_RATE // g) / (info.samplerate // g))
+
+
+def read_manifest(path: str | Path) -> list[Example]:
+    """Examples of a JSONL manifest, with audio paths resolved and lengths read from file headers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    examples = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
+            missing = [k for k in ("id", "question") if k not in rec]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+            audio = None
+            if rec.get("audio"):
+                audio = Path(rec["audio"])
+                audio = audio if audio.is_absolute() else path.parent / audio
+                if not audio.is_file():
+                    raise FileNotFoundError(f"{path}:{lineno}: audio file not found: {audio}")
+            ex = Example(id=str(rec["id"]), question=rec["question"], answer=rec.get("answer", ""), audio=audio,
+                         category=rec.get("category", ""), task=rec.get("task", ""), choices=rec.get("choices", []),
+                         text=rec.get("text", ""))  # fmt: skip
+            if audio is not None:
+                ex.num_samples = _resampled_length(audio)
+            examples.append(ex)
+    return examples
+
+
+def write_manifest(path: str | Path, records: list[dict]) -> None:
+    """Write records as JSONL atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec) + "\n")
+    tmp.replace(path)
+
+
+def prompt_ids(tokenizer, num_frames: int, question: str) -> list[int]:
+    audio = [tokenizer.audio_start_id, *([tokenizer.audio_pad_id] * num_frames), tokenizer.audio_end_id]
+    return (audio if num_frames else []) + tokenizer.encode(f"\n{question}\nAnswer:")
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    return tokenizer.encode(f" {answer}") + [tokenizer.eos_id]
+
+
+class FeatureSource:
+    """Audio of examples as the model consumes it: mels (the encoder trains) or stacked encoder
+    features computed once and kept (the encoder is frozen: the usual, much cheaper setting)."""
+
+    def __init__(self, n_mels: int, encoder=None, cache: bool = True) -> None:
+        self.n_mels = n_mels
+        self.encoder = encoder
+        self.cache = cache and encoder is not None
+        self._store: dict[str, torch.Tensor] = {}
+
+    def mel(self, ex: Example) -> torch.Tensor:
+        mel = log_mel(load_audio(ex.audio), self.n_mels)
+        if mel.shape[1] != ex.num_samples // HOP_LENGTH:
+            raise ValueError(f"{ex.audio}: header says {ex.num_samples} samples, decoded {mel.shape[1] * HOP_LENGTH}+")
+        return mel
+
+    @torch.no_grad()
+    def features(self, ex: Example) -> torch.Tensor:
+        key = str(ex.audio)
+        if key not in self._store:
+            param = next(self.encoder.parameters())
+            feats = self.encoder(self.mel(ex).to(param.device)).float().cpu()
+            if not self.cache:
+                return feats
+            self._store[key] = feats
+        return self._store[key]
+
+    def precompute(self, examples: list[Example], progress: bool = False) -> None:
+        from tqdm import tqdm
+
+        todo = [ex for ex in examples if ex.audio is not None and str(ex.audio) not in self._store]
+        for ex in tqdm(todo, desc="encoding audio", disable=not progress or not todo):
+            self.features(ex)
+
+
+def collate(examples: list[Example], tokenizer, source: FeatureSource, *, with_answer: bool = True,
+            left_pad: bool = False, use_text_question: bool = False) -> Batch:  # fmt: skip
+    """Examples -> Batch. with_answer: prompt + answer with labels (training); else prompts only,
+    left-padded for generation. use_text_question: the question as text, no audio (modality gap)."""
+    seqs, labels = [], []
+    for ex in examples:
+        frames = 0 if use_text_question else ex.num_frames
+        question = (ex.text or ex.question) if use_text_question else ex.question
+        p = prompt_ids(tokenizer, frames, question)
+        a = answer_ids(tokenizer, ex.answer) if with_answer else []
+        seqs.append(p + a)
+        labels.append([IGNORE] * len(p) + a)
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), tokenizer.pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), L), IGNORE, dtype=torch.long)
+    attn = torch.zeros(len(seqs), L, dtype=torch.long)
+    for b, (s, y) in enumerate(zip(seqs, labels, strict=True)):
+        sl = slice(L - len(s), L) if left_pad else slice(0, len(s))
+        ids[b, sl] = torch.tensor(s)
+        lab[b, sl] = torch.tensor(y)
+        attn[b, sl] = 1
+    batch = Batch(ids, attn, lab if with_answer else None)
+    if use_text_question or all(ex.audio is None for ex in examples):
+        return batch
+    if source.encoder is not None:
+        dim = source.encoder.stacked_dim
+        feats = [source.features(ex) if ex.audio is not None else torch.zeros(0, dim) for ex in examples]
+        batch.audio_BFC, batch.audio_mask_BF = pad_frames(feats, dim, "cpu")
+    else:  # the encoder runs inside the model's forward (it is being trained)
+        batch.mels = [source.mel(ex) if ex.audio is not None else None for ex in examples]
+    return batch
+
+
+def length_batches(examples: list[Example], tokenizer, *, max_batch_tokens: int, max_batch_size: int,
+                   seed: int, epoch: int) -> list[list[int]]:  # fmt: skip
+    """Indices grouped into batches of similar length, at most `max_batch_tokens` padded positions
+    (prompt + answer) and `max_batch_size` examples each; order fixed by (seed, epoch)."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    sizes = [len(prompt_ids(tokenizer, ex.num_frames, ex.question)) + len(answer_ids(tokenizer, ex.answer))
+             for ex in examples]  # fmt: skip
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    bucket = max(1, 50 * max_batch_size)  # sort inside buckets: similar lengths, still random overall
+    batches = []
+    for start in range(0, len(order), bucket):
+        chunk = sorted(order[start : start + bucket], key=lambda i: sizes[i])
+        cur: list[int] = []
+        for i in chunk:
+            longest = max([sizes[j] for j in cur] + [sizes[i]])
+            if cur and (len(cur) + 1 > max_batch_size or longest * (len(cur) + 1) > max_batch_tokens):
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass
+class DataPosition:
+    """Where training is in the data: resumable exactly."""
+
+    epoch: int = 0
+    batch: int = 0  # index into the epoch's batch list of the next global step's first batch
+
+
+class BatchStream:
+    """Endless global steps of `per_step` batches each (grad accumulation x ranks), epoch after
+    epoch; each rank reads its share. The stream's position is part of every checkpoint."""
+
+    def __init__(self, examples, tokenizer, *, max_batch_tokens, max_batch_size, seed, per_step: int,
+                 rank: int = 0, world: int = 1, position: DataPosition | None = None) -> None:  # fmt: skip
+        if per_step % world:
+            raise ValueError(f"per_step={per_step} batches per step must be divisible by world={world}")
+        self.examples, self.tokenizer = examples, tokenizer
+        self.kw = dict(max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, seed=seed)
+        self.per_step, self.rank, self.world = per_step, rank, world
+        self.position = position or DataPosition()
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, length_batches(self.examples, self.tokenizer, epoch=epoch, **self.kw))
+        return self._epoch_batches[1]
+
+    def next_step(self) -> list[list[Example]]:
+        """This rank's micro-batches of the next global step (the tail of an epoch is dropped)."""
+        batches = self._batches(self.position.epoch)
+        if len(batches) < self.per_step:
+            raise ValueError(f"an epoch has {len(batches)} batches, fewer than the {self.per_step} one step needs")
+        if self.position.batch + self.per_step > len(batches):
+            self.position = DataPosition(self.position.epoch + 1, 0)
+            batches = self._batches(self.position.epoch)
+        step = batches[self.position.batch : self.position.batch + self.per_step]
+        self.position = DataPosition(self.position.epoch, self.position.batch + self.per_step)
+        mine = step[self.rank :: self.world]
+        return [[self.examples[i] for i in b] for b in mine]
+
+    def __iter__(self) -> Iterator[list[list[Example]]]:
+        while True:
+            yield self.next_step()

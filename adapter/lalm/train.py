@@ -1,0 +1,392 @@
+"""Train the reference LALM: `python -m adapter.lalm.train --help` (or under torchrun for DDP).
+
+Loss (eq. 6): next-token cross-entropy on the answer tokens + lambda * the adapters' balance
+losses. One optimizer step consumes `grad_accum x world` micro-batches; every micro-batch's
+cross-entropy is divided by the answer tokens of the whole step and its balance loss by the number
+of micro-batches, so a step on R processes equals a step on one process that accumulates the same
+micro-batches (tests/adapter/lalm/test_train.py checks it with 2 processes on gloo).
+
+Checkpoints hold what trains (safetensors), the optimizer, the schedule, the data position and
+every RNG state; they are written to a temporary folder and renamed into place, so a run killed at
+any instant (SIGKILL included) resumes from its last checkpoint and continues with the same losses
+it would have logged uninterrupted. A step whose loss or gradient is not finite is skipped,
+counted and logged; it never reaches the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from adapter.lalm.build import build_model
+from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
+from adapter.lalm.data import BatchStream, DataPosition, Example, FeatureSource, collate, length_batches, read_manifest
+from adapter.lalm.model import AudioLLM
+from adapter.stats import moe_adapters
+
+# ------------------------------------------------------------------------------ setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def distributed() -> tuple[int, int, torch.device]:
+    """(rank, world, device): under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def set_trainable(model: AudioLLM, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    parts = []
+    if cfg.train_adapter:
+        parts += [model.adapter, model.fusion, model.semantic_embed]
+    if not cfg.freeze_encoder:
+        parts.append(model.encoder)
+    if not cfg.freeze_llm:
+        parts.append(model.llm)
+    for part in parts:
+        if part is not None:
+            for p in part.parameters():
+                p.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def wsd_schedule(cfg: TrainConfig):
+    """Warmup-Stable-Decay (Wen et al. 2024): linear warmup, flat, linear decay over the last
+    `decay_fraction` of the steps to `min_lr_ratio` of the peak. A multiplier of the peak lr."""
+    decay_start = cfg.max_steps - int(round(cfg.decay_fraction * cfg.max_steps))
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if step < decay_start:
+            return 1.0
+        frac = (step - decay_start + 1) / max(1, cfg.max_steps - decay_start)
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * min(1.0, frac)
+
+    return factor
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def trainable_state(model: AudioLLM) -> dict[str, torch.Tensor]:
+    """Trainable parameters plus the fitted semantic codebook: everything a rebuild cannot redraw."""
+    state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    if model.semantic is not None:
+        state["semantic.codebook"] = model.semantic.codebook.detach().cpu()
+        state["semantic.fitted"] = model.semantic.fitted.detach().cpu()
+    return state
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class Checkpointer:
+    """checkpoints/step_NNNNNNN/ {model.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json}
+    and checkpoints/latest naming the newest; both replaced atomically."""
+
+    def __init__(self, root: Path, keep: int) -> None:
+        self.root = root / "checkpoints"
+        self.keep = keep
+
+    def save(self, step: int, model: AudioLLM, optimizer, scheduler, state: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step_{step:07d}"
+        tmp = self.root / f".tmp_step_{step:07d}_{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(trainable_state(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        _fsync_write(tmp / "state.json", json.dumps(state, indent=1).encode())
+        if final.exists():  # the same step saved again (after a resume): identical content
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = self.root / ".latest.tmp"
+        _fsync_write(pointer, final.name.encode())
+        os.replace(pointer, self.root / "latest")
+        for old in sorted(self.root.glob("step_*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if path.is_dir():
+                return path
+        done = sorted(self.root.glob("step_*")) if self.root.is_dir() else []
+        return done[-1] if done else None
+
+
+def load_trainable(model: AudioLLM, path: Path) -> None:
+    """Load a checkpoint's model.safetensors into a model built from the same ModelConfig."""
+    tensors = load_file(str(path / "model.safetensors"))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = expected - set(tensors)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks trainable tensors: {sorted(missing)[:5]}...")
+    model.load_state_dict(tensors, strict=False)
+
+
+def load_checkpoint(path: Path, model: AudioLLM, optimizer, scheduler) -> dict:
+    load_trainable(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def evaluate_loss(model: AudioLLM, examples: list[Example], source: FeatureSource, cfg: TrainConfig,
+                  device) -> dict:  # fmt: skip
+    """Teacher-forced next-token loss on held-out examples (answer tokens only)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    batches = length_batches(examples, model.tokenizer, max_batch_tokens=cfg.max_batch_tokens,
+                             max_batch_size=cfg.max_batch_size, seed=0, epoch=0)  # fmt: skip
+    for idx in batches:
+        batch = collate([examples[i] for i in idx], model.tokenizer, source).to(device)
+        with _autocast(device, cfg):
+            out = model(batch)
+        total += float(out.ntp_sum)
+        tokens += out.num_tokens
+    model.train(was_training)
+    return {"val_loss": total / max(tokens, 1), "val_tokens": tokens}
+
+
+def _autocast(device, cfg: TrainConfig):
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def fit_semantic(model: AudioLLM, examples: list[Example], source: FeatureSource, seed: int,
+                 max_frames: int = 20000) -> None:  # fmt: skip
+    """Fit the frozen k-means codebook on (a seeded sample of) the training frames."""
+    feats = torch.cat([source.features(ex) for ex in examples if ex.audio is not None])
+    if feats.shape[0] > max_frames:
+        feats = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(seed))[:max_frames]]
+    model.semantic.fit(feats, seed=seed)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint a run resumes from (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns a summary (steps, skipped steps, last losses)."""
+    rank, world, device = distributed()
+    out_dir = Path(cfg.output_dir)
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(cfg.to_json())
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, seed=cfg.seed).to(device)
+    params = set_trainable(model, cfg)
+    train_examples = read_manifest(cfg.train_manifest)
+    val_examples = read_manifest(cfg.val_manifest) if cfg.val_manifest else []
+    source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder if cfg.freeze_encoder else None)
+    if cfg.freeze_encoder:
+        model.encoder.eval()
+        source.precompute(train_examples + val_examples, progress=cfg.progress and is_main)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
+    ckpt = Checkpointer(out_dir, cfg.keep_checkpoints)
+    state = {"step": 0, "skipped": 0, "position": dataclasses.asdict(DataPosition())}
+    latest = ckpt.latest() if cfg.resume else None
+    if latest is not None:
+        if model.semantic is not None:
+            model.semantic.fitted.fill_(True)  # the codebook comes from the checkpoint
+        state = load_checkpoint(latest, model, optimizer, scheduler)
+        if is_main:
+            _truncate_log(out_dir / "log.jsonl", state["step"])
+            print(f"resumed from {latest} at step {state['step']}", flush=True)
+    elif model.semantic is not None:
+        fit_semantic(model, train_examples, source, cfg.seed)
+
+    stream = BatchStream(train_examples, model.tokenizer, max_batch_tokens=cfg.max_batch_tokens,
+                         max_batch_size=cfg.max_batch_size, seed=cfg.seed, per_step=cfg.grad_accum * world,
+                         rank=rank, world=world, position=DataPosition(**state["position"]))  # fmt: skip
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    model.train()
+    if cfg.freeze_encoder:
+        model.encoder.eval()
+    adapters = moe_adapters(model.adapter)
+    log_path = out_dir / "log.jsonl"
+    summary: dict = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", disable=not (cfg.progress and is_main),
+               file=sys.stdout)  # fmt: skip
+    while state["step"] < cfg.max_steps:
+        t0 = time.perf_counter()
+        micro = [collate(b, model.tokenizer, source).to(device) for b in stream.next_step()]
+        local_tokens = sum(int((b.labels_BL[:, 1:] != -100).sum()) for b in micro)
+        positions = torch.tensor([local_tokens, sum(int(b.attention_mask_BL.sum()) for b in micro)], device=device)
+        if world > 1:
+            dist.all_reduce(positions)
+        n_answer, n_positions = int(positions[0]), int(positions[1])
+        per_step = cfg.grad_accum * world
+        ntp_sum, aux_sum, loads = 0.0, 0.0, [torch.zeros(a.config.num_experts, device=device) for a in adapters]
+        for i, batch in enumerate(micro):
+            sync = contextlib.nullcontext() if (world == 1 or i == len(micro) - 1) else net.no_sync()
+            with sync, _autocast(device, cfg):
+                out = net(batch)
+                loss = out.ntp_sum / max(n_answer, 1)
+                if out.aux_loss is not None and cfg.aux_lambda:
+                    loss = loss + cfg.aux_lambda * out.aux_loss / per_step
+                (loss * world).backward()  # DDP averages over ranks: undo it to get the step's sum
+            ntp_sum += float(out.ntp_sum.detach())
+            aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+            for load, a in zip(loads, adapters, strict=True):
+                load += a.expert_counts.to(load)
+        stats = torch.tensor([ntp_sum, aux_sum], device=device, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(stats)
+            for load in loads:
+                dist.all_reduce(load)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        ntp = float(stats[0]) / max(n_answer, 1)
+        aux = float(stats[1]) / per_step
+        finite = math.isfinite(ntp) and math.isfinite(aux) and bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        else:
+            state["skipped"] += 1
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        state["step"] += 1
+        state["position"] = dataclasses.asdict(stream.position)
+        dt = time.perf_counter() - t0
+        step = state["step"]
+        record = {"step": step, "loss": ntp + cfg.aux_lambda * aux, "ntp": ntp, "aux": aux, "lr": lr,
+                  "grad_norm": float(grad_norm), "answer_tokens": n_answer, "tokens_per_s": n_positions / dt,
+                  "skipped": not finite, "skipped_total": state["skipped"]}  # fmt: skip
+        for k, load in enumerate(loads):
+            record[f"expert_load_{k}"] = [round(v, 4) for v in (load / load.sum().clamp(min=1)).tolist()]
+        if cfg.eval_every and step % cfg.eval_every == 0 and val_examples and is_main:
+            record.update(evaluate_loss(model, val_examples, source, cfg, device))
+        if is_main and (step % cfg.log_every == 0 or not finite or "val_loss" in record):
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            if is_main:
+                ckpt.save(step, model, optimizer, scheduler, state)
+            if world > 1:
+                dist.barrier()
+        summary = record
+    bar.close()
+    if is_main:
+        final = {}
+        if val_examples:
+            final = evaluate_loss(model, val_examples, source, cfg, device)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": state["step"], "final": True, **final}) + "\n")
+        ckpt.save(state["step"], model, optimizer, scheduler, state)
+        summary = {**summary, **final, "steps": state["step"], "skipped_total": state["skipped"]}
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def load_trained(output_dir: str | Path, device="cpu") -> AudioLLM:
+    """The model of a finished (or checkpointed) run: rebuilt from its config, trained weights loaded."""
+    out = Path(output_dir)
+    cfg = json.loads((out / "config.json").read_text())
+    model = build_model(ModelConfig(**cfg["model"]), seed=cfg["seed"])
+    if model.semantic is not None:
+        model.semantic.fitted.fill_(True)
+    path = Checkpointer(out, 1).latest()
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint under {out / 'checkpoints'}")
+    tensors = load_file(str(path / "model.safetensors"))
+    model.load_state_dict(tensors, strict=False)
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = train_config_from_argv(argv, description=__doc__)
+    if not cfg.train_manifest:
+        raise SystemExit("--train-manifest is required")
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if not k.startswith("expert_load")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

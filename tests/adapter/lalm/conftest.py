@@ -1,0 +1,37 @@
+"""A small two-class tone corpus written in several formats and sample rates."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+REAL_RECORDING = __import__("pathlib").Path(__file__).resolve().parents[2] / "data" / "asr_example.wav"
+
+
+def write_tone_corpus(root, n: int, seed: int = 0) -> tuple:
+    """n clips of a low (150-300 Hz) or high (900-1500 Hz) tone, 0.5-1.5 s, at 8 / 16 / 22.05 kHz, as
+    PCM16 WAV, float WAV or FLAC; 80% train, 20% val manifests. Returns (train, val) paths."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    formats = [("wav", "PCM_16"), ("wav", "FLOAT"), ("flac", "PCM_16")]
+    recs = []
+    for i in range(n):
+        high = i % 2
+        freq = rng.uniform(900, 1500) if high else rng.uniform(150, 300)
+        sr = (16000, 22050, 8000)[i % 3]
+        ext, subtype = formats[(i // 3) % 3]
+        t = np.arange(int(rng.uniform(0.5, 1.5) * sr)) / sr
+        x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(len(t))
+        sf.write(root / f"c{i}.{ext}", x.astype(np.float32), sr, subtype=subtype)
+        recs.append({"id": f"c{i}", "audio": f"c{i}.{ext}", "question": "Is the tone high or low?",
+                     "answer": "high" if high else "low", "category": "sound", "task": "pitch"})  # fmt: skip
+    cut = int(0.8 * n)
+    for name, part in (("train.jsonl", recs[:cut]), ("val.jsonl", recs[cut:])):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    return root / "train.jsonl", root / "val.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tone_corpus(tmp_path_factory):
+    return write_tone_corpus(tmp_path_factory.mktemp("tones"), 40)

@@ -1,0 +1,117 @@
+"""AudioLLM: placeholder replacement, answer-only loss, the two streams, any adapter, local LLM
+directories, and greedy decoding."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapter.lalm.build import build_model, tiny_qwen3
+from adapter.lalm.config import ModelConfig
+from adapter.lalm.data import FeatureSource, collate, read_manifest
+from adapter.lalm.model import IGNORE, AudioLLM
+
+
+def _model(**kw):
+    cfg = ModelConfig(audio_dim=32, tiny_llm_hidden=64, adapter_backend="torch", **kw)
+    model = build_model(cfg, seed=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def examples(tone_corpus):
+    return read_manifest(tone_corpus[0])[:6]
+
+
+def _batch(model, examples, **kw):
+    return collate(examples, model.tokenizer, FeatureSource(80, encoder=model.encoder), **kw)
+
+
+def test_loss_is_next_token_ce_on_answer_tokens_only(examples):
+    model = _model()
+    batch = _batch(model, examples)
+    out = model(batch)
+    # Recompute from full logits: placeholders replaced by the adapter's outputs, CE where labels exist.
+    feats, mask = model.audio_inputs(batch)
+    emb = model.input_embeddings(batch.input_ids_BL, model.embed_audio(feats, mask), mask)
+    logits = model.llm(inputs_embeds=emb, attention_mask=batch.attention_mask_BL).logits[:, :-1].float()
+    target = batch.labels_BL[:, 1:]
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")  # fmt: skip
+    assert torch.allclose(out.ntp_sum, want, rtol=1e-5)
+    n_answer = sum(len(model.tokenizer.encode(f" {ex.answer}")) + 1 for ex in examples)
+    assert out.num_tokens == n_answer
+    assert out.aux_loss is not None and out.aux_loss > 0
+    (out.ntp_sum + out.aux_loss).backward()
+    assert model.adapter.w1.grad.abs().sum() > 0 and model.fusion.proj.weight.grad.abs().sum() > 0
+
+
+def test_placeholders_must_match_frames(examples):
+    model = _model()
+    batch = _batch(model, examples[:2])
+    pad = model.tokenizer.audio_pad_id
+    row = batch.input_ids_BL[1]
+    first = int((row == pad).nonzero()[0, 0])
+    batch.input_ids_BL[1, first] = model.tokenizer.encode(" x")[0]  # one placeholder fewer
+    with pytest.raises(ValueError, match=r"sample 1 of the batch has \d+ <\|audio_pad\|> placeholders but \d+ audio"):
+        model(batch)
+
+
+@pytest.mark.parametrize("streams", [dict(semantic_codes=8), dict(semantic_codes=8, use_continuous=False), {}])
+def test_dual_stream_switches(examples, streams):
+    model = _model(**streams)
+    if model.semantic is not None:
+        src = FeatureSource(80, encoder=model.encoder)
+        model.semantic.fit(torch.cat([src.features(ex) for ex in examples]), seed=0)
+    assert (model.fusion is not None) == streams.get("use_continuous", True)
+    assert (model.semantic is not None) == bool(streams.get("semantic_codes"))
+    out = model(_batch(model, examples))
+    assert torch.isfinite(out.ntp_sum)
+
+
+class LinearAdapter(nn.Module):
+    """A user's adapter with no mask argument."""
+
+    def __init__(self, d, D):
+        super().__init__()
+        self.lin = nn.Linear(d, D)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_any_adapter_module(examples):
+    base = _model(adapter="dense")
+    assert base(_batch(base, examples)).aux_loss is None  # no MoE adapter: no balance loss
+    custom = AudioLLM(base.encoder, LinearAdapter(32, 64), base.llm, base.tokenizer, base.frontend)
+    assert torch.isfinite(custom(_batch(custom, examples)).ntp_sum)
+    with pytest.raises(ValueError, match="adapter maps 16 -> 64, but the frontend gives d=32"):
+        from adapter import preset
+        from adapter.presets import build_adapter
+
+        AudioLLM(base.encoder, build_adapter(preset("moe-8c4", 16, 64)), base.llm, base.tokenizer, base.frontend)
+
+
+def test_llm_from_a_local_directory(tmp_path, examples):
+    tiny = tiny_qwen3(50260, hidden=64, layers=2, seed=0)
+    tiny.save_pretrained(tmp_path / "llm")
+    from_dir = _model(llm=str(tmp_path / "llm"))
+    in_mem = _model()
+    in_mem.llm.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        a = from_dir(_batch(from_dir, examples)).ntp_sum
+        b = in_mem(_batch(in_mem, examples)).ntp_sum
+    assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        _model(llm=str(tmp_path / "no-such-model"))
+
+
+def test_greedy_generation_batched_equals_one_by_one(examples):
+    model = _model().eval()
+    both = model.generate(_batch(model, examples[:3], with_answer=False, left_pad=True), max_new_tokens=6)
+    alone = [model.generate(_batch(model, [ex], with_answer=False, left_pad=True), max_new_tokens=6)[0]
+             for ex in examples[:3]]  # fmt: skip
+    assert both == alone and all(len(r) <= 6 for r in both)
+    text = _batch(model, examples[:2], with_answer=False, left_pad=True, use_text_question=True)
+    assert (text.input_ids_BL == model.tokenizer.audio_pad_id).sum() == 0
+    assert len(model.generate(text, max_new_tokens=3)) == 2

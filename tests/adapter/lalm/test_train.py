@@ -1,0 +1,173 @@
+"""The training loop: learning, exact resume after SIGKILL, skipped non-finite steps, atomic
+checkpoints, DDP on 2 CPU processes equal to one process, and the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapter.lalm import train as train_mod
+from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
+from adapter.lalm.model import AudioLLM
+
+ROOT = Path(__file__).resolve().parents[3]
+SMALL = ["--audio-dim", "32", "--tiny-llm-hidden", "64", "--max-batch-size", "8", "--lr", "3e-3",
+         "--warmup-steps", "2", "--adapter-backend", "torch", "--no-progress"]  # fmt: skip
+
+
+def _cfg(out, corpus, **kw):
+    model = ModelConfig(audio_dim=32, tiny_llm_hidden=64, adapter_backend="torch")
+    base = dict(train_manifest=str(corpus[0]), val_manifest=str(corpus[1]), output_dir=str(out), model=model,
+                max_batch_size=8, lr=3e-3, warmup_steps=2, progress=False)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _env(threads=1):
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+
+
+def test_wsd_schedule():
+    cfg = TrainConfig(train_manifest="x", max_steps=100, warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1)
+    f = train_mod.wsd_schedule(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == f(79) == 1.0
+    assert f(80) < 1.0 and f(99) == pytest.approx(0.1)
+    assert [f(s) for s in range(80, 100)] == sorted((f(s) for s in range(80, 100)), reverse=True)
+
+
+def test_loss_falls_on_held_out_data(tmp_path, tone_corpus):
+    summary = train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=40, eval_every=10, save_every=0))
+    evals = [r["val_loss"] for r in _log(tmp_path) if "val_loss" in r]
+    assert len(evals) >= 4
+    assert evals[-1] < 0.5 * evals[0] and evals[-1] < 3.0, evals
+    assert summary["steps"] == 40 and summary["skipped_total"] == 0
+    steps = [r for r in _log(tmp_path) if "ntp" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    assert all(len(r["expert_load_0"]) == 8 and abs(sum(r["expert_load_0"]) - 1) < 1e-3 for r in steps)
+    # The trained model reloads from its run folder and gives the same held-out loss.
+    model = train_mod.load_trained(tmp_path)
+    src = train_mod.FeatureSource(80, encoder=model.encoder)
+    again = train_mod.evaluate_loss(model, train_mod.read_manifest(tone_corpus[1]), src, _cfg(tmp_path, tone_corpus),
+                                    torch.device("cpu"))  # fmt: skip
+    assert again["val_loss"] == pytest.approx(evals[-1], rel=1e-5)
+
+
+def _cli(out, corpus, *extra):
+    return [sys.executable, "-m", "adapter.lalm.train", "--train-manifest", str(corpus[0]), "--output-dir", str(out),
+            *SMALL, *extra]  # fmt: skip
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, tone_corpus):
+    args = ["--max-steps", "12", "--save-every", "3", "--eval-every", "0", "--semantic-codes", "8"]
+    full = tmp_path / "full"
+    subprocess.run(_cli(full, tone_corpus, *args), check=True, env=_env(), capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, tone_corpus, *args), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    log = killed / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill between checkpoints: after step 7 is logged, before 9 is saved
+        if log.is_file() and sum(1 for _ in log.open()) >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    steps_before = [r["step"] for r in _log(killed)]
+    assert 7 <= max(steps_before) < 12, steps_before
+    subprocess.run(_cli(killed, tone_corpus, *args, "--resume"), check=True, env=_env(), capture_output=True,
+                   timeout=600)  # fmt: skip
+    a = [r for r in _log(full) if "ntp" in r]
+    b = [r for r in _log(killed) if "ntp" in r]
+    assert [r["step"] for r in b] == list(range(1, 13))  # the redone steps replaced, not duplicated
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in a] == [(r["loss"], r["grad_norm"], r["lr"]) for r in b]
+    wa = load_file(str(full / "checkpoints" / "step_0000012" / "model.safetensors"))
+    wb = load_file(str(killed / "checkpoints" / "step_0000012" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_non_finite_loss_is_skipped_not_applied(tmp_path, tone_corpus, monkeypatch):
+    original = AudioLLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third micro-batch: step 3
+            out.ntp_sum = out.ntp_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(AudioLLM, "forward", poisoned)
+    summary = train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=5, eval_every=0, save_every=0))
+    rows = [r for r in _log(tmp_path) if "ntp" in r]
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False]
+    assert summary["skipped_total"] == 1
+    weights = load_file(str(tmp_path / "checkpoints" / "step_0000005" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, tone_corpus, monkeypatch):
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):
+        if str(path).endswith("rng.pt") and "step_0000004" in str(path):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002"]
+    assert (ckpts / "latest").read_text() == "step_0000002"
+    monkeypatch.setattr(torch, "save", real_save)
+    summary = train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2, resume=True))
+    assert summary["steps"] == 6
+
+
+def test_two_process_ddp_equals_one_process(tmp_path, tone_corpus):
+    args = ["--max-steps", "4", "--save-every", "0", "--eval-every", "0"]
+    single = tmp_path / "single"
+    subprocess.run(_cli(single, tone_corpus, *args, "--grad-accum", "2"), check=True, env=_env(),
+                   capture_output=True, timeout=600)  # fmt: skip
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "adapter.lalm.train", "--train-manifest", str(tone_corpus[0]), "--output-dir", str(ddp), *SMALL, *args,
+           "--grad-accum", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [r for r in _log(single) if "ntp" in r]
+    b = [r for r in _log(ddp) if "ntp" in r]
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["answer_tokens"] == rb["answer_tokens"]
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["expert_load_0"] == pytest.approx(rb["expert_load_0"], abs=1e-4)
+    wa = load_file(str(single / "checkpoints" / "step_0000004" / "model.safetensors"))
+    wb = load_file(str(ddp / "checkpoints" / "step_0000004" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_cli_has_help_for_every_flag():
+    proc = subprocess.run([sys.executable, "-m", "adapter.lalm.train", "--help"], capture_output=True, text=True,
+                          env=_env(), check=True)  # fmt: skip
+    for flag in ("--train-manifest", "--aux-lambda", "--freeze-llm", "--resume", "--semantic-codes", "--adapter",
+                 "--grad-accum", "--warmup-steps", "--decay-fraction"):  # fmt: skip
+        assert flag in proc.stdout
+    cfg = train_config_from_argv(["--train-manifest", "m.jsonl", "--adapter", "dense", "--no-freeze-encoder"])
+    assert cfg.model.adapter == "dense" and cfg.freeze_encoder is False
+    with pytest.raises(ValueError, match="adapter must be one of"):
+        train_config_from_argv(["--train-manifest", "m.jsonl", "--adapter", "moe-3c9"])
