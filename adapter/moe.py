@@ -157,9 +157,15 @@ class MoEAdapter(nn.Module):
         Benchmarks override this to time other MoE implementations on the same module."""
         c = self.config
         return moe_kernels.moe_ffn(
-            z_TD, self.router.weight, self.w1, self.w2,
-            top_k=c.top_k, token_mask_T=mask_T, balance_p=c.balance_p, backend=c.backend,
-        )  # fmt: skip
+            z_TD,
+            self.router.weight,
+            self.w1,
+            self.w2,
+            top_k=c.top_k,
+            token_mask_T=mask_T,
+            balance_p=c.balance_p,
+            backend=c.backend,
+        )
 
     def _shared_experts(self, z_TD: torch.Tensor) -> torch.Tensor:
         # sum_s W2s_s SiLU(W1s_s z) is one MLP whose hidden layer concatenates the S experts'.

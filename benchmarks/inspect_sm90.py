@@ -41,8 +41,18 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GEMM_KERNELS = ("_grouped_mm_kernel", "_grouped_wgrad_kernel")
-SHOWN_CONSTEXPRS = ("EPILOGUE", "GATHER_A", "GATHER_X", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_Q",
-                    "BLOCK_T", "BLOCK_E")  # fmt: skip
+SHOWN_CONSTEXPRS = (
+    "EPILOGUE",
+    "GATHER_A",
+    "GATHER_X",
+    "BLOCK_M",
+    "BLOCK_N",
+    "BLOCK_K",
+    "BLOCK_P",
+    "BLOCK_Q",
+    "BLOCK_T",
+    "BLOCK_E",
+)
 
 
 class _StubTarget:
@@ -83,7 +93,7 @@ def analyse(name: str, kernel, constexprs: dict) -> dict:
         "kernel": name,
         "config": {
             k: (str(v) if not isinstance(v, (int, bool)) else v) for k, v in constexprs.items() if k in SHOWN_CONSTEXPRS
-        },  # fmt: skip
+        },
         "num_warps": kernel.metadata.num_warps,
         "num_stages": kernel.metadata.num_stages,
         "registers": int(usage.get("REG", 0)),
@@ -151,15 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     rows = compile_all(args.tokens, args.d, args.f, args.experts, args.top_k, dtype, args.arch)
-    print(f"sm_{args.arch} compile of moe_ffn fwd+bwd, {args.dtype}, T={args.tokens} D={args.d} F={args.f} "
-          f"E={args.experts} K={args.top_k} (triton {triton.__version__}, no GPU needed)")  # fmt: skip
+    print(
+        f"sm_{args.arch} compile of moe_ffn fwd+bwd, {args.dtype}, T={args.tokens} D={args.d} F={args.f} "
+        f"E={args.experts} K={args.top_k} (triton {triton.__version__}, no GPU needed)"
+    )
     header = f"{'kernel':24s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'wgmma':>5s} {'cp.async':>8s}  config"
     print(header)
     for r in rows:
         cp = f"{r['cp_async']}x{r['cp_async_bits']}b" if r["cp_async"] else "-"
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
-        print(f"{r['kernel']:24s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} "
-              f"{r['hgmma']:5d} {cp:>8s}  w{r['num_warps']} s{r['num_stages']} {cfg}")  # fmt: skip
+        print(
+            f"{r['kernel']:24s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} "
+            f"{r['hgmma']:5d} {cp:>8s}  w{r['num_warps']} s{r['num_stages']} {cfg}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     found = problems(rows, dtype, aligned=args.d % 16 == 0 and args.f % 16 == 0)

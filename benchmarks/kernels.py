@@ -21,8 +21,9 @@ def _dense_equivalent_ms(m: int, k: int, n: int, dtype, device) -> float:
     return time_gpu(lambda: torch.matmul(a, b)).median_ms
 
 
-def run_kernel_benchmarks(d: int, f: int, E: int, K: int, tokens_list, device, ceilings,
-                          dtype=torch.bfloat16) -> list[dict]:  # fmt: skip
+def run_kernel_benchmarks(
+    d: int, f: int, E: int, K: int, tokens_list, device, ceilings, dtype=torch.bfloat16
+) -> list[dict]:
     sheet = datasheet_for(device_info(device)["device"])
     rows = []
     for T in tokens_list:
@@ -41,18 +42,30 @@ def _memory_bound_rows(T, E, K, device, dtype, ceilings) -> list[dict]:
     nb = triton.cdiv(T, routing.router_block_t(E))
     r, (counts, _, _) = _route(logits, K)
     cases = [  # name, fn, bytes it must move: inputs read once, outputs written once
-        ("router+balance", lambda: _route(logits, K),
-         T * E * logits.element_size() + T * K * 8 + nb * E * 16 + E * 12),
-        ("permutation", lambda: permute.permute(r.topk_idx_TK, counts, r.blk_count_NE),
-         T * K * 4 + T * K * 8 + nb * E * 8 + E * 8),
-    ]  # fmt: skip
+        ("router+balance", lambda: _route(logits, K), T * E * logits.element_size() + T * K * 8 + nb * E * 16 + E * 12),
+        (
+            "permutation",
+            lambda: permute.permute(r.topk_idx_TK, counts, r.blk_count_NE),
+            T * K * 4 + T * K * 8 + nb * E * 8 + E * 8,
+        ),
+    ]
     rows = []
     for name, fn, nbytes in cases:
         t = time_gpu(fn)
         gbs = nbytes / (t.median_ms * 1e-3) / 1e9
-        rows.append({"kernel": name, "tokens": T, "dtype": str(dtype).removeprefix("torch."),
-                     "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "bytes": nbytes,
-                     "gbs": gbs, "pct_copy_bw": 100 * gbs / ceilings["copy_gbs"]})  # fmt: skip
+        rows.append(
+            {
+                "kernel": name,
+                "tokens": T,
+                "dtype": str(dtype).removeprefix("torch."),
+                "median_ms": t.median_ms,
+                "p20_ms": t.p20_ms,
+                "p80_ms": t.p80_ms,
+                "bytes": nbytes,
+                "gbs": gbs,
+                "pct_copy_bw": 100 * gbs / ceilings["copy_gbs"],
+            }
+        )
     return rows
 
 
@@ -66,25 +79,70 @@ def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
     dh = torch.randn(T, d, device=device, dtype=dtype)
     weight, R = r.topk_weight_TK, T * K
     mm = grouped_gemm.grouped_mm
-    act, pre = mm(z, w1, perm, K, gather_a=True, epilogue=grouped_gemm.EPI_SILU, out_rows=R, out_dtype=dtype,
-                  store_pre=True)  # fmt: skip
-    dsilu = dict(epilogue=grouped_gemm.EPI_DSILU, out_rows=R, out_dtype=dtype, weight_TK=weight, act_RN=act,
-                 pre_RN=pre)  # fmt: skip
+    act, pre = mm(
+        z, w1, perm, K, gather_a=True, epilogue=grouped_gemm.EPI_SILU, out_rows=R, out_dtype=dtype, store_pre=True
+    )
+    dsilu = dict(epilogue=grouped_gemm.EPI_DSILU, out_rows=R, out_dtype=dtype, weight_TK=weight, act_RN=act, pre_RN=pre)
     dpre, _ = mm(dh, w2.transpose(1, 2), perm, K, gather_a=True, **dsilu)
     cases = [  # name, fn, (M, K, N) of the dense matmul with the same FLOPs
-        ("up: gather z, @W1, SiLU", lambda: mm(z, w1, perm, K, gather_a=True, epilogue=grouped_gemm.EPI_SILU,
-                                               out_rows=R, out_dtype=dtype, store_pre=True), (R, d, f)),
-        ("down: @W2, x G, scatter", lambda: mm(act, w2, perm, K, gather_a=False, epilogue=grouped_gemm.EPI_SCATTER,
-                                               out_rows=R, out_dtype=dtype, weight_TK=weight), (R, f, d)),
+        (
+            "up: gather z, @W1, SiLU",
+            lambda: mm(
+                z,
+                w1,
+                perm,
+                K,
+                gather_a=True,
+                epilogue=grouped_gemm.EPI_SILU,
+                out_rows=R,
+                out_dtype=dtype,
+                store_pre=True,
+            ),
+            (R, d, f),
+        ),
+        (
+            "down: @W2, x G, scatter",
+            lambda: mm(
+                act,
+                w2,
+                perm,
+                K,
+                gather_a=False,
+                epilogue=grouped_gemm.EPI_SCATTER,
+                out_rows=R,
+                out_dtype=dtype,
+                weight_TK=weight,
+            ),
+            (R, f, d),
+        ),
         ("down dX: dh @W2^T, dSiLU", lambda: mm(dh, w2.transpose(1, 2), perm, K, gather_a=True, **dsilu), (R, d, f)),
-        ("up dX: dpre @W1^T, scatter", lambda: mm(dpre, w1.transpose(1, 2), perm, K, gather_a=False,
-                                                  epilogue=grouped_gemm.EPI_SCATTER, out_rows=R, out_dtype=dtype),
-         (R, f, d)),
-        ("dW1 = z^T dpre", lambda: grouped_gemm.grouped_wgrad(z, dpre, perm, K, gather_x=True, gather_y=False,
-                                                              out_dtype=dtype), (d, R, f)),
-        ("dW2 = act^T (G dh)", lambda: grouped_gemm.grouped_wgrad(act, dh, perm, K, gather_x=False, gather_y=True,
-                                                                  out_dtype=dtype, weight_TK=weight), (f, R, d)),
-    ]  # fmt: skip
+        (
+            "up dX: dpre @W1^T, scatter",
+            lambda: mm(
+                dpre,
+                w1.transpose(1, 2),
+                perm,
+                K,
+                gather_a=False,
+                epilogue=grouped_gemm.EPI_SCATTER,
+                out_rows=R,
+                out_dtype=dtype,
+            ),
+            (R, f, d),
+        ),
+        (
+            "dW1 = z^T dpre",
+            lambda: grouped_gemm.grouped_wgrad(z, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=dtype),
+            (d, R, f),
+        ),
+        (
+            "dW2 = act^T (G dh)",
+            lambda: grouped_gemm.grouped_wgrad(
+                act, dh, perm, K, gather_x=False, gather_y=True, out_dtype=dtype, weight_TK=weight
+            ),
+            (f, R, d),
+        ),
+    ]
     rows = []
     dname = str(dtype).removeprefix("torch.")
     for name, fn, (m, k, n) in cases:
@@ -92,8 +150,18 @@ def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
         flops = 2.0 * m * k * n
         tflops = flops / (t.median_ms * 1e-3) / 1e12
         dense_tflops = flops / (_dense_equivalent_ms(m, k, n, dtype, device) * 1e-3) / 1e12
-        rows.append({"kernel": name, "tokens": T, "dtype": dname, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
-                     "p80_ms": t.p80_ms, "tflops": tflops, "dense_matmul_tflops": dense_tflops,
-                     "vs_dense_matmul": tflops / dense_tflops,
-                     "pct_datasheet": 100 * tflops / sheet[dname] if sheet else None})  # fmt: skip
+        rows.append(
+            {
+                "kernel": name,
+                "tokens": T,
+                "dtype": dname,
+                "median_ms": t.median_ms,
+                "p20_ms": t.p20_ms,
+                "p80_ms": t.p80_ms,
+                "tflops": tflops,
+                "dense_matmul_tflops": dense_tflops,
+                "vs_dense_matmul": tflops / dense_tflops,
+                "pct_datasheet": 100 * tflops / sheet[dname] if sheet else None,
+            }
+        )
     return rows

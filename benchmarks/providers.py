@@ -94,8 +94,12 @@ def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, se
     torch.manual_seed(seed)
     base = MoEAdapter(shapes.moe_config("torch")).to(device, dtype)
     out: dict[str, nn.Module | str] = {}
-    classes = {"moe-triton": (MoEAdapter, "triton"), "moe-torch": (MoEAdapter, "torch"),
-               "moe-eager-loop": (EagerLoopMoE, "torch"), "moe-grouped-mm": (GroupedMMMoE, "torch")}  # fmt: skip
+    classes = {
+        "moe-triton": (MoEAdapter, "triton"),
+        "moe-torch": (MoEAdapter, "torch"),
+        "moe-eager-loop": (EagerLoopMoE, "torch"),
+        "moe-grouped-mm": (GroupedMMMoE, "torch"),
+    }
     for name, (cls, backend) in classes.items():
         if name == "moe-triton" and device.type != "cuda":
             out[name] = "GPU only: on CPU the Triton kernels run in the interpreter, a test vehicle"

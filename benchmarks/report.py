@@ -9,9 +9,28 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-ROW_FIELDS = ("provider", "mode", "tokens", "routing", "dtype", "d", "D", "status", "median_ms", "p20_ms", "p80_ms",
-              "reps", "tokens_per_s", "tflops", "pct_datasheet", "pct_measured_mm", "peak_mem_mb",
-              "time_vs_dense", "mem_vs_dense", "load_max_over_mean")  # fmt: skip
+ROW_FIELDS = (
+    "provider",
+    "mode",
+    "tokens",
+    "routing",
+    "dtype",
+    "d",
+    "D",
+    "status",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "reps",
+    "tokens_per_s",
+    "tflops",
+    "pct_datasheet",
+    "pct_measured_mm",
+    "peak_mem_mb",
+    "time_vs_dense",
+    "mem_vs_dense",
+    "load_max_over_mean",
+)
 
 
 def _key(row: dict) -> tuple:
@@ -42,8 +61,9 @@ def text_table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"{r['provider']:15s} {r['mode']:8s} {r['tokens']:6d} {r['routing']:8s} {r['dtype']:8s} "
-                         f"{r['status']}")  # fmt: skip
+            lines.append(
+                f"{r['provider']:15s} {r['mode']:8s} {r['tokens']:6d} {r['routing']:8s} {r['dtype']:8s} {r['status']}"
+            )
             continue
         pct = r.get("pct_datasheet") if r.get("pct_datasheet") is not None else r.get("pct_measured_mm")
         lines.append(
@@ -56,8 +76,10 @@ def text_table(rows: list[dict]) -> str:
 
 
 def kernel_table(rows: list[dict]) -> str:
-    lines = [f"{'kernel':30s} {'T':>6s} {'median ms':>10s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s} "
-             f"{'cuBLAS same FLOPs':>18s} {'ratio':>6s}"]  # fmt: skip
+    lines = [
+        f"{'kernel':30s} {'T':>6s} {'median ms':>10s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s} "
+        f"{'cuBLAS same FLOPs':>18s} {'ratio':>6s}"
+    ]
     for r in rows:
         lines.append(
             f"{r['kernel']:30s} {r['tokens']:6d} {r['median_ms']:10.4f} {_fmt(r.get('gbs'), '8.1f')} "
@@ -87,12 +109,15 @@ def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) ->
             gmm = _find(rows, "moe-grouped-mm", "fwd+bwd", t)
             if ours and dense:
                 ratio = ours["median_ms"] / dense["median_ms"]
-                out.append(f"  T={t}: MoE fwd+bwd / dense = {ratio:.2f} (target <= 0.85): "
-                           f"{'PASS' if ratio <= 0.85 else 'MISS'}")  # fmt: skip
+                out.append(
+                    f"  T={t}: MoE fwd+bwd / dense = {ratio:.2f} (target <= 0.85): "
+                    f"{'PASS' if ratio <= 0.85 else 'MISS'}"
+                )
                 if ours.get("peak_mem_mb") and dense.get("peak_mem_mb"):
                     m = ours["peak_mem_mb"] / dense["peak_mem_mb"]
-                    out.append(f"  T={t}: peak memory MoE / dense = {m:.2f} (target <= 1.1): "
-                               f"{'PASS' if m <= 1.1 else 'MISS'}")  # fmt: skip
+                    out.append(
+                        f"  T={t}: peak memory MoE / dense = {m:.2f} (target <= 1.1): {'PASS' if m <= 1.1 else 'MISS'}"
+                    )
             if ours and loop:
                 s = loop["median_ms"] / ours["median_ms"]
                 out.append(
@@ -100,13 +125,16 @@ def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) ->
                 )
             if ours and gmm:
                 s = gmm["median_ms"] / ours["median_ms"]
-                out.append(f"  T={t}: speed-up over torch._grouped_mm = {s:.2f}x (target > 1): "
-                           f"{'PASS' if s > 1 else 'MISS'}")  # fmt: skip
+                out.append(
+                    f"  T={t}: speed-up over torch._grouped_mm = {s:.2f}x (target > 1): {'PASS' if s > 1 else 'MISS'}"
+                )
         for k in kernel_rows:
             if "vs_dense_matmul" in k:
                 v = k["vs_dense_matmul"]
-                out.append(f"  T={k['tokens']}: {k['kernel']}: {100 * v:.0f}% of cuBLAS at the same FLOPs "
-                           f"(target >= 70%): {'PASS' if v >= 0.7 else 'MISS'}")  # fmt: skip
+                out.append(
+                    f"  T={k['tokens']}: {k['kernel']}: {100 * v:.0f}% of cuBLAS at the same FLOPs "
+                    f"(target >= 70%): {'PASS' if v >= 0.7 else 'MISS'}"
+                )
         if len(out) == 1:
             out.append("  no GPU target measured in this run")
     else:
@@ -115,8 +143,10 @@ def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) ->
                 loop = _find(rows, "moe-eager-loop", "fwd+bwd", r["tokens"], r["routing"], r["dtype"])
                 if loop:
                     s = loop["median_ms"] / r["median_ms"]
-                    out.append(f"  CPU T={r['tokens']} {r['routing']}: torch reference fwd+bwd is {s:.2f}x the "
-                               f"eager loop's speed (target > 1): {'PASS' if s > 1 else 'MISS'}")  # fmt: skip
+                    out.append(
+                        f"  CPU T={r['tokens']} {r['routing']}: torch reference fwd+bwd is {s:.2f}x the "
+                        f"eager loop's speed (target > 1): {'PASS' if s > 1 else 'MISS'}"
+                    )
         out.append("  GPU targets: not measured (no GPU in this run)")
     return out
 
@@ -140,8 +170,11 @@ def write_all(out_dir: Path, tag, info, ceilings, plan, rows, kernel_rows) -> li
             w.writerow(r)
     paths.append(csv_path)
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps({"info": info, "ceilings": ceilings, "plan": asdict(plan), "rows": rows,
-                                     "kernels": kernel_rows}, indent=1))  # fmt: skip
+    json_path.write_text(
+        json.dumps(
+            {"info": info, "ceilings": ceilings, "plan": asdict(plan), "rows": rows, "kernels": kernel_rows}, indent=1
+        )
+    )
     paths.append(json_path)
     png = out_dir / f"{stem}.png"
     if plot(rows, png, info):
@@ -175,8 +208,10 @@ def markdown(info, ceilings, plan, rows, kernel_rows, png_name) -> str:
     ]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['routing']} | {r['dtype']} | "
-                         f"{r['status']} | | | | | | | |")  # fmt: skip
+            lines.append(
+                f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['routing']} | {r['dtype']} | "
+                f"{r['status']} | | | | | | | |"
+            )
             continue
         pct = r.get("pct_datasheet") if r.get("pct_datasheet") is not None else r.get("pct_measured_mm")
         lines.append(
@@ -189,8 +224,14 @@ def markdown(info, ceilings, plan, rows, kernel_rows, png_name) -> str:
     lines.append("% peak: of the datasheet peak on a known GPU, else of the measured matmul ceiling.")
     if kernel_rows:
         lines += ["", "## Kernels", "", "```", kernel_table(kernel_rows), "```"]
-    lines += ["", "## Targets", "", "```", *target_lines(rows, kernel_rows,
-                                                       "cuda" if info.get("cuda") else "cpu"), "```"]  # fmt: skip
+    lines += [
+        "",
+        "## Targets",
+        "",
+        "```",
+        *target_lines(rows, kernel_rows, "cuda" if info.get("cuda") else "cpu"),
+        "```",
+    ]
     if png_name:
         lines += ["", f"![time vs tokens]({png_name})"]
     return "\n".join(lines) + "\n"
@@ -208,9 +249,15 @@ def plot(rows: list[dict], path: Path, info: dict) -> bool:
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (mode, dtype) in zip(axes[0], groups, strict=True):
         for prov in sorted({r["provider"] for r in rows}):
-            pts = sorted((r["tokens"], r["median_ms"], r["p20_ms"], r["p80_ms"]) for r in rows
-                         if r.get("status") == "ok" and r["provider"] == prov and r["mode"] == mode
-                         and r["dtype"] == dtype and r["routing"] == "uniform")  # fmt: skip
+            pts = sorted(
+                (r["tokens"], r["median_ms"], r["p20_ms"], r["p80_ms"])
+                for r in rows
+                if r.get("status") == "ok"
+                and r["provider"] == prov
+                and r["mode"] == mode
+                and r["dtype"] == dtype
+                and r["routing"] == "uniform"
+            )
             if not pts:
                 continue
             t, med, lo, hi = zip(*pts, strict=True)

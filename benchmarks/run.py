@@ -63,8 +63,9 @@ def _plan(name: str) -> Plan:
         cases += [Case("float32", r, 4096, ("fwd+bwd",)) for r in ("zipf", "one")]
         return Plan(256, 192, cases)
     if name == "smoke":  # seconds: checks that the whole pipeline runs
-        return Plan(64, 48, [Case("float32", "uniform", 256, ("forward", "fwd+bwd")),
-                             Case("float32", "one", 256, ("fwd+bwd",))])  # fmt: skip
+        return Plan(
+            64, 48, [Case("float32", "uniform", 256, ("forward", "fwd+bwd")), Case("float32", "one", 256, ("fwd+bwd",))]
+        )
     raise ValueError(f"unknown plan {name!r}")
 
 
@@ -81,8 +82,9 @@ def _load_imbalance(module) -> float | None:
     return (c.max() / c.mean()).item() if c.sum() > 0 else None
 
 
-def run_adapter_benchmarks(plan: Plan, device: torch.device, providers: list[str], ceilings: dict,
-                           progress: bool = True) -> list[dict]:  # fmt: skip
+def run_adapter_benchmarks(
+    plan: Plan, device: torch.device, providers: list[str], ceilings: dict, progress: bool = True
+) -> list[dict]:
     rows: list[dict] = []
     sheet = datasheet_for(device_info(device)["device"]) if device.type == "cuda" else None
     total = sum(len(c.modes) for c in plan.cases)
@@ -125,8 +127,15 @@ def run_adapter_benchmarks(plan: Plan, device: torch.device, providers: list[str
                 timings = time_cpu_interleaved(steps, reset=reset, budget_s=2.0 if plan.d < 512 else 6.0)
             for n in providers:
                 m = mods.get(n)
-                row = {"provider": n, "mode": mode, "tokens": case.tokens, "routing": case.routing,
-                       "dtype": case.dtype, "d": plan.d, "D": plan.D}  # fmt: skip
+                row = {
+                    "provider": n,
+                    "mode": mode,
+                    "tokens": case.tokens,
+                    "routing": case.routing,
+                    "dtype": case.dtype,
+                    "d": plan.d,
+                    "D": plan.D,
+                }
                 if isinstance(m, str) or m is None:
                     row["status"] = f"not run: {m or 'not selected'}"
                 elif n in errors:
@@ -136,14 +145,20 @@ def run_adapter_benchmarks(plan: Plan, device: torch.device, providers: list[str
                     flops = adapter_flops(m, case.tokens, mode)
                     tflops = flops / (t.median_ms * 1e-3) / 1e12
                     row.update(
-                        status="ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps,
-                        tokens_per_s=case.tokens / (t.median_ms * 1e-3), tflops=tflops,
+                        status="ok",
+                        median_ms=t.median_ms,
+                        p20_ms=t.p20_ms,
+                        p80_ms=t.p80_ms,
+                        reps=t.reps,
+                        tokens_per_s=case.tokens / (t.median_ms * 1e-3),
+                        tflops=tflops,
                         pct_datasheet=(100 * tflops / sheet[case.dtype]) if sheet else None,
                         pct_measured_mm=100 * tflops / ceilings["matmul_tflops"][case.dtype]
-                        if case.dtype in ceilings["matmul_tflops"] else None,
+                        if case.dtype in ceilings["matmul_tflops"]
+                        else None,
                         peak_mem_mb=peaks[n] / 2**20 if n in peaks else None,
                         load_max_over_mean=_load_imbalance(m) if n in MOE_PROVIDERS else None,
-                    )  # fmt: skip
+                    )
                 rows.append(row)
             del steps
             bar.update(1)
@@ -157,16 +172,29 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--plan", choices=["gpu", "cpu", "smoke"], default=None,
-                   help="what to measure: gpu = paper shapes, bf16 + fp32, T 1k..64k (default on CUDA); "
-                        "cpu = paper shapes / 10, fp32 (default without CUDA); smoke = seconds, for tests")  # fmt: skip
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS),
-                   help="implementations to time (default: all)")  # fmt: skip
+    p.add_argument(
+        "--plan",
+        choices=["gpu", "cpu", "smoke"],
+        default=None,
+        help="what to measure: gpu = paper shapes, bf16 + fp32, T 1k..64k (default on CUDA); "
+        "cpu = paper shapes / 10, fp32 (default without CUDA); smoke = seconds, for tests",
+    )
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        choices=PROVIDERS,
+        default=list(PROVIDERS),
+        help="implementations to time (default: all)",
+    )
     p.add_argument("--tokens", type=int, nargs="+", help="override the plan's token counts")
     p.add_argument("--routing", choices=ROUTINGS, nargs="+", help="keep only these routing patterns")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level benchmarks (GPU)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
-                   help="folder for the CSV / JSON / markdown / PNG results")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results",
+        help="folder for the CSV / JSON / markdown / PNG results",
+    )
     p.add_argument("--tag", default=None, help="results file name stem (default: device and date)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -194,8 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_tflops": {dt: measured_matmul_tflops(device, DTYPES[dt]) for dt in dtypes},
         "copy_gbs": measured_copy_gbs(device),
     }
-    print("measured ceilings:", {k: ({kk: round(vv, 1) for kk, vv in v.items()} if isinstance(v, dict)
-                                     else round(v, 1)) for k, v in ceilings.items()})  # fmt: skip
+    print(
+        "measured ceilings:",
+        {
+            k: ({kk: round(vv, 1) for kk, vv in v.items()} if isinstance(v, dict) else round(v, 1))
+            for k, v in ceilings.items()
+        },
+    )
     rows = run_adapter_benchmarks(plan, device, args.providers, ceilings, progress=not args.quiet)
     kernel_rows: list[dict] = []
     if plan.kernels and not args.no_kernels and device.type == "cuda":

@@ -49,9 +49,13 @@ def time_gpu(fn: Callable[[], None], grad_to_none=None, warmup_ms: int = 25, rep
 
 
 def time_cpu_interleaved(
-    fns: dict[str, Callable[[], None]], *, warmup: int = 1, min_reps: int = 5, budget_s: float = 3.0,
+    fns: dict[str, Callable[[], None]],
+    *,
+    warmup: int = 1,
+    min_reps: int = 5,
+    budget_s: float = 3.0,
     reset: Callable[[], None] | None = None,
-) -> dict[str, Timing]:  # fmt: skip
+) -> dict[str, Timing]:
     """Round-robin timer: every round runs each provider once, in an order rotated per round, so
     slow drifts of the machine (frequency, other load) spread over all providers alike."""
     names = list(fns)

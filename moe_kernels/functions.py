@@ -45,8 +45,7 @@ class ExpertsFunction(torch.autograd.Function):
     """(z_TD, w1_EDF, w2_EFD, topk_weight_TK) -> h_TD for a fixed permutation."""
 
     @staticmethod
-    def forward(ctx, z_TD, w1_EDF, w2_EFD, topk_weight_TK, counts_E, offsets_E1, sorted_pair_R, pair_row_TK,
-                save_pre):  # fmt: skip
+    def forward(ctx, z_TD, w1_EDF, w2_EFD, topk_weight_TK, counts_E, offsets_E1, sorted_pair_R, pair_row_TK, save_pre):
         perm = Permutation(counts_E, offsets_E1, sorted_pair_R, pair_row_TK)
         h, saved = grouped_gemm.experts_forward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm, save_pre=save_pre)
         ctx.save_for_backward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, *perm, saved.act_RF, saved.pre_RF)

@@ -88,14 +88,37 @@ def _precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _grouped_mm_kernel(
-    a_ptr, b_ptr, out_ptr, pre_ptr, act_ptr, weight_ptr, dw_part_ptr, counts_ptr, sorted_pair_ptr,
-    N, KD, E,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om, stride_on,
-    TOP_K: tl.constexpr, GATHER_A: tl.constexpr, EPILOGUE: tl.constexpr,
-    STORE_PRE: tl.constexpr, SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    pre_ptr,
+    act_ptr,
+    weight_ptr,
+    dw_part_ptr,
+    counts_ptr,
+    sorted_pair_ptr,
+    N,
+    KD,
+    E,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    stride_on,
+    TOP_K: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """out = A_rows @ B[e] for one (BLOCK_M sorted rows of expert e) x (BLOCK_N columns) tile."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -148,13 +171,33 @@ def _grouped_mm_kernel(
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    x_ptr, y_ptr, dw_ptr, weight_ptr, counts_ptr, sorted_pair_ptr,
-    P, Q, E,
-    stride_xm, stride_xp, stride_ym, stride_yq, stride_we, stride_wp, stride_wq,
-    TOP_K: tl.constexpr, GATHER_X: tl.constexpr, GATHER_Y: tl.constexpr, SCALE_Y: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    y_ptr,
+    dw_ptr,
+    weight_ptr,
+    counts_ptr,
+    sorted_pair_ptr,
+    P,
+    Q,
+    E,
+    stride_xm,
+    stride_xp,
+    stride_ym,
+    stride_yq,
+    stride_we,
+    stride_wp,
+    stride_wq,
+    TOP_K: tl.constexpr,
+    GATHER_X: tl.constexpr,
+    GATHER_Y: tl.constexpr,
+    SCALE_Y: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """dW[e] (P, Q) = sum over expert e's sorted rows r of X[r]^T Y[r] (optionally Y scaled by G)."""
     pid = tl.program_id(0)
     expert = tl.program_id(1)
@@ -181,12 +224,14 @@ def _grouped_wgrad_kernel(
         y_rows = tok if GATHER_Y else rows.to(tl.int64)
         x_t = tl.load(  # (BLOCK_P, BLOCK_K): X^T read in place
             x_ptr + x_rows[None, :] * stride_xm + offs_p[:, None] * stride_xp,
-            mask=p_in[:, None] & r_in[None, :], other=0.0,
-        )  # fmt: skip
+            mask=p_in[:, None] & r_in[None, :],
+            other=0.0,
+        )
         y = tl.load(
             y_ptr + y_rows[:, None] * stride_ym + offs_q[None, :] * stride_yq,
-            mask=r_in[:, None] & q_in[None, :], other=0.0,
-        )  # fmt: skip
+            mask=r_in[:, None] & q_in[None, :],
+            other=0.0,
+        )
         if SCALE_Y:
             w = tl.load(weight_ptr + pair, mask=r_in, other=0.0).to(ACC)
             y = (y.to(ACC) * w[:, None]).to(y_ptr.dtype.element_ty)
@@ -200,10 +245,20 @@ def _grouped_wgrad_kernel(
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, pair_row_ptr, out_ptr,
-    T, N, stride_ym, stride_yn, stride_ot, stride_on,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    y_ptr,
+    pair_row_ptr,
+    out_ptr,
+    T,
+    N,
+    stride_ym,
+    stride_yn,
+    stride_ot,
+    stride_on,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """out[t] = sum_s y[t*K + s] over the token's routed slots, s = 0..K-1 in order."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,8 +271,9 @@ def _combine_kernel(
         routed = tl.load(pair_row_ptr + pair, mask=t_in, other=-1) >= 0
         v = tl.load(
             y_ptr + pair[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-            mask=routed[:, None] & n_in[None, :], other=0.0,
-        )  # fmt: skip
+            mask=routed[:, None] & n_in[None, :],
+            other=0.0,
+        )
         acc += v.to(ACC)
     tl.store(
         out_ptr + offs_t64[:, None] * stride_ot + offs_n[None, :] * stride_on,
@@ -228,10 +284,14 @@ def _combine_kernel(
 
 @triton.jit
 def _dweight_kernel(
-    dw_part_ptr, pair_row_ptr, dweight_ptr,
-    NUM_PAIRS, NUM_PARTS,
-    BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
-):  # fmt: skip
+    dw_part_ptr,
+    pair_row_ptr,
+    dweight_ptr,
+    NUM_PAIRS,
+    NUM_PARTS,
+    BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
     """dG[p] = sum_j dw_part[row(p), j] in order j = 0.. (0 for pairs of masked tokens)."""
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_in = offs_p < NUM_PAIRS
@@ -240,8 +300,9 @@ def _dweight_kernel(
     offs_j = tl.arange(0, BLOCK_J)
     part = tl.load(
         dw_part_ptr + row.to(tl.int64)[:, None] * NUM_PARTS + offs_j[None, :],
-        mask=routed[:, None] & (offs_j < NUM_PARTS)[None, :], other=0.0,
-    )  # fmt: skip
+        mask=routed[:, None] & (offs_j < NUM_PARTS)[None, :],
+        other=0.0,
+    )
     tl.store(dweight_ptr + offs_p, tl.sum(part, axis=1), mask=p_in)
 
 
@@ -315,15 +376,39 @@ def grouped_mm(
     # count exit at once; the bound comes from shapes, so nothing waits on the GPU.
     max_m_tiles = triton.cdiv(perm.sorted_pair_R.shape[0], cfg.block_m) + E
     _grouped_mm_kernel[(max_m_tiles * num_n,)](
-        a, b_E, out, pre, act, weight, dw_part, perm.counts_E, perm.sorted_pair_R,
-        N, KD, E,
-        a.stride(0), a.stride(1), b_E.stride(0), b_E.stride(1), b_E.stride(2), out.stride(0), out.stride(1),
-        TOP_K=top_k, GATHER_A=gather_a, EPILOGUE=epilogue, STORE_PRE=store_pre,
+        a,
+        b_E,
+        out,
+        pre,
+        act,
+        weight,
+        dw_part,
+        perm.counts_E,
+        perm.sorted_pair_R,
+        N,
+        KD,
+        E,
+        a.stride(0),
+        a.stride(1),
+        b_E.stride(0),
+        b_E.stride(1),
+        b_E.stride(2),
+        out.stride(0),
+        out.stride(1),
+        TOP_K=top_k,
+        GATHER_A=gather_a,
+        EPILOGUE=epilogue,
+        STORE_PRE=store_pre,
         SCALE=weight_TK is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_E=expert_block(E),
-        ACC=_acc_dtype(a.dtype), PRECISION=_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_E=expert_block(E),
+        ACC=_acc_dtype(a.dtype),
+        PRECISION=_precision(a.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out, extra
 
 
@@ -346,14 +431,35 @@ def grouped_wgrad(
     block_p = block_q = cfg.block_n
     grid = (triton.cdiv(P, block_p) * triton.cdiv(Q, block_q), E)
     _grouped_wgrad_kernel[grid](
-        x, y, dw, weight_TK if weight_TK is not None else y, perm.counts_E, perm.sorted_pair_R,
-        P, Q, E,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        TOP_K=top_k, GATHER_X=gather_x, GATHER_Y=gather_y, SCALE_Y=weight_TK is not None,
-        BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_K=cfg.block_k, BLOCK_E=expert_block(E),
-        ACC=_acc_dtype(x.dtype), PRECISION=_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+        x,
+        y,
+        dw,
+        weight_TK if weight_TK is not None else y,
+        perm.counts_E,
+        perm.sorted_pair_R,
+        P,
+        Q,
+        E,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        dw.stride(2),
+        TOP_K=top_k,
+        GATHER_X=gather_x,
+        GATHER_Y=gather_y,
+        SCALE_Y=weight_TK is not None,
+        BLOCK_P=block_p,
+        BLOCK_Q=block_q,
+        BLOCK_K=cfg.block_k,
+        BLOCK_E=expert_block(E),
+        ACC=_acc_dtype(x.dtype),
+        PRECISION=_precision(x.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return dw
 
 
@@ -366,9 +472,21 @@ def combine(y_PN: torch.Tensor, pair_row_TK: torch.Tensor, out_dtype: torch.dtyp
     out = torch.empty(T, N, dtype=out_dtype, device=y_PN.device)
     block_t, block_n = (16, 32) if interpreter_requested() else (32, 128)
     _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(N, block_n))](
-        y_PN, pair_row_TK, out, T, N, y_PN.stride(0), y_PN.stride(1), out.stride(0), out.stride(1),
-        TOP_K=K, BLOCK_T=block_t, BLOCK_N=block_n, ACC=_acc_dtype(y_PN.dtype), num_warps=4,
-    )  # fmt: skip
+        y_PN,
+        pair_row_TK,
+        out,
+        T,
+        N,
+        y_PN.stride(0),
+        y_PN.stride(1),
+        out.stride(0),
+        out.stride(1),
+        TOP_K=K,
+        BLOCK_T=block_t,
+        BLOCK_N=block_n,
+        ACC=_acc_dtype(y_PN.dtype),
+        num_warps=4,
+    )
     return out
 
 
@@ -379,9 +497,15 @@ def routing_weight_grad(dw_part_RJ: torch.Tensor, pair_row_TK: torch.Tensor) -> 
     dweight = torch.empty(T, K, dtype=dw_part_RJ.dtype, device=dw_part_RJ.device)
     block_p = 64
     _dweight_kernel[(triton.cdiv(T * K, block_p),)](
-        dw_part_RJ, pair_row_TK, dweight, T * K, num_parts,
-        BLOCK_P=block_p, BLOCK_J=max(2, triton.next_power_of_2(num_parts)), num_warps=4,
-    )  # fmt: skip
+        dw_part_RJ,
+        pair_row_TK,
+        dweight,
+        T * K,
+        num_parts,
+        BLOCK_P=block_p,
+        BLOCK_J=max(2, triton.next_power_of_2(num_parts)),
+        num_warps=4,
+    )
     return dweight
 
 
@@ -406,10 +530,20 @@ def experts_forward(
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K
-    act, pre = grouped_mm(z_TD, w1_EDF, perm, K, gather_a=True, epilogue=EPI_SILU, out_rows=R,
-                          out_dtype=z_TD.dtype, store_pre=save_pre)  # fmt: skip
-    y_PD, _ = grouped_mm(act, w2_EFD, perm, K, gather_a=False, epilogue=EPI_SCATTER, out_rows=R,
-                         out_dtype=z_TD.dtype, weight_TK=topk_weight_TK)  # fmt: skip
+    act, pre = grouped_mm(
+        z_TD, w1_EDF, perm, K, gather_a=True, epilogue=EPI_SILU, out_rows=R, out_dtype=z_TD.dtype, store_pre=save_pre
+    )
+    y_PD, _ = grouped_mm(
+        act,
+        w2_EFD,
+        perm,
+        K,
+        gather_a=False,
+        epilogue=EPI_SCATTER,
+        out_rows=R,
+        out_dtype=z_TD.dtype,
+        weight_TK=topk_weight_TK,
+    )
     return combine(y_PD, perm.pair_row_TK, z_TD.dtype), ExpertActivations(act, pre)
 
 
@@ -432,19 +566,45 @@ def experts_backward(
     R = T * K
     dh_TD = dh_TD.to(z_TD.dtype).contiguous()
     w2_t = w2_EFD.transpose(1, 2)  # (E, D, F) view: the down projection's dX reads W2^T
-    dpre, dw_part = grouped_mm(dh_TD, w2_t, perm, K, gather_a=True, epilogue=EPI_DSILU, out_rows=R,
-                               out_dtype=z_TD.dtype, weight_TK=topk_weight_TK, act_RN=saved.act_RF,
-                               pre_RN=saved.pre_RF)  # fmt: skip
+    dpre, dw_part = grouped_mm(
+        dh_TD,
+        w2_t,
+        perm,
+        K,
+        gather_a=True,
+        epilogue=EPI_DSILU,
+        out_rows=R,
+        out_dtype=z_TD.dtype,
+        weight_TK=topk_weight_TK,
+        act_RN=saved.act_RF,
+        pre_RN=saved.pre_RF,
+    )
     dz = dw1 = dw2 = dweight = None
     if need_weight:
         dweight = routing_weight_grad(dw_part, perm.pair_row_TK)
     if need_z:
-        dz_PD, _ = grouped_mm(dpre, w1_EDF.transpose(1, 2), perm, K, gather_a=False, epilogue=EPI_SCATTER,
-                              out_rows=R, out_dtype=z_TD.dtype)  # fmt: skip
+        dz_PD, _ = grouped_mm(
+            dpre,
+            w1_EDF.transpose(1, 2),
+            perm,
+            K,
+            gather_a=False,
+            epilogue=EPI_SCATTER,
+            out_rows=R,
+            out_dtype=z_TD.dtype,
+        )
         dz = combine(dz_PD, perm.pair_row_TK, z_TD.dtype)
     if need_w1:
         dw1 = grouped_wgrad(z_TD, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=w1_EDF.dtype)
     if need_w2:
-        dw2 = grouped_wgrad(saved.act_RF, dh_TD, perm, K, gather_x=False, gather_y=True,
-                            out_dtype=w2_EFD.dtype, weight_TK=topk_weight_TK)  # fmt: skip
+        dw2 = grouped_wgrad(
+            saved.act_RF,
+            dh_TD,
+            perm,
+            K,
+            gather_x=False,
+            gather_y=True,
+            out_dtype=w2_EFD.dtype,
+            weight_TK=topk_weight_TK,
+        )
     return dz, dw1, dw2, dweight

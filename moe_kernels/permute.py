@@ -50,10 +50,15 @@ def tile_of(pid_m, counts_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _block_offsets_kernel(
-    blk_count_ptr, counts_ptr, offsets_ptr, block_base_ptr,
-    NB, E,
-    BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
+    blk_count_ptr,
+    counts_ptr,
+    offsets_ptr,
+    block_base_ptr,
+    NB,
+    E,
+    BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     offs_e = tl.arange(0, BLOCK_E)
     e_in = offs_e < E
     counts = tl.load(counts_ptr + offs_e, mask=e_in, other=0)
@@ -72,10 +77,16 @@ def _block_offsets_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    idx_ptr, block_base_ptr, sorted_pair_ptr, pair_row_ptr,
-    T, E,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
+    idx_ptr,
+    block_base_ptr,
+    sorted_pair_ptr,
+    pair_row_ptr,
+    T,
+    E,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)

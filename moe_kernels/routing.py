@@ -61,11 +61,23 @@ def _acc_dtype(dtype: torch.dtype):
 
 @triton.jit
 def _router_fwd_kernel(
-    logits_ptr, mask_ptr, idx_ptr, weight_ptr, blk_count_ptr, blk_psum_ptr,
-    T, E, stride_lt, stride_le,
-    K: tl.constexpr, HAS_MASK: tl.constexpr, P_SOFTMAX: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    mask_ptr,
+    idx_ptr,
+    weight_ptr,
+    blk_count_ptr,
+    blk_psum_ptr,
+    T,
+    E,
+    stride_lt,
+    stride_le,
+    K: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    P_SOFTMAX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    ACC: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -121,10 +133,18 @@ def _router_fwd_kernel(
 
 @triton.jit
 def _balance_fwd_kernel(
-    blk_count_ptr, blk_psum_ptr, counts_ptr, dp_ptr, aux_ptr,
-    NB, E,
-    K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    blk_count_ptr,
+    blk_psum_ptr,
+    counts_ptr,
+    dp_ptr,
+    aux_ptr,
+    NB,
+    E,
+    K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    ACC: tl.constexpr,
+):
     offs_e = tl.arange(0, BLOCK_E)
     e_in = offs_e < E
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -148,11 +168,24 @@ def _balance_fwd_kernel(
 
 @triton.jit
 def _router_bwd_kernel(
-    logits_ptr, idx_ptr, weight_ptr, dweight_ptr, dp_ptr, daux_ptr, dlogits_ptr,
-    T, E, stride_lt, stride_le,
-    K: tl.constexpr, HAS_DWEIGHT: tl.constexpr, P_SOFTMAX: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    idx_ptr,
+    weight_ptr,
+    dweight_ptr,
+    dp_ptr,
+    daux_ptr,
+    dlogits_ptr,
+    T,
+    E,
+    stride_lt,
+    stride_le,
+    K: tl.constexpr,
+    HAS_DWEIGHT: tl.constexpr,
+    P_SOFTMAX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    ACC: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
@@ -241,11 +274,24 @@ def router_forward(
     blk_psum = torch.empty(nb, E, dtype=acc, device=dev)
     mask_arg = token_mask_T if token_mask_T is not None else idx  # unread when HAS_MASK is False
     _router_fwd_kernel[(nb,)](
-        logits_TE, mask_arg, idx, weight, blk_count, blk_psum,
-        T, E, logits_TE.stride(0), logits_TE.stride(1),
-        K=top_k, HAS_MASK=token_mask_T is not None, P_SOFTMAX=balance_p == "softmax",
-        BLOCK_T=block_t, BLOCK_E=expert_block(E), ACC=_acc_dtype(acc), num_warps=4,
-    )  # fmt: skip
+        logits_TE,
+        mask_arg,
+        idx,
+        weight,
+        blk_count,
+        blk_psum,
+        T,
+        E,
+        logits_TE.stride(0),
+        logits_TE.stride(1),
+        K=top_k,
+        HAS_MASK=token_mask_T is not None,
+        P_SOFTMAX=balance_p == "softmax",
+        BLOCK_T=block_t,
+        BLOCK_E=expert_block(E),
+        ACC=_acc_dtype(acc),
+        num_warps=4,
+    )
     return RouterResult(idx, weight, blk_count, blk_psum)
 
 
@@ -264,9 +310,19 @@ def balance_forward(
     dp = torch.empty(E, dtype=blk_psum_NE.dtype, device=dev)
     aux = torch.empty((), dtype=blk_psum_NE.dtype, device=dev)
     _balance_fwd_kernel[(1,)](
-        blk_count_NE, blk_psum_NE, counts, dp, aux, nb, E,
-        K=top_k, BLOCK_B=reduce_rows(E), BLOCK_E=expert_block(E), ACC=_acc_dtype(blk_psum_NE.dtype), num_warps=4,
-    )  # fmt: skip
+        blk_count_NE,
+        blk_psum_NE,
+        counts,
+        dp,
+        aux,
+        nb,
+        E,
+        K=top_k,
+        BLOCK_B=reduce_rows(E),
+        BLOCK_E=expert_block(E),
+        ACC=_acc_dtype(blk_psum_NE.dtype),
+        num_warps=4,
+    )
     return counts, dp, aux
 
 
@@ -292,9 +348,23 @@ def router_backward(
     block_t = router_block_t(E)
     dw = d_topk_weight_TK.contiguous() if d_topk_weight_TK is not None else topk_weight_TK
     _router_bwd_kernel[(triton.cdiv(T, block_t),)](
-        logits_TE, topk_idx_TK, topk_weight_TK, dw, dp_E, d_aux, dlogits,
-        T, E, logits_TE.stride(0), logits_TE.stride(1),
-        K=top_k, HAS_DWEIGHT=d_topk_weight_TK is not None, P_SOFTMAX=balance_p == "softmax",
-        BLOCK_T=block_t, BLOCK_E=expert_block(E), ACC=_acc_dtype(topk_weight_TK.dtype), num_warps=4,
-    )  # fmt: skip
+        logits_TE,
+        topk_idx_TK,
+        topk_weight_TK,
+        dw,
+        dp_E,
+        d_aux,
+        dlogits,
+        T,
+        E,
+        logits_TE.stride(0),
+        logits_TE.stride(1),
+        K=top_k,
+        HAS_DWEIGHT=d_topk_weight_TK is not None,
+        P_SOFTMAX=balance_p == "softmax",
+        BLOCK_T=block_t,
+        BLOCK_E=expert_block(E),
+        ACC=_acc_dtype(topk_weight_TK.dtype),
+        num_warps=4,
+    )
     return dlogits

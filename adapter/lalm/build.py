@@ -63,6 +63,7 @@ def build_model(config: ModelConfig, seed: int = 0) -> AudioLLM:
         hidden = llm.get_input_embeddings().embedding_dim
         overrides = {} if config.adapter == "dense" else {"backend": config.adapter_backend}
         adapter = build_adapter(preset(config.adapter, config.audio_dim, hidden, **overrides))
-        frontend = FrontendConfig(audio_dim=config.audio_dim, semantic_codes=config.semantic_codes,
-                                  use_continuous=config.use_continuous)  # fmt: skip
+        frontend = FrontendConfig(
+            audio_dim=config.audio_dim, semantic_codes=config.semantic_codes, use_continuous=config.use_continuous
+        )
         return AudioLLM(encoder, adapter, llm, tokenizer, frontend)

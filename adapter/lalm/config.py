@@ -25,8 +25,11 @@ def _f(default, help: str, **kw):
 class ModelConfig:
     llm: str = _f("tiny", "'tiny' (a small random Qwen3, CPU demo and tests) or a local transformers model directory")
     tokenizer: str = _f("gpt2-offline", "'gpt2-offline' (GPT-2 BPE shipped with openai-whisper) or a local directory")
-    encoder: str = _f("demo", "Whisper encoder: a preset (large-v3, base, tiny, demo; random weights) or a .pt "
-                      "checkpoint file of openai-whisper")  # fmt: skip
+    encoder: str = _f(
+        "demo",
+        "Whisper encoder: a preset (large-v3, base, tiny, demo; random weights) or a .pt "
+        "checkpoint file of openai-whisper",
+    )
     adapter: str = _f("moe-8c4", f"adapter preset: {', '.join(sorted(PRESETS))}")
     audio_dim: int = _f(2560, "d: width of the fused audio features the adapter reads (paper: 2560)")
     semantic_codes: int = _f(0, "size of the k-means semantic codebook (discrete stream); 0 turns it off")
@@ -53,8 +56,8 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    train_manifest: str = _f("", "JSONL manifest of the training examples (required)")
-    val_manifest: str = _f("", "JSONL manifest for periodic held-out evaluation (optional)")
+    train_manifest: str = _f("", "JSONL manifest(s) of the training examples, comma-separated (required)")
+    val_manifest: str = _f("", "JSONL manifest(s) for periodic held-out evaluation (optional)")
     output_dir: str = _f("runs/lalm", "where logs and checkpoints go")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     seed: int = _f(0, "seed for weights, data order and every RNG")
@@ -95,8 +98,9 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if not 0.0 <= self.decay_fraction <= 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"decay_fraction and min_lr_ratio must be in [0, 1], got {self.decay_fraction}, "
-                             f"{self.min_lr_ratio}")  # fmt: skip
+            raise ValueError(
+                f"decay_fraction and min_lr_ratio must be in [0, 1], got {self.decay_fraction}, {self.min_lr_ratio}"
+            )
         if self.aux_lambda < 0 or self.grad_clip < 0:
             raise ValueError(f"aux_lambda and grad_clip must be >= 0, got {self.aux_lambda}, {self.grad_clip}")
         if self.freeze_llm and not self.train_adapter and self.freeze_encoder:
@@ -120,8 +124,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", s
         if typing.get_type_hints(cls)[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=_arg_type(typing.get_type_hints(cls)[f.name]), default=default,
-                                help=help_text)  # fmt: skip
+            parser.add_argument(
+                flag, type=_arg_type(typing.get_type_hints(cls)[f.name]), default=default, help=help_text
+            )
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = "", **extra):

@@ -40,6 +40,7 @@ class Example:
     task: str = ""
     choices: list[str] = field(default_factory=list)
     text: str = ""  # the question as plain text (modality-gap evaluation)
+    eval: str = "mmau"  # how answers are scored: "mmau" (choice text) or "voicebench" (a letter)
     num_samples: int = 0  # at 16 kHz, after resampling (0 for text-only)
 
     @property
@@ -84,13 +85,26 @@ def read_manifest(path: str | Path) -> list[Example]:
                 audio = audio if audio.is_absolute() else path.parent / audio
                 if not audio.is_file():
                     raise FileNotFoundError(f"{path}:{lineno}: audio file not found: {audio}")
-            ex = Example(id=str(rec["id"]), question=rec["question"], answer=rec.get("answer", ""), audio=audio,
-                         category=rec.get("category", ""), task=rec.get("task", ""), choices=rec.get("choices", []),
-                         text=rec.get("text", ""))  # fmt: skip
+            ex = Example(
+                id=str(rec["id"]),
+                question=rec["question"],
+                answer=rec.get("answer", ""),
+                audio=audio,
+                category=rec.get("category", ""),
+                task=rec.get("task", ""),
+                choices=rec.get("choices", []),
+                text=rec.get("text", ""),
+                eval=rec.get("eval", "mmau"),
+            )
             if audio is not None:
                 ex.num_samples = _resampled_length(audio)
             examples.append(ex)
     return examples
+
+
+def read_manifests(spec: str) -> list[Example]:
+    """Examples of one manifest or of several, comma-separated."""
+    return [ex for part in spec.split(",") if part.strip() for ex in read_manifest(part.strip())]
 
 
 def write_manifest(path: str | Path, records: list[dict]) -> None:
@@ -147,8 +161,15 @@ class FeatureSource:
             self.features(ex)
 
 
-def collate(examples: list[Example], tokenizer, source: FeatureSource, *, with_answer: bool = True,
-            left_pad: bool = False, use_text_question: bool = False) -> Batch:  # fmt: skip
+def collate(
+    examples: list[Example],
+    tokenizer,
+    source: FeatureSource,
+    *,
+    with_answer: bool = True,
+    left_pad: bool = False,
+    use_text_question: bool = False,
+) -> Batch:
     """Examples -> Batch. with_answer: prompt + answer with labels (training); else prompts only,
     left-padded for generation. use_text_question: the question as text, no audio (modality gap)."""
     seqs, labels = [], []
@@ -180,13 +201,16 @@ def collate(examples: list[Example], tokenizer, source: FeatureSource, *, with_a
     return batch
 
 
-def length_batches(examples: list[Example], tokenizer, *, max_batch_tokens: int, max_batch_size: int,
-                   seed: int, epoch: int) -> list[list[int]]:  # fmt: skip
+def length_batches(
+    examples: list[Example], tokenizer, *, max_batch_tokens: int, max_batch_size: int, seed: int, epoch: int
+) -> list[list[int]]:
     """Indices grouped into batches of similar length, at most `max_batch_tokens` padded positions
     (prompt + answer) and `max_batch_size` examples each; order fixed by (seed, epoch)."""
     rng = random.Random(seed * 1_000_003 + epoch)
-    sizes = [len(prompt_ids(tokenizer, ex.num_frames, ex.question)) + len(answer_ids(tokenizer, ex.answer))
-             for ex in examples]  # fmt: skip
+    sizes = [
+        len(prompt_ids(tokenizer, ex.num_frames, ex.question)) + len(answer_ids(tokenizer, ex.answer))
+        for ex in examples
+    ]
     order = list(range(len(examples)))
     rng.shuffle(order)
     bucket = max(1, 50 * max_batch_size)  # sort inside buckets: similar lengths, still random overall
@@ -218,8 +242,19 @@ class BatchStream:
     """Endless global steps of `per_step` batches each (grad accumulation x ranks), epoch after
     epoch; each rank reads its share. The stream's position is part of every checkpoint."""
 
-    def __init__(self, examples, tokenizer, *, max_batch_tokens, max_batch_size, seed, per_step: int,
-                 rank: int = 0, world: int = 1, position: DataPosition | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        examples,
+        tokenizer,
+        *,
+        max_batch_tokens,
+        max_batch_size,
+        seed,
+        per_step: int,
+        rank: int = 0,
+        world: int = 1,
+        position: DataPosition | None = None,
+    ) -> None:
         if per_step % world:
             raise ValueError(f"per_step={per_step} batches per step must be divisible by world={world}")
         self.examples, self.tokenizer = examples, tokenizer

@@ -56,8 +56,9 @@ class WhisperEncoder(nn.Module):
     def __init__(self, dims: EncoderDims) -> None:
         super().__init__()
         self.dims = dims
-        self.encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head,
-                                    dims.n_audio_layer)  # fmt: skip
+        self.encoder = AudioEncoder(
+            dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer
+        )
 
     @property
     def stacked_dim(self) -> int:

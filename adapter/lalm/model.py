@@ -76,8 +76,14 @@ class Batch:
     def to(self, device) -> Batch:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         mels = None if self.mels is None else [mv(m) for m in self.mels]
-        return Batch(mv(self.input_ids_BL), mv(self.attention_mask_BL), mv(self.labels_BL), mv(self.audio_BFC),
-                     mv(self.audio_mask_BF), mels)  # fmt: skip
+        return Batch(
+            mv(self.input_ids_BL),
+            mv(self.attention_mask_BL),
+            mv(self.labels_BL),
+            mv(self.audio_BFC),
+            mv(self.audio_mask_BF),
+            mels,
+        )
 
 
 @dataclass
@@ -88,8 +94,9 @@ class LALMOutput:
 
 
 class AudioLLM(nn.Module):
-    def __init__(self, encoder: WhisperEncoder, adapter: nn.Module, llm: nn.Module, tokenizer,
-                 frontend: FrontendConfig) -> None:  # fmt: skip
+    def __init__(
+        self, encoder: WhisperEncoder, adapter: nn.Module, llm: nn.Module, tokenizer, frontend: FrontendConfig
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.adapter = adapter
@@ -100,11 +107,15 @@ class AudioLLM(nn.Module):
         hidden = llm.get_input_embeddings().embedding_dim
         cfg = getattr(adapter, "config", None)
         if cfg is not None and (getattr(cfg, "in_dim", d) != d or getattr(cfg, "out_dim", hidden) != hidden):
-            raise ValueError(f"adapter maps {cfg.in_dim} -> {cfg.out_dim}, but the frontend gives d={d} and the "
-                             f"LLM's hidden size is {hidden}")  # fmt: skip
+            raise ValueError(
+                f"adapter maps {cfg.in_dim} -> {cfg.out_dim}, but the frontend gives d={d} and the "
+                f"LLM's hidden size is {hidden}"
+            )
         if llm.get_input_embeddings().num_embeddings < tokenizer.vocab_size:
-            raise ValueError(f"the LLM has {llm.get_input_embeddings().num_embeddings} token embeddings, the "
-                             f"tokenizer {tokenizer.vocab_size}: resize the LLM's embeddings first")  # fmt: skip
+            raise ValueError(
+                f"the LLM has {llm.get_input_embeddings().num_embeddings} token embeddings, the "
+                f"tokenizer {tokenizer.vocab_size}: resize the LLM's embeddings first"
+            )
         self.fusion = FeatureFusion(encoder.stacked_dim, d) if frontend.use_continuous else None
         if frontend.semantic_codes:
             self.semantic = SemanticTokenizer(frontend.semantic_codes, encoder.stacked_dim)
@@ -137,8 +148,9 @@ class AudioLLM(nn.Module):
         return pad_frames(feats, self.encoder.stacked_dim, batch.input_ids_BL.device)
 
     # ------------------------------------------------------------------ text
-    def input_embeddings(self, input_ids_BL: torch.Tensor, audio_BFD: torch.Tensor | None,
-                         audio_mask_BF: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    def input_embeddings(
+        self, input_ids_BL: torch.Tensor, audio_BFD: torch.Tensor | None, audio_mask_BF: torch.Tensor | None
+    ) -> torch.Tensor:
         """Token embeddings with each `<|audio_pad|>` replaced, in order, by the sample's audio frames."""
         limit = getattr(self.llm.config, "max_position_embeddings", None)
         if limit is not None and input_ids_BL.shape[1] > limit:
@@ -152,8 +164,10 @@ class AudioLLM(nn.Module):
         n_audio = audio_mask_BF.sum(1) if audio_mask_BF is not None else torch.zeros_like(n_text)
         if not torch.equal(n_text, n_audio.to(n_text.dtype)):
             bad = (n_text != n_audio).nonzero()[0, 0].item()
-            raise ValueError(f"sample {bad} of the batch has {int(n_text[bad])} <|audio_pad|> placeholders but "
-                             f"{int(n_audio[bad])} audio frames; build prompts with data.prompt_ids")  # fmt: skip
+            raise ValueError(
+                f"sample {bad} of the batch has {int(n_text[bad])} <|audio_pad|> placeholders but "
+                f"{int(n_audio[bad])} audio frames; build prompts with data.prompt_ids"
+            )
         if audio_BFD is None or not bool(is_pad.any()):
             return emb
         return emb.masked_scatter(is_pad[..., None], audio_BFD[audio_mask_BF].to(emb.dtype))
@@ -200,8 +214,13 @@ class AudioLLM(nn.Module):
             if bool(done.all()):
                 break
             attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=attn.device)], 1)
-            out = self.llm(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos,
-                           past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
+            out = self.llm(
+                input_ids=token[:, None],
+                attention_mask=attn,
+                position_ids=next_pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
             next_pos = next_pos + 1
         return result
 

@@ -33,7 +33,15 @@ from safetensors.torch import load_file, save_file
 
 from adapter.lalm.build import build_model
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
-from adapter.lalm.data import BatchStream, DataPosition, Example, FeatureSource, collate, length_batches, read_manifest
+from adapter.lalm.data import (
+    BatchStream,
+    DataPosition,
+    Example,
+    FeatureSource,
+    collate,
+    length_batches,
+    read_manifests,
+)
 from adapter.lalm.model import AudioLLM
 from adapter.stats import moe_adapters
 
@@ -193,14 +201,19 @@ def load_checkpoint(path: Path, model: AudioLLM, optimizer, scheduler) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model: AudioLLM, examples: list[Example], source: FeatureSource, cfg: TrainConfig,
-                  device) -> dict:  # fmt: skip
+def evaluate_loss(model: AudioLLM, examples: list[Example], source: FeatureSource, cfg: TrainConfig, device) -> dict:
     """Teacher-forced next-token loss on held-out examples (answer tokens only)."""
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    batches = length_batches(examples, model.tokenizer, max_batch_tokens=cfg.max_batch_tokens,
-                             max_batch_size=cfg.max_batch_size, seed=0, epoch=0)  # fmt: skip
+    batches = length_batches(
+        examples,
+        model.tokenizer,
+        max_batch_tokens=cfg.max_batch_tokens,
+        max_batch_size=cfg.max_batch_size,
+        seed=0,
+        epoch=0,
+    )
     for idx in batches:
         batch = collate([examples[i] for i in idx], model.tokenizer, source).to(device)
         with _autocast(device, cfg):
@@ -220,8 +233,9 @@ def _autocast(device, cfg: TrainConfig):
 # ------------------------------------------------------------------------------ training
 
 
-def fit_semantic(model: AudioLLM, examples: list[Example], source: FeatureSource, seed: int,
-                 max_frames: int = 20000) -> None:  # fmt: skip
+def fit_semantic(
+    model: AudioLLM, examples: list[Example], source: FeatureSource, seed: int, max_frames: int = 20000
+) -> None:
     """Fit the frozen k-means codebook on (a seeded sample of) the training frames."""
     feats = torch.cat([source.features(ex) for ex in examples if ex.audio is not None])
     if feats.shape[0] > max_frames:
@@ -250,8 +264,8 @@ def train(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, seed=cfg.seed).to(device)
     params = set_trainable(model, cfg)
-    train_examples = read_manifest(cfg.train_manifest)
-    val_examples = read_manifest(cfg.val_manifest) if cfg.val_manifest else []
+    train_examples = read_manifests(cfg.train_manifest)
+    val_examples = read_manifests(cfg.val_manifest) if cfg.val_manifest else []
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder if cfg.freeze_encoder else None)
     if cfg.freeze_encoder:
         model.encoder.eval()
@@ -272,9 +286,17 @@ def train(cfg: TrainConfig) -> dict:
     elif model.semantic is not None:
         fit_semantic(model, train_examples, source, cfg.seed)
 
-    stream = BatchStream(train_examples, model.tokenizer, max_batch_tokens=cfg.max_batch_tokens,
-                         max_batch_size=cfg.max_batch_size, seed=cfg.seed, per_step=cfg.grad_accum * world,
-                         rank=rank, world=world, position=DataPosition(**state["position"]))  # fmt: skip
+    stream = BatchStream(
+        train_examples,
+        model.tokenizer,
+        max_batch_tokens=cfg.max_batch_tokens,
+        max_batch_size=cfg.max_batch_size,
+        seed=cfg.seed,
+        per_step=cfg.grad_accum * world,
+        rank=rank,
+        world=world,
+        position=DataPosition(**state["position"]),
+    )
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -286,8 +308,13 @@ def train(cfg: TrainConfig) -> dict:
     summary: dict = {}
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", disable=not (cfg.progress and is_main),
-               file=sys.stdout)  # fmt: skip
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state["step"],
+        desc="train",
+        disable=not (cfg.progress and is_main),
+        file=sys.stdout,
+    )
     while state["step"] < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [collate(b, model.tokenizer, source).to(device) for b in stream.next_step()]
@@ -330,9 +357,18 @@ def train(cfg: TrainConfig) -> dict:
         state["position"] = dataclasses.asdict(stream.position)
         dt = time.perf_counter() - t0
         step = state["step"]
-        record = {"step": step, "loss": ntp + cfg.aux_lambda * aux, "ntp": ntp, "aux": aux, "lr": lr,
-                  "grad_norm": float(grad_norm), "answer_tokens": n_answer, "tokens_per_s": n_positions / dt,
-                  "skipped": not finite, "skipped_total": state["skipped"]}  # fmt: skip
+        record = {
+            "step": step,
+            "loss": ntp + cfg.aux_lambda * aux,
+            "ntp": ntp,
+            "aux": aux,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "answer_tokens": n_answer,
+            "tokens_per_s": n_positions / dt,
+            "skipped": not finite,
+            "skipped_total": state["skipped"],
+        }
         for k, load in enumerate(loads):
             record[f"expert_load_{k}"] = [round(v, 4) for v in (load / load.sum().clamp(min=1)).tolist()]
         if cfg.eval_every and step % cfg.eval_every == 0 and val_examples and is_main:

@@ -94,8 +94,9 @@ def test_kernel_benchmarks_code_path_on_cpu(monkeypatch):
         return Timing(1.0, 0.9, 1.1, 1)
 
     monkeypatch.setattr(kernels, "time_gpu", fake_time)
-    rows = kernels.run_kernel_benchmarks(40, 24, 4, 2, (33,), torch.device("cpu"), {"copy_gbs": 100.0},
-                                         dtype=torch.float32)  # fmt: skip
+    rows = kernels.run_kernel_benchmarks(
+        40, 24, 4, 2, (33,), torch.device("cpu"), {"copy_gbs": 100.0}, dtype=torch.float32
+    )
     names = [r["kernel"] for r in rows]
     assert names[:2] == ["router+balance", "permutation"] and len(rows) == 8
     assert all(r["median_ms"] == 1.0 for r in rows) and all("vs_dense_matmul" in r for r in rows[2:])

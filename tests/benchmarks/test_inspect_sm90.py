@@ -27,7 +27,11 @@ def test_kernels_compile_for_sm90_without_spills(args):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.inspect_sm90", "--check", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "_grouped_wgrad_kernel" in proc.stdout and "_router_bwd_kernel" in proc.stdout

@@ -51,8 +51,12 @@ def test_fp32_within_1e5_of_float64(T, D, F, E, K, routing):
     ref, ref_grads = _fwd_bwd(inputs64, K, None, "topk", "torch")
     out, grads = _fwd_bwd(inputs32, K, None, "topk", "triton")
     assert torch.equal(out.topk_idx_TK, ref.topk_idx_TK)
-    for name, a, b in zip(("h", "aux", "dz", "drouter", "dw1", "dw2"), (out.h_TD, out.aux_loss, *grads),
-                          (ref.h_TD, ref.aux_loss, *ref_grads), strict=True):  # fmt: skip
+    for name, a, b in zip(
+        ("h", "aux", "dz", "drouter", "dw1", "dw2"),
+        (out.h_TD, out.aux_loss, *grads),
+        (ref.h_TD, ref.aux_loss, *ref_grads),
+        strict=True,
+    ):
         assert max_rel_error(a, b) <= 1e-5, f"{name}: {max_rel_error(a, b):.3g}"
 
 
@@ -91,8 +95,16 @@ def test_no_grad_forward_keeps_no_preactivation_and_matches():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_moe_adapter_triton_equals_torch(dtype):
-    cfg = dict(in_dim=40, out_dim=24, expert_dim=72, num_experts=8, top_k=2, aggregation_dim=32,
-               num_shared_experts=1, shared_expert_dim=16)  # fmt: skip
+    cfg = dict(
+        in_dim=40,
+        out_dim=24,
+        expert_dim=72,
+        num_experts=8,
+        top_k=2,
+        aggregation_dim=32,
+        num_shared_experts=1,
+        shared_expert_dim=16,
+    )
     torch_m = MoEAdapter(MoEAdapterConfig(**cfg, backend="torch")).to(dtype)
     triton_m = MoEAdapter(MoEAdapterConfig(**cfg, backend="triton")).to(dtype)
     triton_m.load_state_dict(torch_m.state_dict())

@@ -22,10 +22,18 @@ def _route(T, E, K, pattern, masked, seed=0):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(
     "T,E,K,pattern",
-    [(1, 1, 1, "uniform"), (1, 8, 8, "uniform"), (7, 3, 2, "uniform"), (64, 8, 2, "skewed"),
-     (129, 8, 1, "uniform"), (129, 8, 8, "uniform"), (100, 8, 4, "empty"), (77, 128, 6, "uniform"),
-     (257, 3, 1, "skewed")],
-)  # fmt: skip
+    [
+        (1, 1, 1, "uniform"),
+        (1, 8, 8, "uniform"),
+        (7, 3, 2, "uniform"),
+        (64, 8, 2, "skewed"),
+        (129, 8, 1, "uniform"),
+        (129, 8, 8, "uniform"),
+        (100, 8, 4, "empty"),
+        (77, 128, 6, "uniform"),
+        (257, 3, 1, "skewed"),
+    ],
+)
 def test_permutation_matches_reference(T, E, K, pattern, masked):
     r, counts = _route(T, E, K, pattern, masked)
     perm = permute.permute(r.topk_idx_TK, counts, r.blk_count_NE)

@@ -89,8 +89,9 @@ def test_all_masked_gives_zero_loss_and_gradient():
     r, counts, dp, aux = _run(logits, 2, mask, "softmax")
     assert (r.topk_idx_TK == -1).all() and (r.topk_weight_TK == 0).all()
     assert aux.item() == 0.0 and int(counts.sum()) == 0
-    d = routing.router_backward(logits, r.topk_idx_TK, r.topk_weight_TK, torch.ones(20, 2), torch.tensor(1.0), dp,
-                                "softmax")  # fmt: skip
+    d = routing.router_backward(
+        logits, r.topk_idx_TK, r.topk_weight_TK, torch.ones(20, 2), torch.tensor(1.0), dp, "softmax"
+    )
     assert (d == 0).all()
 
 

@@ -24,8 +24,16 @@ def write_tone_corpus(root, n: int, seed: int = 0) -> tuple:
         t = np.arange(int(rng.uniform(0.5, 1.5) * sr)) / sr
         x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(len(t))
         sf.write(root / f"c{i}.{ext}", x.astype(np.float32), sr, subtype=subtype)
-        recs.append({"id": f"c{i}", "audio": f"c{i}.{ext}", "question": "Is the tone high or low?",
-                     "answer": "high" if high else "low", "category": "sound", "task": "pitch"})  # fmt: skip
+        recs.append(
+            {
+                "id": f"c{i}",
+                "audio": f"c{i}.{ext}",
+                "question": "Is the tone high or low?",
+                "answer": "high" if high else "low",
+                "category": "sound",
+                "task": "pitch",
+            }
+        )
     cut = int(0.8 * n)
     for name, part in (("train.jsonl", recs[:cut]), ("val.jsonl", recs[cut:])):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in part))

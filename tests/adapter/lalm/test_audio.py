@@ -10,8 +10,12 @@ from adapter.lalm.audio import AudioError, audio_frames, encoder_frames, load_au
 from adapter.lalm.data import _resampled_length
 from tests.adapter.lalm.conftest import REAL_RECORDING
 
-FORMATS = [(44100, "wav", "PCM_16", 2), (8000, "flac", "PCM_24", 1), (22050, "wav", "FLOAT", 1),
-           (16000, "ogg", "VORBIS", 1)]  # fmt: skip
+FORMATS = [
+    (44100, "wav", "PCM_16", 2),
+    (8000, "flac", "PCM_24", 1),
+    (22050, "wav", "FLOAT", 1),
+    (16000, "ogg", "VORBIS", 1),
+]
 
 
 @pytest.mark.parametrize("sr,ext,subtype,channels", FORMATS)

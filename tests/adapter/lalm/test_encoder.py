@@ -50,8 +50,18 @@ def test_chunks_are_encoded_independently(enc):
 
 
 def test_loads_an_openai_whisper_checkpoint_file(tmp_path):
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
-                           n_vocab=100, n_text_ctx=16, n_text_state=64, n_text_head=2, n_text_layer=1)  # fmt: skip
+    dims = ModelDimensions(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_audio_state=64,
+        n_audio_head=2,
+        n_audio_layer=2,
+        n_vocab=100,
+        n_text_ctx=16,
+        n_text_state=64,
+        n_text_head=2,
+        n_text_layer=1,
+    )
     torch.manual_seed(1)
     whisper = Whisper(dims)
     path = tmp_path / "whisper-small-test.pt"

@@ -36,8 +36,9 @@ def test_loss_is_next_token_ce_on_answer_tokens_only(examples):
     emb = model.input_embeddings(batch.input_ids_BL, model.embed_audio(feats, mask), mask)
     logits = model.llm(inputs_embeds=emb, attention_mask=batch.attention_mask_BL).logits[:, :-1].float()
     target = batch.labels_BL[:, 1:]
-    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")  # fmt: skip
+    want = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     assert torch.allclose(out.ntp_sum, want, rtol=1e-5)
     n_answer = sum(len(model.tokenizer.encode(f" {ex.answer}")) + 1 for ex in examples)
     assert out.num_tokens == n_answer
@@ -109,8 +110,10 @@ def test_llm_from_a_local_directory(tmp_path, examples):
 def test_greedy_generation_batched_equals_one_by_one(examples):
     model = _model().eval()
     both = model.generate(_batch(model, examples[:3], with_answer=False, left_pad=True), max_new_tokens=6)
-    alone = [model.generate(_batch(model, [ex], with_answer=False, left_pad=True), max_new_tokens=6)[0]
-             for ex in examples[:3]]  # fmt: skip
+    alone = [
+        model.generate(_batch(model, [ex], with_answer=False, left_pad=True), max_new_tokens=6)[0]
+        for ex in examples[:3]
+    ]
     assert both == alone and all(len(r) <= 6 for r in both)
     text = _batch(model, examples[:2], with_answer=False, left_pad=True, use_text_question=True)
     assert (text.input_ids_BL == model.tokenizer.audio_pad_id).sum() == 0

@@ -37,7 +37,12 @@ def test_offline_gpt2_tokenizer():
     tok = load_tokenizer("gpt2-offline")
     assert isinstance(tok, GPT2AudioTokenizer)
     assert (tok.eos_id, tok.audio_start_id, tok.audio_pad_id, tok.audio_end_id, tok.vocab_size) == (
-        50256, 50257, 50258, 50259, 50260)  # fmt: skip
+        50256,
+        50257,
+        50258,
+        50259,
+        50260,
+    )
     ids = tok.encode("Hello world, is the tone high?")
     assert tok.decode(ids) == "Hello world, is the tone high?"
     assert tok.audio_pad_id not in tok.encode("<|audio_pad|>")  # text never becomes a placeholder

@@ -15,17 +15,39 @@ from safetensors.torch import load_file
 
 from adapter.lalm import train as train_mod
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
+from adapter.lalm.data import read_manifest
 from adapter.lalm.model import AudioLLM
 
 ROOT = Path(__file__).resolve().parents[3]
-SMALL = ["--audio-dim", "32", "--tiny-llm-hidden", "64", "--max-batch-size", "8", "--lr", "3e-3",
-         "--warmup-steps", "2", "--adapter-backend", "torch", "--no-progress"]  # fmt: skip
+SMALL = [
+    "--audio-dim",
+    "32",
+    "--tiny-llm-hidden",
+    "64",
+    "--max-batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "2",
+    "--adapter-backend",
+    "torch",
+    "--no-progress",
+]
 
 
 def _cfg(out, corpus, **kw):
     model = ModelConfig(audio_dim=32, tiny_llm_hidden=64, adapter_backend="torch")
-    base = dict(train_manifest=str(corpus[0]), val_manifest=str(corpus[1]), output_dir=str(out), model=model,
-                max_batch_size=8, lr=3e-3, warmup_steps=2, progress=False)  # fmt: skip
+    base = dict(
+        train_manifest=str(corpus[0]),
+        val_manifest=str(corpus[1]),
+        output_dir=str(out),
+        model=model,
+        max_batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        progress=False,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -58,14 +80,24 @@ def test_loss_falls_on_held_out_data(tmp_path, tone_corpus):
     # The trained model reloads from its run folder and gives the same held-out loss.
     model = train_mod.load_trained(tmp_path)
     src = train_mod.FeatureSource(80, encoder=model.encoder)
-    again = train_mod.evaluate_loss(model, train_mod.read_manifest(tone_corpus[1]), src, _cfg(tmp_path, tone_corpus),
-                                    torch.device("cpu"))  # fmt: skip
+    again = train_mod.evaluate_loss(
+        model, read_manifest(tone_corpus[1]), src, _cfg(tmp_path, tone_corpus), torch.device("cpu")
+    )
     assert again["val_loss"] == pytest.approx(evals[-1], rel=1e-5)
 
 
 def _cli(out, corpus, *extra):
-    return [sys.executable, "-m", "adapter.lalm.train", "--train-manifest", str(corpus[0]), "--output-dir", str(out),
-            *SMALL, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "adapter.lalm.train",
+        "--train-manifest",
+        str(corpus[0]),
+        "--output-dir",
+        str(out),
+        *SMALL,
+        *extra,
+    ]
 
 
 def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, tone_corpus):
@@ -73,8 +105,9 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, tone_corpus
     full = tmp_path / "full"
     subprocess.run(_cli(full, tone_corpus, *args), check=True, env=_env(), capture_output=True, timeout=600)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(killed, tone_corpus, *args), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _cli(killed, tone_corpus, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     log = killed / "log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:  # kill between checkpoints: after step 7 is logged, before 9 is saved
@@ -86,8 +119,9 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, tone_corpus
     assert proc.returncode == -signal.SIGKILL
     steps_before = [r["step"] for r in _log(killed)]
     assert 7 <= max(steps_before) < 12, steps_before
-    subprocess.run(_cli(killed, tone_corpus, *args, "--resume"), check=True, env=_env(), capture_output=True,
-                   timeout=600)  # fmt: skip
+    subprocess.run(
+        _cli(killed, tone_corpus, *args, "--resume"), check=True, env=_env(), capture_output=True, timeout=600
+    )
     a = [r for r in _log(full) if "ntp" in r]
     b = [r for r in _log(killed) if "ntp" in r]
     assert [r["step"] for r in b] == list(range(1, 13))  # the redone steps replaced, not duplicated
@@ -139,12 +173,28 @@ def test_checkpoint_writes_are_atomic(tmp_path, tone_corpus, monkeypatch):
 def test_two_process_ddp_equals_one_process(tmp_path, tone_corpus):
     args = ["--max-steps", "4", "--save-every", "0", "--eval-every", "0"]
     single = tmp_path / "single"
-    subprocess.run(_cli(single, tone_corpus, *args, "--grad-accum", "2"), check=True, env=_env(),
-                   capture_output=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        _cli(single, tone_corpus, *args, "--grad-accum", "2"), check=True, env=_env(), capture_output=True, timeout=600
+    )
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "adapter.lalm.train", "--train-manifest", str(tone_corpus[0]), "--output-dir", str(ddp), *SMALL, *args,
-           "--grad-accum", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "adapter.lalm.train",
+        "--train-manifest",
+        str(tone_corpus[0]),
+        "--output-dir",
+        str(ddp),
+        *SMALL,
+        *args,
+        "--grad-accum",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = [r for r in _log(single) if "ntp" in r]
@@ -162,10 +212,20 @@ def test_two_process_ddp_equals_one_process(tmp_path, tone_corpus):
 
 
 def test_cli_has_help_for_every_flag():
-    proc = subprocess.run([sys.executable, "-m", "adapter.lalm.train", "--help"], capture_output=True, text=True,
-                          env=_env(), check=True)  # fmt: skip
-    for flag in ("--train-manifest", "--aux-lambda", "--freeze-llm", "--resume", "--semantic-codes", "--adapter",
-                 "--grad-accum", "--warmup-steps", "--decay-fraction"):  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapter.lalm.train", "--help"], capture_output=True, text=True, env=_env(), check=True
+    )
+    for flag in (
+        "--train-manifest",
+        "--aux-lambda",
+        "--freeze-llm",
+        "--resume",
+        "--semantic-codes",
+        "--adapter",
+        "--grad-accum",
+        "--warmup-steps",
+        "--decay-fraction",
+    ):
         assert flag in proc.stdout
     cfg = train_config_from_argv(["--train-manifest", "m.jsonl", "--adapter", "dense", "--no-freeze-encoder"])
     assert cfg.model.adapter == "dense" and cfg.freeze_encoder is False

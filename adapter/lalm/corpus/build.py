@@ -1,0 +1,242 @@
+"""A heterogeneous audio corpus: speech, music and environmental sound, each with several tasks,
+generated offline, reproducible from a seed and cached on disk.
+
+    category  task           question (choices)                                    eval
+    speech    transcription  which sentence is spoken (4 sentences)                mmau
+    speech    gender         male / female                                         mmau
+    speech    rate           slow / normal / fast                                  mmau
+    speech    knowledge      a spoken 4-option question; answer with its letter    voicebench
+    music     mode           major / minor                                         mmau
+    music     instrument     sine / square / sawtooth / plucked string             mmau
+    music     direction      ascending / descending                                mmau
+    music     note count     2 / 3 / 4 / 5 / 6                                     mmau
+    music     tempo          slow / medium / fast                                  mmau
+    sound     which sound    rain / wind / siren / alarm / knocking / engine       mmau
+    sound     knock count    1 / 2 / 3 / 4 / 5                                     mmau
+    sound     background     which sound is under the speech (same six)            mmau
+
+Splits never share a sentence, a question or a seed: sentences and questions are assigned to a
+split by a hash of their text, and every synthetic item draws from its own (seed, split, task,
+index) RNG. `text.jsonl` holds every knowledge question as plain text (the backbone's "text
+knowledge", trained on by both adapters alike); the test split's spoken knowledge questions are
+then answered once as text and once as audio to measure the modality gap (paper Table 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from adapter.lalm.audio import load_audio
+from adapter.lalm.corpus import music, sounds, speech
+from adapter.lalm.corpus.banks import question_bank, sentence_bank
+from adapter.lalm.data import write_manifest
+
+VERSION = 1
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTION = {"train": 0.8, "val": 0.1, "test": 0.1}
+VOICEBENCH_INSTRUCTION = "Answer with the letter of the correct option (A, B, C or D)."
+TASKS = {  # task -> (category, question, choices or None when item-specific)
+    "transcription": ("speech", "Which sentence is spoken?", None),
+    "gender": ("speech", "Is the speaker male or female?", ["male", "female"]),
+    "rate": ("speech", "Is the speaker talking slowly, at a normal pace or fast?", ["slow", "normal", "fast"]),
+    "knowledge": ("speech", f"Listen to the question. {VOICEBENCH_INSTRUCTION}", ["A", "B", "C", "D"]),
+    "mode": ("music", "Is the chord major or minor?", ["major", "minor"]),
+    "instrument": ("music", "Which instrument plays?", list(music.TIMBRES)),
+    "direction": ("music", "Does the melody go up or down?", ["ascending", "descending"]),
+    "note count": ("music", "How many notes are played?", [str(n) for n in music.NOTE_COUNTS]),
+    "tempo": ("music", "Is the tempo slow, medium or fast?", list(music.TEMPO)),
+    "which sound": ("sound", "Which sound is this?", list(sounds.SOUNDS)),
+    "knock count": ("sound", "How many knocks are there?", [str(n) for n in sounds.KNOCK_COUNTS]),
+    "background": ("sound", "Which sound is in the background of the speech?", list(sounds.SOUNDS)),
+}
+MUSIC_GENERATORS = {
+    "mode": music.chord_mode,
+    "instrument": music.instrument,
+    "direction": music.direction,
+    "note count": music.note_count,
+    "tempo": music.tempo,
+}
+SOUND_GENERATORS = {"which sound": sounds.which_sound, "knock count": sounds.knock_count}
+
+
+@dataclass(kw_only=True)
+class CorpusConfig:
+    """Items per task in each split, and the seed everything is drawn from."""
+
+    train_per_task: int = 150
+    val_per_task: int = 15
+    test_per_task: int = 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.train_per_task, self.val_per_task, self.test_per_task) < 1:
+            raise ValueError(f"every split needs at least one item per task, got {asdict(self)}")
+
+    def per_task(self, split: str) -> int:
+        return {"train": self.train_per_task, "val": self.val_per_task, "test": self.test_per_task}[split]
+
+
+SIZES = {
+    "ci": CorpusConfig(train_per_task=8, val_per_task=2, test_per_task=3),
+    "demo": CorpusConfig(train_per_task=150, val_per_task=10, test_per_task=25),
+    "full": CorpusConfig(train_per_task=2500, val_per_task=100, test_per_task=250),
+}
+
+
+def split_of(text: str, seed: int) -> str:
+    """train / val / test by a stable hash of the text: one split per sentence or question."""
+    h = int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "train" if h < SPLIT_FRACTION["train"] else ("val" if h < 0.9 else "test")
+
+
+def _rng(cfg: CorpusConfig, split: str, task: str, index: int) -> tuple[random.Random, np.random.Generator]:
+    key = int(hashlib.sha256(f"{cfg.seed}|{split}|{task}|{index}".encode()).hexdigest()[:16], 16)
+    return random.Random(key), np.random.default_rng(key)
+
+
+def _mc_question(question: str, choices: list[str]) -> str:
+    return f"{question} Choices: {'; '.join(c.rstrip('.') for c in choices)}."
+
+
+class _Builder:
+    def __init__(self, root: Path, cfg: CorpusConfig, workers: int) -> None:
+        self.root, self.cfg, self.workers = root, cfg, workers
+        self.audio_dir = root / "audio"
+        self.audio_dir.mkdir(parents=True, exist_ok=True)
+        n_sent = 4 * sum(cfg.per_task(s) for s in SPLITS) + 60
+        sentences = sentence_bank(max(n_sent, 200), seed=cfg.seed)
+        self.sentences = {s: [x for x in sentences if split_of(x, cfg.seed) == s] for s in SPLITS}
+        questions = question_bank(300, seed=cfg.seed)
+        self.questions = {s: [q for q in questions if split_of(q.question, cfg.seed) == s] for s in SPLITS}
+        self.all_questions = questions
+
+    def _write(self, name: str, samples: np.ndarray, sr: int = 16000, fmt: str = "wav") -> str:
+        path = self.audio_dir / f"{name}.{fmt}"
+        sf.write(path, samples, sr, subtype="PCM_16")
+        return str(path.relative_to(self.root))
+
+    def speech_item(self, split: str, task: str, i: int) -> dict:
+        rng, nrng = _rng(self.cfg, split, task, i)
+        name = f"{split}-{task.replace(' ', '_')}-{i:06d}"
+        gender = ["male", "female"][i % 2] if task == "gender" else None
+        rate = list(speech.RATES)[i % 3] if task == "rate" else None
+        voice = speech.random_voice(rng, gender=gender, rate=rate)
+        choices = TASKS[task][2]
+        text = ""
+        if task == "knowledge":
+            q = rng.choice(self.questions[split])
+            said, answer, text = q.spoken(), q.letter, f"{q.spoken()} {VOICEBENCH_INSTRUCTION}"
+        elif task == "transcription":
+            pool = self.sentences[split]
+            said = rng.choice(pool)
+            choices = [said, *rng.sample([s for s in pool if s != said], 3)]
+            rng.shuffle(choices)
+            answer = said
+        else:
+            said = rng.choice(self.sentences[split])
+            answer = voice.gender if task == "gender" else voice.rate_class
+        wav = self.audio_dir / f"{name}.wav"
+        speech.synthesize(said, voice, wav)
+        audio = str(wav.relative_to(self.root))
+        if task == "background":
+            bg, answer = sounds.which_sound(nrng)
+            mixed = sounds.mix_under(load_audio(wav), bg, nrng)
+            wav.unlink()
+            audio = self._write(name, mixed)
+        question = TASKS[task][1] if task == "knowledge" else _mc_question(TASKS[task][1], choices)
+        return {
+            "id": name,
+            "audio": audio,
+            "category": TASKS[task][0],
+            "task": task,
+            "question": question,
+            "choices": choices,
+            "answer": answer,
+            "text": text,
+            "spoken": said,
+            "eval": "voicebench" if task == "knowledge" else "mmau",
+            "voice": asdict(voice),
+        }
+
+    def synthetic_item(self, split: str, task: str, i: int) -> dict:
+        _, nrng = _rng(self.cfg, split, task, i)
+        name = f"{split}-{task.replace(' ', '_')}-{i:06d}"
+        gen = MUSIC_GENERATORS.get(task) or SOUND_GENERATORS[task]
+        samples, answer = gen(nrng)
+        audio = self._write(name, samples, fmt="flac" if task in MUSIC_GENERATORS else "wav")
+        choices = TASKS[task][2]
+        return {
+            "id": name,
+            "audio": audio,
+            "category": TASKS[task][0],
+            "task": task,
+            "question": _mc_question(TASKS[task][1], choices),
+            "choices": choices,
+            "answer": answer,
+            "eval": "mmau",
+        }
+
+    def split_items(self, split: str, progress) -> list[dict]:
+        jobs = []
+        for task in TASKS:
+            for i in range(self.cfg.per_task(split)):
+                is_speech = TASKS[task][0] == "speech" or task == "background"
+                jobs.append((self.speech_item if is_speech else self.synthetic_item, split, task, i))
+        with ThreadPoolExecutor(self.workers) as pool:  # espeak-ng runs as subprocesses: threads suffice
+            items = list(progress(pool.map(lambda j: j[0](*j[1:]), jobs), total=len(jobs), desc=f"corpus {split}"))
+        return items
+
+    def text_items(self) -> list[dict]:
+        return [
+            {
+                "id": f"text-{k:05d}",
+                "audio": None,
+                "category": "text",
+                "task": "knowledge",
+                "question": f"{q.spoken()} {VOICEBENCH_INSTRUCTION}",
+                "choices": ["A", "B", "C", "D"],
+                "answer": q.letter,
+                "eval": "voicebench",
+            }
+            for k, q in enumerate(self.all_questions)
+        ]
+
+
+def build_corpus(
+    root: str | Path, cfg: CorpusConfig, *, workers: int = 4, progress: bool = True, force: bool = False
+) -> dict[str, Path]:
+    """Generate (or reuse, when the same config was built before) the corpus under `root`.
+    Returns the manifests {"train", "val", "test", "text"}."""
+    from tqdm import tqdm
+
+    root = Path(root)
+    manifests = {name: root / f"{name}.jsonl" for name in (*SPLITS, "text")}
+    meta_path = root / "corpus.json"
+    meta = {"version": VERSION, "config": asdict(cfg)}
+    if (
+        not force
+        and meta_path.is_file()
+        and json.loads(meta_path.read_text()) == meta
+        and all(p.is_file() for p in manifests.values())
+    ):
+        return manifests
+    if not speech.espeak_available():
+        raise speech.SpeechSynthesisError("espeak-ng is not installed (apt-get install espeak-ng; scripts/setup.sh)")
+    meta_path.unlink(missing_ok=True)  # an interrupted build is rebuilt, never half-reused
+    builder = _Builder(root, cfg, workers)
+    bar = lambda it, total, desc: tqdm(it, total=total, desc=desc, disable=not progress)  # noqa: E731
+    for split in SPLITS:
+        write_manifest(manifests[split], builder.split_items(split, bar))
+    write_manifest(manifests["text"], builder.text_items())
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(meta_path)
+    return manifests

@@ -1,0 +1,263 @@
+"""Evaluate a trained LALM the way the paper's benchmarks score (section 4.1, Table 1).
+
+- MMAU style (speech / sound / music multiple choice): the generated answer is right when every
+  word of the right choice is in it and no word that only a wrong choice has.
+- VoiceBench MMSU / OBQA style (spoken 4-option questions): a letter is parsed from the answer with
+  a list of patterns; an answer with no (or an ambiguous) letter gets a seeded random letter and
+  counts in the fail rate.
+- Modality gap: the same test questions given as text (the backbone's setting) and as audio;
+  gap = audio accuracy - text accuracy (negative: audio is worse).
+Greedy decoding, fixed seeds. Results as JSON plus a printed table.
+
+    python -m adapter.lalm.evaluate --run runs/demo/moe --manifest data/corpus/test.jsonl
+    python -m adapter.lalm.evaluate --run runs/demo/moe --audio my.flac --question "Which sound is this?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
+from adapter.lalm.model import AudioLLM
+
+LETTERS = "ABCD"
+_LETTER_PATTERNS = [  # tried in order; the first that finds exactly one distinct letter wins
+    re.compile(r"^\s*\(?([A-D])\)?(?:[\s.,:;)]|$)"),
+    re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-D])\b", re.IGNORECASE),
+    re.compile(r"\(([A-D])\)"),
+    re.compile(r"\b([A-D])\b"),
+]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def mmau_correct(prediction: str, choices: list[str], answer: str) -> bool:
+    """All words of the right choice present, and none that appear only in wrong choices."""
+    pred = set(words(prediction))
+    right = set(words(answer))
+    wrong_only = set().union(*(set(words(c)) for c in choices if c != answer)) - right
+    return bool(right) and right <= pred and not (pred & wrong_only)
+
+
+def parse_letter(prediction: str) -> str | None:
+    for pattern in _LETTER_PATTERNS:
+        found = {m.upper() for m in pattern.findall(prediction)}
+        if len(found) == 1:
+            return found.pop()
+        if len(found) > 1:
+            return None  # ambiguous: "A or B"
+    return None
+
+
+def voicebench_score(predictions: list[str], answers: list[str], seed: int = 0) -> dict:
+    """Accuracy with a seeded random letter for unparseable answers, and the fail rate."""
+    rng = random.Random(seed)
+    correct = fails = 0
+    for pred, ans in zip(predictions, answers, strict=True):
+        letter = parse_letter(pred)
+        if letter is None:
+            fails += 1
+            letter = rng.choice(LETTERS)
+        correct += letter == ans
+    n = max(len(answers), 1)
+    return {"accuracy": correct / n, "fail_rate": fails / n, "n": len(answers)}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: AudioLLM,
+    examples: list[Example],
+    source: FeatureSource,
+    *,
+    text_questions=False,
+    batch_size: int = 32,
+    max_new_tokens: int = 24,
+    device="cpu",
+) -> list[str]:
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: examples[i].num_frames)  # similar lengths together
+    answers: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate(
+            [examples[i] for i in idx],
+            model.tokenizer,
+            source,
+            with_answer=False,
+            left_pad=True,
+            use_text_question=text_questions,
+        ).to(device)
+        for i, ids in zip(idx, model.generate(batch, max_new_tokens=max_new_tokens), strict=True):
+            answers[i] = model.tokenizer.decode(ids).strip()
+    return [answers[i] for i in range(len(examples))]
+
+
+@torch.no_grad()
+def expert_rates(
+    model: AudioLLM, examples: list[Example], source: FeatureSource, device="cpu", batch_size: int = 32
+) -> dict[str, list[float]]:
+    """Token-normalized activation rate of each routed expert per audio category (paper Fig. 3):
+    the fraction of the category's audio tokens routed to the expert (rows sum to k)."""
+    adapter = getattr(model, "adapter", None)
+    if not hasattr(adapter, "last_topk_idx"):
+        return {}
+    E = adapter.config.num_experts
+    counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(E, dtype=torch.float64))
+    tokens: dict[str, int] = defaultdict(int)
+    audio_ex = [ex for ex in examples if ex.audio is not None]
+    for start in range(0, len(audio_ex), batch_size):
+        chunk = audio_ex[start : start + batch_size]
+        batch = collate(chunk, model.tokenizer, source, with_answer=False).to(device)
+        feats, mask = model.audio_inputs(batch)
+        model.embed_audio(feats, mask)
+        idx = adapter.last_topk_idx.reshape(mask.shape[0], mask.shape[1], -1).cpu()
+        for b, ex in enumerate(chunk):
+            sel = idx[b][mask[b].cpu()]
+            counts[ex.category] += torch.bincount(sel.reshape(-1).long(), minlength=E).double()
+            tokens[ex.category] += int(sel.shape[0])
+    return {c: (counts[c] / max(tokens[c], 1)).tolist() for c in sorted(counts)}
+
+
+def evaluate(
+    model: AudioLLM,
+    examples: list[Example],
+    source: FeatureSource,
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 24,
+    device="cpu",
+) -> dict:
+    """Scores of a model on a test manifest's examples (see the module docstring)."""
+    torch.manual_seed(seed)
+    preds = generate_answers(
+        model, examples, source, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
+    )
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    per_category: dict[str, list[bool]] = defaultdict(list)
+    rows = []
+    vb = [(p, ex) for p, ex in zip(preds, examples, strict=True) if ex.eval == "voicebench"]
+    for pred, ex in zip(preds, examples, strict=True):
+        row = {"id": ex.id, "category": ex.category, "task": ex.task, "answer": ex.answer, "prediction": pred}
+        if ex.eval == "mmau":
+            ok = mmau_correct(pred, ex.choices, ex.answer)
+            per_task[f"{ex.category}/{ex.task}"].append(ok)
+            per_category[ex.category].append(ok)
+            row["correct"] = ok
+        rows.append(row)
+    result: dict = {
+        "mmau": {
+            "per_category": {c: sum(v) / len(v) for c, v in sorted(per_category.items())},
+            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+            "overall": sum(sum(v) for v in per_category.values()) / max(1, sum(len(v) for v in per_category.values())),
+            "n": sum(len(v) for v in per_category.values()),
+        }
+    }
+    if vb:
+        audio_scores = voicebench_score([p for p, _ in vb], [ex.answer for _, ex in vb], seed)
+        text_ex = [ex for _, ex in vb]
+        text_preds = generate_answers(
+            model,
+            text_ex,
+            source,
+            text_questions=True,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            device=device,
+        )
+        text_scores = voicebench_score(text_preds, [ex.answer for ex in text_ex], seed)
+        result["voicebench"] = {
+            "audio": audio_scores,
+            "text": text_scores,
+            "modality_gap": audio_scores["accuracy"] - text_scores["accuracy"],
+        }
+    result["expert_rates"] = expert_rates(model, examples, source, device)
+    result["predictions"] = rows
+    return result
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Paper-Table-1-shaped comparison of several evaluated models {name: evaluate(...)}."""
+    names = list(results)
+    head = f"{'':28s}" + "".join(f"{n:>12s}" for n in names)
+    lines = [head, "-" * len(head)]
+    cats = sorted({c for r in results.values() for c in r["mmau"]["per_category"]})
+    for c in cats:
+        lines.append(
+            f"{'MMAU-style ' + c:28s}"
+            + "".join(f"{100 * results[n]['mmau']['per_category'].get(c, float('nan')):12.1f}" for n in names)
+        )
+    lines.append(f"{'MMAU-style all':28s}" + "".join(f"{100 * results[n]['mmau']['overall']:12.1f}" for n in names))
+    if all("voicebench" in r for r in results.values()):
+        for label, key in (("knowledge, text", "text"), ("knowledge, audio", "audio")):
+            lines.append(
+                f"{label:28s}" + "".join(f"{100 * results[n]['voicebench'][key]['accuracy']:12.1f}" for n in names)
+            )
+        lines.append(
+            f"{'modality gap (audio-text)':28s}"
+            + "".join(f"{100 * results[n]['voicebench']['modality_gap']:12.1f}" for n in names)
+        )
+        lines.append(
+            f"{'letter parse fail rate':28s}"
+            + "".join(f"{100 * results[n]['voicebench']['audio']['fail_rate']:12.1f}" for n in names)
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from adapter.lalm.train import load_trained
+
+    p = argparse.ArgumentParser(
+        prog="python -m adapter.lalm.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", required=True, help="a training run folder (config.json + checkpoints/)")
+    p.add_argument("--manifest", help="a test manifest (JSONL) to score")
+    p.add_argument("--audio", nargs="+", help="instead of a manifest: audio files (WAV/FLAC/OGG) to ask about")
+    p.add_argument("--question", default="What do you hear?", help="the question asked about --audio files")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy decoding length limit")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fallback letters")
+    args = p.parse_args(argv)
+    if not args.manifest and not args.audio:
+        p.error("give --manifest or --audio")
+    model = load_trained(args.run)
+    source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
+    if args.audio:
+        from adapter.lalm.data import _resampled_length
+
+        exs = [
+            Example(id=Path(a).name, question=args.question, audio=Path(a), num_samples=_resampled_length(Path(a)))
+            for a in args.audio
+        ]
+        for ex, ans in zip(exs, generate_answers(model, exs, source, max_new_tokens=args.max_new_tokens), strict=True):
+            print(f"{ex.id}: {ans}")
+        return 0
+    result = evaluate(
+        model,
+        read_manifest(args.manifest),
+        source,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(format_table({Path(args.run).name: result}))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
