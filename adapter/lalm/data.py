@@ -103,8 +103,17 @@ def read_manifest(path: str | Path) -> list[Example]:
 
 
 def read_manifests(spec: str) -> list[Example]:
-    """Examples of one manifest or of several, comma-separated."""
-    return [ex for part in spec.split(",") if part.strip() for ex in read_manifest(part.strip())]
+    """Examples of one manifest or several, comma-separated; "path*N" repeats a manifest N times
+    (upweights it in every epoch)."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path, _, times = part.partition("*")
+        if times and (not times.isdigit() or int(times) < 1):
+            raise ValueError(f"manifest weight must be a positive integer: {part!r}")
+        out += read_manifest(path) * (int(times) if times else 1)
+    return out
 
 
 def write_manifest(path: str | Path, records: list[dict]) -> None:

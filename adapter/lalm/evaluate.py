@@ -29,12 +29,8 @@ from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
 
 LETTERS = "ABCD"
-_LETTER_PATTERNS = [  # tried in order; the first that finds exactly one distinct letter wins
-    re.compile(r"^\s*\(?([A-D])\)?(?:[\s.,:;)]|$)"),
-    re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-D])\b", re.IGNORECASE),
-    re.compile(r"\(([A-D])\)"),
-    re.compile(r"\b([A-D])\b"),
-]
+_EXPLICIT = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-D])\b", re.IGNORECASE)
+_STANDALONE = re.compile(r"\b([A-D])\b")  # a capital A-D standing alone: "B", "(C)", "D) a dog"
 
 
 def words(text: str) -> list[str]:
@@ -50,13 +46,13 @@ def mmau_correct(prediction: str, choices: list[str], answer: str) -> bool:
 
 
 def parse_letter(prediction: str) -> str | None:
-    for pattern in _LETTER_PATTERNS:
-        found = {m.upper() for m in pattern.findall(prediction)}
-        if len(found) == 1:
-            return found.pop()
-        if len(found) > 1:
-            return None  # ambiguous: "A or B"
-    return None
+    """The option letter an answer gives: an explicit "answer is X" / "option X" wins; otherwise a
+    single capital A-D standing alone. None when there is none, or several ("A or B")."""
+    explicit = {m.upper() for m in _EXPLICIT.findall(prediction)}
+    if len(explicit) == 1:
+        return explicit.pop()
+    standalone = set(_STANDALONE.findall(prediction))
+    return standalone.pop() if len(standalone) == 1 and not explicit else None
 
 
 def voicebench_score(predictions: list[str], answers: list[str], seed: int = 0) -> dict:

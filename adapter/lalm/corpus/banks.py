@@ -1,5 +1,6 @@
-"""Text the speech items say: a sentence bank for transcription and a multiple-choice question
-bank (arithmetic, comparisons, everyday facts) in the style of VoiceBench's MMSU / OBQA.
+"""Text the speech items say: a phrase bank for transcription, a sentence bank for the other
+speech tasks, and a multiple-choice question bank (arithmetic, comparisons, everyday facts) in
+the style of VoiceBench's MMSU / OBQA.
 
 Everything is generated from fixed word lists and a seed: the same seed gives the same banks.
 Splits are made by the caller on the *text* of each entry, so no sentence or question appears in
@@ -192,6 +193,12 @@ class MCQuestion:
         """The question with its options, as read aloud (VoiceBench MMSU / OBQA style)."""
         opts = ". ".join(f"Option {'ABCD'[i]}: {c}" for i, c in enumerate(self.choices))
         return f"{self.question} {opts}."
+
+
+def phrase_bank() -> list[str]:
+    """Every "adjective noun" phrase (400): transcription targets. Splits take disjoint phrases, so a
+    test phrase is a new combination of words that training examples have spoken."""
+    return [f"{a} {n}" for a in ADJECTIVES for n in NOUNS]
 
 
 def sentence_bank(n: int, seed: int) -> list[str]:

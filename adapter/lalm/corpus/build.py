@@ -2,7 +2,7 @@
 generated offline, reproducible from a seed and cached on disk.
 
     category  task           question (choices)                                    eval
-    speech    transcription  which sentence is spoken (4 sentences)                mmau
+    speech    transcription  which two words are spoken (4 phrases)                mmau
     speech    gender         male / female                                         mmau
     speech    rate           slow / normal / fast                                  mmau
     speech    knowledge      a spoken 4-option question; answer with its letter    voicebench
@@ -18,8 +18,9 @@ generated offline, reproducible from a seed and cached on disk.
 Splits never share a sentence, a question or a seed: sentences and questions are assigned to a
 split by a hash of their text, and every synthetic item draws from its own (seed, split, task,
 index) RNG. `text.jsonl` holds every knowledge question as plain text (the backbone's "text
-knowledge", trained on by both adapters alike); the test split's spoken knowledge questions are
-then answered once as text and once as audio to measure the modality gap (paper Table 1).
+knowledge", trained on by both adapters alike: a small random LLM knows nothing else); the test
+split's spoken knowledge questions, never heard in training, are then answered once as text and
+once as audio to measure the modality gap (paper Table 1).
 """
 
 from __future__ import annotations
@@ -36,15 +37,16 @@ import soundfile as sf
 
 from adapter.lalm.audio import load_audio
 from adapter.lalm.corpus import music, sounds, speech
-from adapter.lalm.corpus.banks import question_bank, sentence_bank
+from adapter.lalm.corpus.banks import phrase_bank, question_bank, sentence_bank
 from adapter.lalm.data import write_manifest
 
-VERSION = 1
+VERSION = 6
+QUESTIONS = 100  # distinct knowledge questions: few enough that the small LLM learns them all as text
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTION = {"train": 0.8, "val": 0.1, "test": 0.1}
 VOICEBENCH_INSTRUCTION = "Answer with the letter of the correct option (A, B, C or D)."
 TASKS = {  # task -> (category, question, choices or None when item-specific)
-    "transcription": ("speech", "Which sentence is spoken?", None),
+    "transcription": ("speech", "Which words are spoken?", None),
     "gender": ("speech", "Is the speaker male or female?", ["male", "female"]),
     "rate": ("speech", "Is the speaker talking slowly, at a normal pace or fast?", ["slow", "normal", "fast"]),
     "knowledge": ("speech", f"Listen to the question. {VOICEBENCH_INSTRUCTION}", ["A", "B", "C", "D"]),
@@ -114,7 +116,9 @@ class _Builder:
         n_sent = 4 * sum(cfg.per_task(s) for s in SPLITS) + 60
         sentences = sentence_bank(max(n_sent, 200), seed=cfg.seed)
         self.sentences = {s: [x for x in sentences if split_of(x, cfg.seed) == s] for s in SPLITS}
-        questions = question_bank(300, seed=cfg.seed)
+        phrases = phrase_bank()
+        self.phrases = {s: [x for x in phrases if split_of(x, cfg.seed) == s] for s in SPLITS}
+        questions = question_bank(QUESTIONS, seed=cfg.seed)
         self.questions = {s: [q for q in questions if split_of(q.question, cfg.seed) == s] for s in SPLITS}
         self.all_questions = questions
 
@@ -135,9 +139,12 @@ class _Builder:
             q = rng.choice(self.questions[split])
             said, answer, text = q.spoken(), q.letter, f"{q.spoken()} {VOICEBENCH_INSTRUCTION}"
         elif task == "transcription":
-            pool = self.sentences[split]
-            said = rng.choice(pool)
-            choices = [said, *rng.sample([s for s in pool if s != said], 3)]
+            said = rng.choice(self.phrases[split])
+            adj, noun = said.split()
+            # distractors (never spoken, so free to come from any split) share one word with the
+            # answer: both words must be heard
+            near = [p for p in phrase_bank() if p != said and (p.split()[0] == adj or p.split()[1] == noun)]
+            choices = [said, *rng.sample(near, 3)]
             rng.shuffle(choices)
             answer = said
         else:

@@ -37,13 +37,27 @@ def tone(freq: float, dur: float, timbre: str, rng: np.random.Generator) -> np.n
     n = int(dur * SR)
     t = np.arange(n) / SR
     if timbre == "plucked string":  # Karplus-Strong: a noise burst averaged and decayed each period
-        period = max(2, int(round(SR / freq)))
-        buf = rng.uniform(-1, 1, period)
+        # The delay line plus the two-sample average sounds at SR / (period - 0.5) (measured: a
+        # 1174.7 Hz target came out at SR / 12.5 before this correction) ...
+        period = max(2, int(SR / freq + 0.5))
+        stretch = (SR / (period - 0.5)) / freq  # >= 1: how much longer the true period is
+        m = int(np.ceil(n / stretch)) + 2
+        # The string starts in the triangular shape of a pluck at a fifth of its length (harmonics
+        # fall as sin(k pi / 5) / k^2: the fundamental leads), plus a little noise for texture.
+        pos = np.arange(period) / period
+        apex = rng.uniform(0.15, 0.25)
+        buf = np.where(pos < apex, pos / apex, (1 - pos) / (1 - apex)) + 0.1 * rng.uniform(-1, 1, period)
+        buf -= buf.mean()  # no DC offset
         periods = []
-        for _ in range(-(-n // period)):
+        for _ in range(-(-m // period)):
             periods.append(buf)
             buf = 0.996 * 0.5 * (buf + np.roll(buf, -1))
-        return np.concatenate(periods)[:n] * adsr(n, 0.002, 0.05, 0.8, 0.05)
+        raw = np.concatenate(periods)[:m]
+        # ... so read it `stretch` times slower (linear interpolation): exactly `freq`, not up to half
+        # a semitone sharp as the integer period alone would be.
+        out = np.interp(np.arange(n) / stretch, np.arange(m), raw)
+        out /= max(1e-9, np.sqrt(np.mean(out**2)) * 2**0.5)  # RMS of a unit sine: notes equally loud
+        return out * adsr(n, 0.002, 0.05, 0.8, 0.05)
     if timbre == "sine":
         wave = np.sin(2 * np.pi * freq * t)
     else:  # band-limited additive synthesis below Nyquist: square = odd harmonics 1/k, saw = all 1/k
@@ -57,6 +71,7 @@ def tone(freq: float, dur: float, timbre: str, rng: np.random.Generator) -> np.n
 
 
 def _normalize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = x - x.mean()
     x = x / max(1e-9, np.abs(x).max())
     return (rng.uniform(0.3, 0.8) * x + rng.normal(0, 0.002, len(x))).astype(np.float32)
 

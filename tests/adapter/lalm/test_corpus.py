@@ -1,0 +1,254 @@
+"""The corpus generators label what they generate: each label is checked against a measurement
+of the audio itself (pitch classes, pitch trajectories, onsets, harmonics, spectra, F0, duration)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from adapter.lalm.audio import load_audio
+from adapter.lalm.corpus import build as corpus_build
+from adapter.lalm.corpus import music, sounds, speech
+from adapter.lalm.corpus.banks import phrase_bank, question_bank, sentence_bank
+from adapter.lalm.corpus.build import SPLITS, TASKS, CorpusConfig, build_corpus
+
+SR = 16000
+N = 24  # seeded samples per generator
+
+
+def spectrum(x):
+    mag = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return mag, np.fft.rfftfreq(len(x), 1 / SR)
+
+
+def peak_notes(x, rel=0.3):
+    """MIDI numbers of the spectral peaks above rel x the largest (local maxima only)."""
+    mag, freq = spectrum(x)
+    keep = (mag[1:-1] > rel * mag.max()) & (mag[1:-1] >= mag[:-2]) & (mag[1:-1] >= mag[2:])
+    f = freq[1:-1][keep]
+    return sorted({int(round(69 + 12 * np.log2(v / 440))) for v in f if v > 60})
+
+
+def onsets(x, frame=0.01, thresh=0.2):
+    """Number of rises of the frame RMS through `thresh` x its maximum."""
+    n = int(frame * SR)
+    rms = np.sqrt(np.convolve(x**2, np.ones(n) / n, "same"))[::n]
+    above = rms > thresh * rms.max()
+    return int(np.sum(above[1:] & ~above[:-1]) + above[0])
+
+
+def salient_notes(x, count=3):
+    """The `count` most salient pitch classes: each candidate note (MIDI 40-90) scores the spectrum
+    at its first five harmonics weighted 1/k, so a note's overtones vote for it, not for others."""
+    mag, freq = spectrum(x)
+    score = {}
+    for m in range(40, 91):
+        f = 440 * 2 ** ((m - 69) / 12)
+        score[m] = sum(mag[np.argmin(np.abs(freq - k * f))] / k for k in range(1, 6))
+    classes: dict[int, float] = {}
+    for m, v in score.items():  # a note's class takes its best octave
+        classes[(m - 69) % 12] = max(classes.get((m - 69) % 12, 0), v)
+    return set(sorted(classes, key=classes.get)[-count:])
+
+
+def triad_quality(x) -> str:
+    """major / minor from the three most salient pitch classes (a root r with r+4 or r+3, and r+7)."""
+    top = salient_notes(x)
+    for r in top:
+        if {(r + 4) % 12, (r + 7) % 12} <= top:
+            return "major"
+        if {(r + 3) % 12, (r + 7) % 12} <= top:
+            return "minor"
+    return "neither"
+
+
+def test_major_chords_are_major_and_minor_minor():
+    rng = np.random.default_rng(0)
+    labels = []
+    for _ in range(2 * N):
+        x, label = music.chord_mode(rng)
+        assert triad_quality(x) == label
+        labels.append(label)
+    assert set(labels) == {"major", "minor"}
+
+
+@pytest.mark.parametrize("note", [50, 62, 74, 86])
+@pytest.mark.parametrize("timbre", music.TIMBRES)
+def test_notes_are_in_tune(note, timbre):
+    """Every timbre sounds at its note within 10 cents (the strongest of its lowest two harmonics)."""
+    f = music.midi_hz(note)
+    mag, freq = spectrum(music.tone(f, 1.0, timbre, np.random.default_rng(0)))
+    peak = freq[np.argmax(np.where(freq < 2.5 * f, mag, 0))]
+    harmonic = round(peak / f)
+    assert abs(1200 * np.log2(peak / (harmonic * f))) < 10, (peak, f)
+
+
+def pitch(seg) -> int:
+    """MIDI note of a harmonic segment by autocorrelation: past the first zero crossing, the
+    shortest-lag peak within 85% of the best, so neither a slow sine nor a strong harmonic fools it."""
+    seg = seg - seg.mean()
+    ac = np.correlate(seg, seg, "full")[len(seg) - 1 :]
+    start = int(np.flatnonzero(ac < 0)[0])
+    hi = min(len(ac) - 1, int(SR / 60))
+    peaks = [i for i in range(start + 1, hi) if ac[i] >= ac[i - 1] and ac[i] >= ac[i + 1]]
+    best = max(ac[i] for i in peaks)
+    lag = next(i for i in peaks if ac[i] >= 0.85 * best)
+    return int(round(69 + 12 * np.log2(SR / lag / 440)))
+
+
+def test_direction_labels_follow_the_pitch():
+    rng = np.random.default_rng(1)
+    for _ in range(N):
+        x, label = music.direction(rng)
+        seg = int(0.22 * SR)
+        notes = [pitch(x[i + seg // 4 : i + 3 * seg // 4]) for i in range(0, len(x) - seg + 1, seg)]
+        steps = np.diff(notes)
+        assert (steps > 0).all() if label == "ascending" else (steps < 0).all(), (label, notes)
+
+
+def envelope(x, frame=0.01):
+    n = int(frame * SR)
+    return np.sqrt(np.convolve(x**2, np.ones(n) / n, "same"))[::n]
+
+
+def test_note_counts_and_tempi_match_the_audio():
+    rng = np.random.default_rng(2)
+    for _ in range(N):
+        x, label = music.note_count(rng)
+        assert onsets(x) == int(label), label
+    for _ in range(N):
+        x, label = music.tempo(rng)
+        env = envelope(x) - envelope(x).mean()
+        ac = np.correlate(env, env, "full")[len(env) - 1 :]
+        lo, hi = 30, 110  # beat period between 0.3 and 1.1 s, in 10 ms frames
+        beat = (lo + int(np.argmax(ac[lo:hi]))) * 0.01
+        bpm_lo, bpm_hi = music.TEMPO[label]
+        assert 60 / bpm_hi - 0.02 <= beat <= 60 / bpm_lo + 0.02, (label, beat)
+
+
+@pytest.mark.parametrize("timbre", music.TIMBRES)
+def test_timbres_have_their_harmonics(timbre):
+    f0 = 220.0
+    x = music.tone(f0, 0.5, timbre, np.random.default_rng(0))
+    mag, freq = spectrum(x)
+    h = [mag[np.argmin(np.abs(freq - k * f0))] for k in (1, 2, 3)]
+    if timbre == "sine":
+        assert h[1] < 0.01 * h[0] and h[2] < 0.01 * h[0]
+    elif timbre == "square":
+        assert h[1] < 0.05 * h[0] and 0.2 < h[2] / h[0] < 0.5  # odd harmonics at 1/k
+    elif timbre == "sawtooth":
+        assert 0.35 < h[1] / h[0] < 0.65 and 0.2 < h[2] / h[0] < 0.45  # every harmonic at 1/k
+    else:  # plucked string: harmonic, with overtones
+        assert h[1] > 0.02 * h[0] and h[0] == max(h)
+
+
+def test_sound_labels_match_their_signatures():
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(60):
+        x, label = sounds.which_sound(rng)
+        seen.add(label)
+        mag, freq = spectrum(x)
+        energy = mag**2
+        low = energy[freq < 400].sum() / energy.sum()
+        high = energy[freq > 2000].sum() / energy.sum()
+        frames = [x[i : i + 2048] for i in range(0, len(x) - 2048, 2048)]
+        dominant = [spectrum(f)[1][np.argmax(spectrum(f)[0])] for f in frames]
+        if label == "engine":
+            assert low > 0.8
+        elif label == "wind":
+            assert low + energy[(freq >= 400) & (freq < 1000)].sum() / energy.sum() > 0.9 and high < 0.05
+        elif label == "rain":
+            assert high > 0.2
+        elif label == "siren":
+            assert 500 < np.median(dominant) < 1600 and np.ptp(dominant) > 250  # a sweeping tone
+        elif label == "alarm":
+            assert np.median(dominant) > 1800 and onsets(x) >= 2  # beeps
+        else:
+            assert label == "knocking" and 1 <= onsets(x) <= 5
+    assert seen == set(sounds.SOUNDS)
+
+
+def test_knock_counts():
+    rng = np.random.default_rng(4)
+    for _ in range(N):
+        x, label = sounds.knock_count(rng)
+        assert onsets(x, thresh=0.3) == int(label)
+
+
+def test_mixing_keeps_the_speech_length_and_level():
+    rng = np.random.default_rng(5)
+    s = np.sin(np.linspace(0, 200, 16000)).astype(np.float32)
+    bg, _ = sounds.which_sound(rng)
+    mix = sounds.mix_under(s, bg, rng)
+    assert mix.shape == s.shape and np.abs(mix).max() == pytest.approx(0.9, rel=1e-4)
+
+
+def test_espeak_voices_match_their_gender_and_rate_labels(tmp_path):
+    rng = random.Random(0)
+    f0 = {"male": [], "female": []}
+    durations = {r: [] for r in speech.RATES}
+    text = "The quiet farmer helps the young teacher near the house."
+    for i in range(24):
+        voice = speech.random_voice(rng, gender=["male", "female"][i % 2], rate=list(speech.RATES)[i % 3])
+        path = speech.synthesize(text, voice, tmp_path / f"v{i}.wav")
+        x = load_audio(path)
+        f0[voice.gender].append(speech.median_f0(x, SR))
+        durations[voice.rate_class].append(len(x) / SR)
+    assert max(f0["male"]) < 135 < min(f0["female"]), f0
+    assert min(durations["slow"]) > max(durations["normal"]) and min(durations["normal"]) > max(durations["fast"])
+
+
+def test_banks_are_distinct_and_deterministic():
+    assert len(set(phrase_bank())) == 400
+    assert sentence_bank(50, 1) == sentence_bank(50, 1) and len(set(sentence_bank(50, 1))) == 50
+    qs = question_bank(100, 0)
+    assert len({q.question for q in qs}) == 100 and qs == question_bank(100, 0)
+    assert all(len(q.choices) == 4 and len(set(q.choices)) == 4 for q in qs)
+    assert {q.letter for q in qs} == {"A", "B", "C", "D"}
+
+
+@pytest.fixture(scope="module")
+def ci_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, build_corpus(root, corpus_build.SIZES["ci"], progress=False)
+
+
+def test_corpus_splits_share_no_text_or_seed(ci_corpus):
+    root, manifests = ci_corpus
+    recs = {s: [json.loads(line) for line in manifests[s].read_text().splitlines()] for s in SPLITS}
+    for s in SPLITS:
+        assert len(recs[s]) == len(TASKS) * corpus_build.SIZES["ci"].per_task(s)
+        for r in recs[s]:
+            assert (
+                (root / r["audio"]).is_file()
+                and r["answer"] in r["choices"]
+                and r["category"]
+                in (
+                    "speech",
+                    "music",
+                    "sound",
+                )
+            )
+    spoken = {s: {r["spoken"] for r in recs[s] if r.get("spoken")} for s in SPLITS}
+    assert not (spoken["train"] & spoken["test"]) and not (spoken["train"] & spoken["val"])
+    assert not (spoken["val"] & spoken["test"])
+    ids = [r["id"] for s in SPLITS for r in recs[s]]
+    assert len(ids) == len(set(ids))
+    text = [json.loads(line) for line in manifests["text"].read_text().splitlines()]
+    assert len(text) == corpus_build.QUESTIONS and all(r["audio"] is None for r in text)
+    # every spoken test question is known as text (the backbone's knowledge)
+    known = {r["question"].rsplit(" Answer with", 1)[0] for r in text}
+    assert all(r["spoken"] in known for r in recs["test"] if r["task"] == "knowledge")
+
+
+def test_corpus_is_cached_and_reproducible(ci_corpus, tmp_path):
+    root, manifests = ci_corpus
+    before = {p: p.stat().st_mtime_ns for p in manifests.values()}
+    assert build_corpus(root, corpus_build.SIZES["ci"], progress=False) == manifests
+    assert {p: p.stat().st_mtime_ns for p in manifests.values()} == before  # reused, not rebuilt
+    again = build_corpus(tmp_path, corpus_build.SIZES["ci"], progress=False)
+    assert again["test"].read_text() == manifests["test"].read_text()  # same seed, same corpus
+    with pytest.raises(ValueError, match="at least one item per task"):
+        CorpusConfig(train_per_task=0)

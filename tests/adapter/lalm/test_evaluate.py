@@ -1,0 +1,61 @@
+"""Scorers on hand-made outputs with known scores, and the evaluation of a trained model."""
+
+import pytest
+
+from adapter.lalm.evaluate import mmau_correct, parse_letter, voicebench_score, words
+
+SOUNDS = ["rain", "wind", "siren", "alarm", "knocking", "engine"]
+PHRASES = ["green farmer", "green rabbit", "lazy farmer", "green kitten"]
+
+
+@pytest.mark.parametrize(
+    "prediction,choices,answer,expected",
+    [
+        ("siren", SOUNDS, "siren", True),
+        ("It is a siren.", SOUNDS, "siren", True),
+        ("SIREN!", SOUNDS, "siren", True),
+        ("a siren or an alarm", SOUNDS, "siren", False),  # a word unique to a wrong choice
+        ("alarm", SOUNDS, "siren", False),
+        ("", SOUNDS, "siren", False),
+        ("green farmer", PHRASES, "green farmer", True),
+        ("the green farmer", PHRASES, "green farmer", True),  # 'the' is in no choice
+        ("green", PHRASES, "green farmer", False),  # incomplete
+        ("green farmer rabbit", PHRASES, "green farmer", False),
+        ("plucked string", ["sine", "square", "sawtooth", "plucked string"], "plucked string", True),
+        ("3", ["2", "3", "4", "5", "6"], "3", True),
+        ("3 or 4", ["2", "3", "4", "5", "6"], "3", False),
+    ],
+)
+def test_mmau_matching(prediction, choices, answer, expected):
+    assert mmau_correct(prediction, choices, answer) is expected
+
+
+@pytest.mark.parametrize(
+    "text,letter",
+    [
+        ("B", "B"),
+        ("B.", "B"),
+        ("(C)", "C"),
+        ("D) a dog", "D"),
+        ("The answer is A.", "A"),
+        ("answer: c", "C"),
+        ("I think option B is right", "B"),
+        ("A or B", None),  # ambiguous
+        ("I do not know", None),
+        ("a dog", None),  # a lowercase article is not an option letter
+        ("", None),
+    ],
+)
+def test_letter_parsing(text, letter):
+    assert parse_letter(text) == letter
+
+
+def test_voicebench_scoring_with_seeded_fallback():
+    preds = ["A", "B", "no idea", "D", "maybe"]
+    answers = ["A", "C", "B", "D", "A"]
+    a = voicebench_score(preds, answers, seed=3)
+    b = voicebench_score(preds, answers, seed=3)
+    assert a == b and a["fail_rate"] == pytest.approx(0.4) and a["n"] == 5
+    assert 0.4 <= a["accuracy"] <= 0.8  # 2 parsed right, 1 parsed wrong, 2 random
+    assert voicebench_score(["A"] * 4, list("ABCD"))["accuracy"] == 0.25
+    assert words("It's a Siren!") == ["it", "s", "a", "siren"]
