@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", default="data/corpus-demo", help="corpus folder (built once, then reused)")
     p.add_argument("--size", choices=sorted(SIZES), default="demo", help="corpus size (items per task)")
     p.add_argument("--train-per-task", type=int, help="override the corpus size's training items per task")
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps per adapter (same budget for both)")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per adapter (same budget for both)")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Warmup-Stable-Decay)")
     p.add_argument("--audio-dim", type=int, default=64, help="d, the adapter input width (paper: 2560)")
