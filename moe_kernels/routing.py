@@ -60,6 +60,26 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 @triton.jit
+def _load_logits(logits_ptr, offs_t64, offs_e, t_in, e_in, stride_lt, stride_le, ACC: tl.constexpr):
+    """(BLOCK_T, BLOCK_E) logits in ACC: rows past T read as 0 (finite, so no inf - inf below),
+    columns past E as -inf (never selected, zero probability)."""
+    logits = tl.load(
+        logits_ptr + offs_t64[:, None] * stride_lt + offs_e[None, :] * stride_le,
+        mask=t_in[:, None] & e_in[None, :],
+        other=0.0,
+    ).to(ACC)
+    return tl.where(e_in[None, :], logits, float("-inf"))
+
+
+@triton.jit
+def _full_softmax(logits, e_in):
+    """softmax over all E experts (GShard's p); a NaN logit makes its row NaN, as in torch."""
+    row_max = tl.max(tl.where(logits != logits, float("-inf"), logits), axis=1)
+    pe = tl.where(e_in[None, :], tl.exp(logits - row_max[:, None]), 0.0)
+    return pe / tl.sum(pe, axis=1)[:, None]
+
+
+@triton.jit
 def _router_fwd_kernel(
     logits_ptr,
     mask_ptr,
@@ -87,12 +107,7 @@ def _router_fwd_kernel(
     if HAS_MASK:
         real = real & (tl.load(mask_ptr + offs_t, mask=t_in, other=0) != 0)
     offs_t64 = offs_t.to(tl.int64)
-    logits = tl.load(
-        logits_ptr + offs_t64[:, None] * stride_lt + offs_e[None, :] * stride_le,
-        mask=t_in[:, None] & e_in[None, :],
-        other=0.0,  # rows past T stay finite: no inf - inf below
-    ).to(ACC)
-    logits = tl.where(e_in[None, :], logits, float("-inf"))
+    logits = _load_logits(logits_ptr, offs_t64, offs_e, t_in, e_in, stride_lt, stride_le, ACC)
     key = tl.where(logits != logits, float("-inf"), logits)  # NaN never wins a selection
 
     # K rounds of "take the best untaken expert, lowest index on ties". `taken` starts with the
@@ -121,12 +136,7 @@ def _router_fwd_kernel(
     # This block's share of the balance statistics (masked tokens excluded).
     counted = sel & real[:, None]
     tl.store(blk_count_ptr + pid * E + offs_e, tl.sum(counted.to(tl.int32), axis=0), mask=e_in)
-    if P_SOFTMAX:
-        full_max = tl.max(key, axis=1)
-        pe = tl.where(e_in[None, :], tl.exp(logits - full_max[:, None]), 0.0)
-        p = pe / tl.sum(pe, axis=1)[:, None]
-    else:
-        p = weight
+    p = _full_softmax(logits, e_in) if P_SOFTMAX else weight
     psum = tl.sum(tl.where(real[:, None] & e_in[None, :], p, 0.0), axis=0)
     tl.store(blk_psum_ptr + pid * E + offs_e, psum, mask=e_in)
 
@@ -214,15 +224,8 @@ def _router_bwd_kernel(
     # Softmax backward over the kept set: dl = G * (dG - <G, dG>); 0 outside it.
     dlogits = tl.where(selected, g * (dg - tl.sum(g * dg, axis=1)[:, None]), 0.0)
     if P_SOFTMAX:
-        logits = tl.load(
-            logits_ptr + offs_t64[:, None] * stride_lt + offs_e[None, :] * stride_le,
-            mask=t_in[:, None] & e_in[None, :],
-            other=0.0,
-        ).to(ACC)
-        logits = tl.where(e_in[None, :], logits, float("-inf"))
-        full_max = tl.max(tl.where(logits != logits, float("-inf"), logits), axis=1)
-        pe = tl.where(e_in[None, :], tl.exp(logits - full_max[:, None]), 0.0)
-        p = pe / tl.sum(pe, axis=1)[:, None]
+        logits = _load_logits(logits_ptr, offs_t64, offs_e, t_in, e_in, stride_lt, stride_le, ACC)
+        p = _full_softmax(logits, e_in)
         dlogits += tl.where(e_in[None, :], p * (dp[None, :] - tl.sum(p * dp[None, :], axis=1)[:, None]), 0.0)
     dlogits = tl.where(real[:, None], dlogits, 0.0)
     tl.store(

@@ -83,6 +83,11 @@ class TrainConfig:
     save_every: int = _f(50, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = _f(
+        False,
+        "start afresh in an output_dir that holds an earlier run (deletes its log and "
+        "checkpoints); without it or --resume such a folder is refused",
+    )
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:

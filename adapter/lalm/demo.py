@@ -68,6 +68,7 @@ def run_demo(args) -> dict:
             save_every=max(1, args.steps // 4),
             progress=not args.quiet,
             resume=args.resume,
+            overwrite=not args.resume,  # a demo rerun trains afresh unless asked to resume
         )
         t1 = time.perf_counter()
         summaries[name] = train(cfg)
@@ -120,7 +121,9 @@ def plot(results: dict, logs: dict, path: Path) -> None:
     rates = results.get("moe-8c4", {}).get("expert_rates", {})
     if rates:
         mat = np.array([rates[c] for c in rates])
-        im = axes[1].imshow(mat, cmap="viridis", aspect="auto")
+        im = axes[1].imshow(mat, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)  # the rate's full range
+        for (i, j), v in np.ndenumerate(mat):
+            axes[1].text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
         axes[1].set_yticks(range(len(rates)), list(rates))
         axes[1].set_xticks(range(mat.shape[1]), [f"e{e}" for e in range(mat.shape[1])])
         axes[1].set_title("MoE expert activation rate per category")

@@ -275,7 +275,18 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
     ckpt = Checkpointer(out_dir, cfg.keep_checkpoints)
     state = {"step": 0, "skipped": 0, "position": dataclasses.asdict(DataPosition())}
-    latest = ckpt.latest() if cfg.resume else None
+    previous = ckpt.latest()
+    if previous is not None and not (cfg.resume or cfg.overwrite):
+        raise ValueError(
+            f"{out_dir} already holds a run ({previous.name}); pass --resume to continue it or "
+            "--overwrite to start afresh"
+        )
+    if is_main and cfg.overwrite and not cfg.resume:
+        shutil.rmtree(ckpt.root, ignore_errors=True)
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()
+    latest = previous if cfg.resume else None
     if latest is not None:
         if model.semantic is not None:
             model.semantic.fitted.fill_(True)  # the codebook comes from the checkpoint

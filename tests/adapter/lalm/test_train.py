@@ -168,6 +168,12 @@ def test_checkpoint_writes_are_atomic(tmp_path, tone_corpus, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     summary = train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2, resume=True))
     assert summary["steps"] == 6
+    # A fresh run never silently reuses (or clobbers) a folder that holds a run.
+    with pytest.raises(ValueError, match="already holds a run .*--resume .*--overwrite"):
+        train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0))
+    train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0, overwrite=True))
+    assert [r["step"] for r in _log(tmp_path) if "ntp" in r] == [1, 2]
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002"]
 
 
 def test_two_process_ddp_equals_one_process(tmp_path, tone_corpus):
