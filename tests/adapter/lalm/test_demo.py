@@ -47,3 +47,32 @@ def test_demo_end_to_end_tiny(tmp_path):
         assert 0.0 <= ev["mmau"]["overall"] <= 1.0
     assert result["results"]["moe-8c4"]["expert_rates"].keys() == {"music", "sound", "speech"}
     assert result["results"]["dense"]["expert_rates"] == {}
+
+
+def test_a_trained_run_answers_about_any_audio_file(tmp_path, tone_corpus, capsys):
+    """The real float32 recording and a user's FLAC go through the same loading path as the corpus."""
+    import numpy as np
+    import soundfile as sf
+
+    from adapter.lalm import evaluate, train
+    from adapter.lalm.config import ModelConfig, TrainConfig
+    from tests.adapter.lalm.conftest import REAL_RECORDING
+
+    run = tmp_path / "run"
+    model = ModelConfig(audio_dim=32, tiny_llm_hidden=64, tiny_llm_layers=1, adapter_backend="torch")
+    train.train(
+        TrainConfig(
+            train_manifest=str(tone_corpus[0]),
+            output_dir=str(run),
+            model=model,
+            max_steps=2,
+            eval_every=0,
+            save_every=0,
+            progress=False,
+        )
+    )
+    flac = tmp_path / "mine.flac"
+    sf.write(flac, (0.3 * np.sin(np.linspace(0, 2000, 44100))).astype(np.float32), 44100)
+    assert evaluate.main(["--run", str(run), "--audio", str(REAL_RECORDING), str(flac), "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines[-2:]] == ["asr_example.wav", "mine.flac"]
