@@ -3,16 +3,14 @@ timer on CPU, peak memory, measured matmul and copy ceilings, and a description 
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import torch
+
+from adapter.environment import environment
 
 # Datasheet dense peaks (TFLOP/s) and HBM bandwidth (GB/s), SXM parts. Used only to express a
 # measured rate as a percentage; the run also measures what cuBLAS and a copy achieve.
@@ -117,42 +115,4 @@ def datasheet_for(device_name: str) -> dict[str, float] | None:
 
 
 def device_info(device: torch.device) -> dict[str, str]:
-    import triton
-
-    info = {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_sha": _git_sha(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["device"] = torch.cuda.get_device_name(device)
-        info["device_detail"] = f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
-        info["cuda"] = torch.version.cuda or ""
-    else:
-        info["device"] = f"CPU: {_cpu_model()}"
-        info["device_detail"] = f"{os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_sha() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
+    return environment(device)

@@ -119,12 +119,15 @@ def _arg_type(tp):
     return {"int": int, "float": float, "str": str}.get(tp if isinstance(tp, str) else tp.__name__, str)
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=()) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", skip=(), defaults=None) -> None:
+    """One flag per field (`--field-name`, its help from the field's metadata); `defaults` replace
+    the fields' own defaults."""
+    defaults = defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or dataclasses.is_dataclass(typing.get_type_hints(cls).get(f.name)):
             continue
         flag = "--" + (prefix + f.name).replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         help_text = f.metadata.get("help", f.name) + f" (default: {default})"
         if typing.get_type_hints(cls)[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)

@@ -15,69 +15,26 @@ f = d/2, aggregation 4d).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from adapter.lalm.config import ModelConfig, TrainConfig
-from adapter.lalm.corpus import SIZES, build_corpus
-from adapter.lalm.data import FeatureSource, read_manifest
-from adapter.lalm.evaluate import evaluate, format_table
-from adapter.lalm.train import load_trained, train
+from adapter.lalm.evaluate import format_table
+from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
+
+ADAPTERS = ("dense", "moe-8c4")
 
 
-def run_demo(args) -> dict:
+def run_demo(exp: ExperimentConfig) -> dict:
     t0 = time.perf_counter()
-    from dataclasses import replace
-
-    corpus_cfg = replace(SIZES[args.size], seed=args.seed)
-    if args.train_per_task:
-        corpus_cfg = replace(corpus_cfg, train_per_task=args.train_per_task)
-    manifests = build_corpus(args.corpus, corpus_cfg, progress=not args.quiet)
-    print(f"corpus ready in {time.perf_counter() - t0:.0f} s: {args.corpus}", flush=True)
-    test = read_manifest(manifests["test"])
-    out = Path(args.out)
-    results, summaries, logs = {}, {}, {}
-    for name in ("dense", "moe-8c4"):
-        run_dir = out / name
-        model_cfg = ModelConfig(
-            adapter=name,
-            audio_dim=args.audio_dim,
-            semantic_codes=args.semantic_codes,
-            tiny_llm_hidden=args.llm_hidden,
-            tiny_llm_layers=args.llm_layers,
-            adapter_backend="auto",
-        )
-        cfg = TrainConfig(
-            train_manifest=f"{manifests['train']},{manifests['text']}*{args.text_weight}",
-            val_manifest=str(manifests["val"]),
-            output_dir=str(run_dir),
-            model=model_cfg,
-            seed=args.seed,
-            max_steps=args.steps,
-            lr=args.lr,
-            warmup_steps=max(1, args.steps // 20),
-            decay_fraction=0.2,
-            max_batch_size=args.batch_size,
-            max_batch_tokens=args.batch_size * 160,
-            aux_lambda=args.aux_lambda,
-            eval_every=max(1, args.steps // 4),
-            save_every=max(1, args.steps // 4),
-            progress=not args.quiet,
-            resume=args.resume,
-            overwrite=not args.resume,  # a demo rerun trains afresh unless asked to resume
-        )
-        t1 = time.perf_counter()
-        summaries[name] = train(cfg)
-        print(f"{name}: trained {args.steps} steps in {time.perf_counter() - t1:.0f} s", flush=True)
-        model = load_trained(run_dir)
-        source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
-        results[name] = evaluate(model, test, source, seed=args.seed)
-        (run_dir / "eval.json").write_text(json.dumps(results[name], indent=1))
-        logs[name] = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()]
+    manifests = exp.build_corpus()
+    print(f"corpus ready in {time.perf_counter() - t0:.0f} s: {exp.corpus}", flush=True)
+    out = Path(exp.out)
+    runs = {name: train_and_evaluate(exp, name, manifests) for name in ADAPTERS}
+    results = {name: r["eval"] for name, r in runs.items()}
+    logs = {name: r["log"] for name, r in runs.items()}
     table = format_table(results)
     aux = [r["aux"] for r in logs["moe-8c4"] if "aux" in r][-10:]
     extra = [
@@ -93,7 +50,7 @@ def run_demo(args) -> dict:
     png = out / "demo.png"
     plot(results, logs, png)
     print(f"\nplot: {png}\nresults: {out}/<adapter>/eval.json; total {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"results": results, "summaries": summaries, "report": report}
+    return {"results": results, "summaries": {n: r["summary"] for n, r in runs.items()}, "report": report}
 
 
 def plot(results: dict, logs: dict, path: Path) -> None:
@@ -147,25 +104,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m adapter.lalm.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", default="runs/demo", help="folder for both training runs, the table and the plot")
-    p.add_argument("--corpus", default="data/corpus-demo", help="corpus folder (built once, then reused)")
-    p.add_argument("--size", choices=sorted(SIZES), default="demo", help="corpus size (items per task)")
-    p.add_argument("--train-per-task", type=int, help="override the corpus size's training items per task")
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps per adapter (same budget for both)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Warmup-Stable-Decay)")
-    p.add_argument("--audio-dim", type=int, default=64, help="d, the adapter input width (paper: 2560)")
-    p.add_argument("--semantic-codes", type=int, default=64, help="k-means codebook of the discrete stream (0: off)")
-    p.add_argument("--llm-hidden", type=int, default=128, help="hidden size of the small random Qwen3")
-    p.add_argument("--llm-layers", type=int, default=2, help="decoder layers of the small random Qwen3")
-    p.add_argument("--aux-lambda", type=float, default=0.01, help="weight of the MoE balance loss")
-    p.add_argument("--text-weight", type=int, default=4, help="repeats of the text-knowledge questions per epoch")
-    p.add_argument("--seed", type=int, default=0, help="seed of corpus, weights and data order")
-    p.add_argument("--resume", action="store_true", help="continue interrupted runs from their checkpoints")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    add_experiment_args(p)
+    exp = experiment_from_args(p.parse_args(argv))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run_demo(args)
+    run_demo(exp)
     return 0
 
 

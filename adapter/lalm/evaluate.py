@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from adapter.analysis import activation_rates
 from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
 
@@ -103,13 +104,13 @@ def expert_rates(
     model: AudioLLM, examples: list[Example], source: FeatureSource, device="cpu", batch_size: int = 32
 ) -> dict[str, list[float]]:
     """Token-normalized activation rate of each routed expert per audio category (paper Fig. 3):
-    the fraction of the category's audio tokens routed to the expert (rows sum to k)."""
+    the fraction of the category's audio tokens routed to the expert (rows sum to k).
+    {} when the model's adapter is not an MoE adapter."""
     adapter = getattr(model, "adapter", None)
     if not hasattr(adapter, "last_topk_idx"):
         return {}
-    E = adapter.config.num_experts
-    counts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(E, dtype=torch.float64))
-    tokens: dict[str, int] = defaultdict(int)
+    model.eval()
+    chosen, labels = [], []
     audio_ex = [ex for ex in examples if ex.audio is not None]
     for start in range(0, len(audio_ex), batch_size):
         chunk = audio_ex[start : start + batch_size]
@@ -119,9 +120,11 @@ def expert_rates(
         idx = adapter.last_topk_idx.reshape(mask.shape[0], mask.shape[1], -1).cpu()
         for b, ex in enumerate(chunk):
             sel = idx[b][mask[b].cpu()]
-            counts[ex.category] += torch.bincount(sel.reshape(-1).long(), minlength=E).double()
-            tokens[ex.category] += int(sel.shape[0])
-    return {c: (counts[c] / max(tokens[c], 1)).tolist() for c in sorted(counts)}
+            chosen.append(sel)
+            labels += [ex.category] * sel.shape[0]
+    if not chosen:
+        return {}
+    return activation_rates(torch.cat(chosen), labels, adapter.config.num_experts)
 
 
 def evaluate(

@@ -410,16 +410,28 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def load_trained(output_dir: str | Path, device="cpu") -> AudioLLM:
-    """The model of a finished (or checkpointed) run: rebuilt from its config, trained weights loaded."""
+def checkpoint_steps(output_dir: str | Path) -> list[int]:
+    """Steps of the checkpoints a run holds, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    return sorted(int(p.name.removeprefix("step_")) for p in root.glob("step_*") if p.is_dir())
+
+
+def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) -> AudioLLM:
+    """The model of a finished (or checkpointed) run: rebuilt from its config, trained weights
+    loaded from its latest checkpoint, or from the checkpoint of `step`."""
     out = Path(output_dir)
     cfg = json.loads((out / "config.json").read_text())
     model = build_model(ModelConfig(**cfg["model"]), seed=cfg["seed"])
     if model.semantic is not None:
         model.semantic.fitted.fill_(True)
-    path = Checkpointer(out, 1).latest()
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint under {out / 'checkpoints'}")
+    if step is None:
+        path = Checkpointer(out, 1).latest()
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint under {out / 'checkpoints'}")
+    else:
+        path = out / "checkpoints" / f"step_{step:07d}"
+        if not path.is_dir():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {out}; it holds {checkpoint_steps(out)}")
     tensors = load_file(str(path / "model.safetensors"))
     model.load_state_dict(tensors, strict=False)
     return model.to(device).eval()

@@ -1,29 +1,24 @@
 """The main job end to end at CI size: corpus, dense and MoE training, evaluation, table, plot."""
 
-import argparse
 import json
 
 from adapter.lalm import demo
+from adapter.lalm.experiment import ExperimentConfig
 
 
 def test_demo_end_to_end_tiny(tmp_path):
     out = tmp_path / "runs"
     result = demo.run_demo(
-        argparse.Namespace(
+        ExperimentConfig(
             out=str(out),
             corpus=str(tmp_path / "corpus"),
             size="ci",
-            train_per_task=None,
             steps=6,
             batch_size=16,
-            lr=2e-3,
             audio_dim=32,
             semantic_codes=8,
             llm_hidden=64,
             llm_layers=1,
-            aux_lambda=0.01,
-            seed=0,
-            resume=False,
             quiet=True,
             text_weight=1,
         )

@@ -1,0 +1,121 @@
+"""One experiment setting shared by the demo, the ablation runner and the analysis report: the
+corpus, the model sizes and the training budget, so every adapter compared is trained on the same
+data, in the same order, from the same seed, for the same steps.
+
+The adapters are the paper's presets scaled to `audio_dim` (dense: hidden 8d; MoE: 8 experts,
+top-4, f = d/2, aggregation 4d; see adapter/presets.py); the encoder ('demo' Whisper, random,
+frozen) and the LLM (small random Qwen3, trained) are the same for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from adapter.lalm.config import ModelConfig, TrainConfig, _f, add_dataclass_args, dataclass_from_args
+from adapter.lalm.corpus import SIZES, build_corpus
+from adapter.lalm.data import FeatureSource, read_manifest
+from adapter.lalm.evaluate import evaluate
+from adapter.lalm.train import load_trained, train
+from adapter.presets import PRESETS
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    out: str = _f("runs/demo", "folder for the training runs (one subfolder per adapter), tables and plots")
+    corpus: str = _f("data/corpus-demo", "corpus folder (built once, then reused)")
+    size: str = _f("demo", f"corpus size (items per task): {', '.join(sorted(SIZES))}")
+    train_per_task: int = _f(0, "override the corpus size's training items per task (0: keep it)")
+    steps: int = _f(1500, "optimizer steps per adapter (the same budget for all)")
+    batch_size: int = _f(32, "examples per step")
+    lr: float = _f(2e-3, "peak learning rate (Warmup-Stable-Decay)")
+    audio_dim: int = _f(64, "d, the adapter input width (paper: 2560)")
+    semantic_codes: int = _f(64, "k-means codebook of the discrete stream (0: off)")
+    llm_hidden: int = _f(128, "hidden size of the small random Qwen3")
+    llm_layers: int = _f(2, "decoder layers of the small random Qwen3")
+    aux_lambda: float = _f(0.01, "weight of the MoE balance loss (lambda, eq. 6)")
+    text_weight: int = _f(4, "repeats of the text-knowledge questions per epoch")
+    seed: int = _f(0, "seed of corpus, weights and data order")
+    checkpoints: int = _f(4, "evenly spaced checkpoints kept per run (the gradient analysis reads them)")
+    backend: str = _f("auto", "MoE kernels: auto (Triton on CUDA, torch on CPU), triton or torch")
+    resume: bool = _f(False, "continue interrupted runs from their checkpoints instead of training afresh")
+    quiet: bool = _f(False, "no progress bars")
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"size must be one of {sorted(SIZES)}, got {self.size!r}")
+        for name in ("steps", "batch_size", "text_weight", "checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.train_per_task < 0:
+            raise ValueError(f"train_per_task must be >= 0, got {self.train_per_task}")
+
+    def build_corpus(self) -> dict[str, Path]:
+        cfg = replace(SIZES[self.size], seed=self.seed)
+        if self.train_per_task:
+            cfg = replace(cfg, train_per_task=self.train_per_task)
+        return build_corpus(self.corpus, cfg, progress=not self.quiet)
+
+    def train_config(self, preset: str, manifests: dict[str, Path], run_dir: Path) -> TrainConfig:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown adapter preset {preset!r}; choose from {sorted(PRESETS)}")
+        every = max(1, self.steps // self.checkpoints)
+        return TrainConfig(
+            train_manifest=f"{manifests['train']},{manifests['text']}*{self.text_weight}",
+            val_manifest=str(manifests["val"]),
+            output_dir=str(run_dir),
+            model=ModelConfig(
+                adapter=preset,
+                audio_dim=self.audio_dim,
+                semantic_codes=self.semantic_codes,
+                tiny_llm_hidden=self.llm_hidden,
+                tiny_llm_layers=self.llm_layers,
+                adapter_backend=self.backend,
+            ),
+            seed=self.seed,
+            max_steps=self.steps,
+            lr=self.lr,
+            warmup_steps=max(1, self.steps // 20),
+            decay_fraction=0.2,
+            max_batch_size=self.batch_size,
+            max_batch_tokens=self.batch_size * 160,
+            aux_lambda=self.aux_lambda,
+            eval_every=every,
+            save_every=every,
+            keep_checkpoints=self.checkpoints + 1,
+            progress=not self.quiet,
+            resume=self.resume,
+            overwrite=not self.resume,  # a rerun trains afresh unless asked to resume
+        )
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
+
+
+def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, Path]) -> dict:
+    """Train one adapter preset under `exp`, evaluate it on the test split; returns
+    {"eval": evaluate(...), "summary": train summary, "log": log records, "seconds": training time}.
+    The evaluation is also written to <out>/<preset>/eval.json."""
+    run_dir = Path(exp.out) / preset
+    t0 = time.perf_counter()
+    summary = train(exp.train_config(preset, manifests, run_dir))
+    seconds = time.perf_counter() - t0
+    print(f"{preset}: trained {exp.steps} steps in {seconds:.0f} s", flush=True)
+    model = load_trained(run_dir)
+    source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
+    result = evaluate(model, read_manifest(manifests["test"]), source, seed=exp.seed)
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    return {"eval": result, "summary": summary, "log": read_log(run_dir), "seconds": seconds}
+
+
+def add_experiment_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """ExperimentConfig's fields as flags (`--steps`, `--audio-dim`, ...); `defaults` override theirs."""
+    add_dataclass_args(parser, ExperimentConfig, defaults=defaults)
+
+
+def experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    return dataclass_from_args(ExperimentConfig, args)
