@@ -3,7 +3,8 @@
 from adapter.dense import DenseAdapter, DenseAdapterConfig
 from adapter.moe import MoEAdapter, MoEAdapterConfig
 from adapter.presets import PRESETS, build_adapter, preset
-from adapter.stats import ParamCounts, expert_loads, moe_adapters, total_aux_loss
+from adapter.stats import ParamCounts, expert_loads, moe_adapters, total_aux_loss, with_aux_loss
+from adapter.swap import SwapHandle, swap_adapter, upcycle_moe
 
 __all__ = [
     "PRESETS",
@@ -16,5 +17,9 @@ __all__ = [
     "expert_loads",
     "moe_adapters",
     "preset",
+    "SwapHandle",
+    "swap_adapter",
     "total_aux_loss",
+    "upcycle_moe",
+    "with_aux_loss",
 ]

@@ -71,7 +71,8 @@ def cosine_matrix(grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise ValueError("no gradients given")
     G = torch.stack([g.reshape(-1).double() for g in grads.values()])
     norms = G.norm(dim=1)
-    cos = (G @ G.T) / (norms[:, None] * norms[None, :])
+    cos = ((G @ G.T) / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
+    cos.diagonal().fill_(1.0)  # exactly, not 1 - rounding
     zero = norms == 0
     cos[zero, :] = float("nan")
     cos[:, zero] = float("nan")

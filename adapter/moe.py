@@ -22,6 +22,14 @@ import moe_kernels
 from adapter._checks import check_adapter_input, check_positive
 from adapter.stats import ParamCounts
 
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+"""Nonlinearities the aggregation block may use (the paper's is SiLU; HF projectors often use GELU)."""
+
 
 @dataclass(kw_only=True)
 class MoEAdapterConfig:
@@ -31,6 +39,11 @@ class MoEAdapterConfig:
     num_shared_experts S of width shared_expert_dim (default f), balance_p "topk" (p = G, eq. 8)
     or "softmax" (GShard). aux_loss_weight scales this adapter's term in `total_aux_loss` (0 turns
     the balance loss off, the "w/o EBL" ablation). backend: "auto", "triton" or "torch".
+
+    The paper's adapter is the default. Three options let it take the place of a projector of a
+    different shape without changing what it computes at initialization (upcycling, adapter/swap.py):
+    layer_norms False drops the three LayerNorms (the router then reads x), bias adds biases to the
+    projection / aggregation Linears, activation picks the aggregation block's nonlinearity.
     """
 
     in_dim: int
@@ -45,6 +58,9 @@ class MoEAdapterConfig:
     aux_loss_weight: float = 1.0
     norm_eps: float = 1e-5
     backend: str = "auto"
+    layer_norms: bool = True
+    bias: bool = False
+    activation: str = "silu"
 
     def __post_init__(self) -> None:
         check_positive(
@@ -71,13 +87,17 @@ class MoEAdapterConfig:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.backend not in moe_kernels.BACKENDS:
             raise ValueError(f"backend must be one of {moe_kernels.BACKENDS}, got {self.backend!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
     def param_counts(self) -> ParamCounts:
         d, D, f, E, k = self.in_dim, self.out_dim, self.expert_dim, self.num_experts, self.top_k
         A, S, fs = self.aggregation_dim, self.num_shared_experts, self.shared_expert_dim
         per_expert = 2 * d * f
-        out = (2 * d + d * A + A * D) if A else d * D
-        always_on = 2 * d + d * E + S * 2 * d * fs + out + 2 * D  # LN, router, shared, P, LN
+        ln = 2 if self.layer_norms else 0
+        b = 1 if self.bias else 0
+        out = (ln * d + d * A + A * D + b * (A + D)) if A else d * D + b * D
+        always_on = ln * d + d * E + S * 2 * d * fs + out + ln * D  # LN, router, shared, P, LN
         return ParamCounts(total=always_on + E * per_expert, active=always_on + k * per_expert)
 
 
@@ -99,7 +119,7 @@ class MoEAdapter(nn.Module):
         self.config = config
         c = config
         d, E, f = c.in_dim, c.num_experts, c.expert_dim
-        self.norm_in = nn.LayerNorm(d, eps=c.norm_eps)
+        self.norm_in = nn.LayerNorm(d, eps=c.norm_eps) if c.layer_norms else nn.Identity()
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(E, d, f))
         self.w2 = nn.Parameter(torch.empty(E, f, d))
@@ -107,12 +127,13 @@ class MoEAdapter(nn.Module):
             self.shared_w1 = nn.Parameter(torch.empty(c.num_shared_experts, d, c.shared_expert_dim))
             self.shared_w2 = nn.Parameter(torch.empty(c.num_shared_experts, c.shared_expert_dim, d))
         if c.aggregation_dim:
-            self.agg_norm = nn.LayerNorm(d, eps=c.norm_eps)
-            self.agg_up = nn.Linear(d, c.aggregation_dim, bias=False)
-            self.agg_down = nn.Linear(c.aggregation_dim, c.out_dim, bias=False)
+            self.agg_norm = nn.LayerNorm(d, eps=c.norm_eps) if c.layer_norms else nn.Identity()
+            self.agg_up = nn.Linear(d, c.aggregation_dim, bias=c.bias)
+            self.agg_down = nn.Linear(c.aggregation_dim, c.out_dim, bias=c.bias)
         else:
-            self.proj = nn.Linear(d, c.out_dim, bias=False)
-        self.norm_out = nn.LayerNorm(c.out_dim, eps=c.norm_eps)
+            self.proj = nn.Linear(d, c.out_dim, bias=c.bias)
+        self.norm_out = nn.LayerNorm(c.out_dim, eps=c.norm_eps) if c.layer_norms else nn.Identity()
+        self._act = ACTIVATIONS[c.activation]
         self.reset_expert_parameters()
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
@@ -143,7 +164,7 @@ class MoEAdapter(nn.Module):
         h_TD = out.h_TD
         if c.num_shared_experts:
             h_TD = h_TD + self._shared_experts(z_TD)
-        h_TD = self.agg_down(F.silu(self.agg_up(self.agg_norm(h_TD)))) if c.aggregation_dim else self.proj(h_TD)
+        h_TD = self.agg_down(self._act(self.agg_up(self.agg_norm(h_TD)))) if c.aggregation_dim else self.proj(h_TD)
         y_TD = self.norm_out(h_TD)
         if mask_T is not None:
             y_TD = torch.where(mask_T[:, None], y_TD, 0)

@@ -37,6 +37,14 @@ def total_aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack([t.float() for t in terms]).sum()
 
 
+def with_aux_loss(loss: torch.Tensor, model: nn.Module, weight: float = 0.01) -> torch.Tensor:
+    """`loss + weight * total_aux_loss(model)` (paper eq. 6): how the balance loss of adapters swapped
+    into a model whose forward has no slot for it (transformers models) reaches the training loss.
+    Call it after the forward, before backward; returns `loss` unchanged when no MoE adapter ran."""
+    aux = total_aux_loss(model)
+    return loss if aux is None or weight == 0 else loss + weight * aux.to(loss.dtype)
+
+
 def expert_loads(model: nn.Module) -> dict[str, torch.Tensor]:
     """{module name: fraction of routed pairs per expert} from each MoEAdapter's last forward."""
     from adapter.moe import MoEAdapter

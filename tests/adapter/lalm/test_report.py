@@ -1,0 +1,76 @@
+"""The ablation runner and the report: their arithmetic by hand, and one tiny run end to end."""
+
+import json
+import math
+
+import pytest
+
+from adapter.lalm import report
+from adapter.lalm.ablation import TABLE_2_3, describe
+from adapter.lalm.experiment import ExperimentConfig
+
+
+def test_difference_and_standard_error_by_hand():
+    d, se = report.diff_se(0.6, 0.5, 100)
+    assert d == pytest.approx(0.1)
+    assert se == pytest.approx(math.sqrt((0.24 + 0.25) / 100))  # 0.07
+    assert report.verdict(0.1, 0.07, +1).startswith("within noise")
+    assert report.verdict(0.2, 0.07, +1) == "agrees"
+    assert report.verdict(-0.2, 0.07, +1) == "disagrees"
+    assert report.verdict(-0.2, 0.07, -1) == "agrees"
+    assert report.sign_verdict(-0.1, -1) == "agrees" and report.sign_verdict(float("nan"), 1) == "zero / undefined"
+
+
+def test_load_spread_and_specialization_by_hand():
+    rates = {"speech": [2.0, 0.0], "sound": [1.0, 1.0], "music": [0.0, 2.0]}  # k = 2 of E = 2
+    assert report.load_spread(rates, {"speech": 1, "sound": 1, "music": 1}) == 0.0
+    # speech-heavy data: loads (2*3 + 1 + 0)/5 = 1.4 and 0.6 -> std 0.4, mean 1.0
+    assert report.load_spread(rates, {"speech": 3, "sound": 1, "music": 1}) == pytest.approx(0.4)
+    spec = report.specialization(rates)
+    assert [x["top"] for x in spec["experts"]] == ["speech", "music"]
+    assert [x["ratio"] for x in spec["experts"]] == [2.0, 2.0]
+    assert spec["dominated"] == [0, 1] and spec["speech_and_music"] == []
+    both = report.specialization({"speech": [0.9], "sound": [0.1], "music": [0.8]})
+    assert both["speech_and_music"] == [0]
+
+
+def test_describe_counts_parameters_like_the_presets():
+    row = describe("moe-8c4", 64)
+    assert (row["experts"], row["top_k"], row["width"]) == (8, 4, 32)
+    # d = 2560, D = 2048: LN 5120 + router 20480 + experts 8 * 2 * 2560 * 1280 + aggregation
+    # (LN 5120 + 2560 * 10240 + 10240 * 2048) + LN 4096; active: half the experts.
+    assert (row["paper_params"], row["paper_active"]) == (99_649_536, 99_649_536 - 26_214_400)
+    dense = describe("dense", 64)
+    assert (dense["experts"], dense["width"]) == (0, 512) and dense["params"] == dense["active"]
+
+
+def test_report_end_to_end_tiny(tmp_path):
+    exp = ExperimentConfig(
+        out=str(tmp_path / "runs"),
+        corpus=str(tmp_path / "corpus"),
+        size="ci",
+        steps=4,
+        batch_size=16,
+        audio_dim=32,
+        semantic_codes=8,
+        llm_hidden=64,
+        llm_layers=1,
+        text_weight=1,
+        checkpoints=2,
+        quiet=True,
+    )
+    out = tmp_path / "report"
+    text = report.run_report(exp, out, num_batches=1, batch_size=3, step_size=1e-2)
+    for section in ("## Tables 1-3", "## Figure 3", "## Figure 4", "## Figure 5", "## The paper's claims"):
+        assert section in text, section
+    for preset in ("dense", *TABLE_2_3):
+        assert f"| {preset} |" in text, preset
+    data = json.loads((out / "report.json").read_text())
+    assert data["environment"]["device"].startswith("CPU") and data["experiment"]["steps"] == 4
+    assert {"dense", "moe-8c4", "moe-8c4-no-ebl"} <= set(data["analysis"])
+    assert [t["step"] for t in data["analysis"]["dense"]["cosine"]] == [2, 4]
+    assert len(data["claims"]) == 15 + 6 + 5  # Tables 1-3, three pairs x 2 (Fig. 4), 5 (Fig. 5)
+    for png in ("ablation.png", "heatmap.png", "cosine.png", "influence.png"):
+        assert (out / png).stat().st_size > 5000, png
+        assert f"({png})" in text
+    assert (out / "ablation.md").read_text().count("\n") == 2 + len(TABLE_2_3) + 1

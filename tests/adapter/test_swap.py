@@ -1,0 +1,141 @@
+"""swap_adapter: paths and predicates, inferred sizes / dtype / device, undo, upcycling closeness."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from adapter import DenseAdapter, DenseAdapterConfig, MoEAdapter, preset, swap_adapter
+from adapter.swap import dense_structure, find_projector, infer_dims, upcycle_moe
+
+
+class Toy(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.encoder = nn.Linear(5, 12, dtype=dtype)
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.Linear(12, 20, dtype=dtype), nn.GELU(), nn.Linear(20, 8, dtype=dtype))]
+        )
+        self.head = nn.Linear(8, 3, dtype=dtype)
+
+    def forward(self, x):
+        return self.head(self.blocks[0](self.encoder(x)))
+
+
+def test_swap_by_path_infers_sizes_dtype_and_undo_restores():
+    model = Toy(torch.float64)
+    original = model.blocks[0]
+    handle = swap_adapter(model, "blocks.0", "moe-8c4", backend="torch")
+    new = model.blocks[0]
+    assert isinstance(new, MoEAdapter) and (new.config.in_dim, new.config.out_dim) == (12, 8)
+    assert new.w1.dtype == torch.float64 and new.config.expert_dim == 6  # the preset's f = d/2
+    assert [(s.path, s.original) for s in handle] == [("blocks.0", original)]
+    y = model(torch.randn(4, 7, 5, dtype=torch.float64))
+    assert y.shape == (4, 7, 3) and new.aux_loss is not None
+    handle.undo()
+    assert model.blocks[0] is original and len(handle) == 0
+
+
+def test_swap_by_predicate_keeps_outermost_matches_and_takes_configs():
+    model = Toy()
+    handle = swap_adapter(model, lambda name, m: isinstance(m, nn.Linear) and m.in_features == 12, "dense")
+    assert [s.path for s in handle] == ["blocks.0.0"]
+    assert isinstance(model.blocks[0][0], DenseAdapter) and model.blocks[0][0].config.hidden_dim == 96
+    handle.undo()
+    cfg = DenseAdapterConfig(in_dim=12, out_dim=8, hidden_dim=4)
+    swap_adapter(model, lambda n, m: n in ("blocks.0", "blocks.0.0"), cfg)
+    assert isinstance(model.blocks[0], DenseAdapter)  # blocks.0.0 sat inside the replaced module
+    swap_adapter(model, "head", lambda d, D: preset("moe-8c1", d, D, backend="torch"))
+    assert model.head.config.top_k == 1 and (model.head.config.in_dim, model.head.config.out_dim) == (8, 3)
+
+
+def test_swap_errors_name_what_is_wrong():
+    model = Toy()
+    with pytest.raises(ValueError, match="no submodule 'blocks.7'"):
+        swap_adapter(model, "blocks.7")
+    with pytest.raises(ValueError, match="matched no module"):
+        swap_adapter(model, lambda n, m: False)
+    with pytest.raises(ValueError, match=r"maps 4 -> 4 but the module replaced maps 8 -> 3"):
+        swap_adapter(model, "head", DenseAdapterConfig(in_dim=4, out_dim=4, hidden_dim=2))
+    with pytest.raises(ValueError, match="unknown preset"):
+        swap_adapter(model, "head", "moe-3c9")
+    with pytest.raises(ValueError, match="found 0 modules named"):
+        find_projector(model)
+    with pytest.raises(ValueError, match="holds no Linear"):
+        infer_dims(nn.GELU())
+    with pytest.raises(ValueError, match="cannot upcycle from LayerNorm"):
+        swap_adapter(nn.Sequential(nn.LayerNorm(4)), "0", upcycle=True)
+    with pytest.raises(ValueError, match="expert_dim >= 2\\*in_dim=16"):
+        upcycle_moe(nn.Linear(8, 3), expert_dim=15)
+    with pytest.raises(ValueError, match="upcycling builds an MoE adapter"):
+        swap_adapter(model, "head", "dense", upcycle=True)
+
+
+def test_structures_of_dense_projectors():
+    s = dense_structure(nn.Sequential(nn.Linear(4, 9), nn.SiLU(), nn.Linear(9, 2)))
+    assert (s.in_dim, s.hidden, s.out_dim, s.activation) == (4, 9, 2, "silu")
+    assert dense_structure(nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 2))) is None  # unknown act
+    assert dense_structure(nn.Linear(4, 2)).hidden == 0
+
+
+# Measured on this 2-core CPU (float64 inputs of unit scale): a projector without norms comes back to
+# ~1e-15, the float32 HF projectors to ~2e-7 (tests/adapter/test_hf_targets.py), a DenseAdapter
+# source to ~1e-6 (LayerNorm's eps in the second normalization). The bounds below leave 10x room.
+@pytest.mark.parametrize(
+    "source, tol",
+    [
+        (nn.Linear(12, 8, dtype=torch.float64), 1e-13),
+        (nn.Sequential(nn.Linear(12, 30), nn.GELU(), nn.Linear(30, 8)).double(), 1e-13),
+        (nn.Sequential(nn.Linear(12, 30, bias=False), nn.SiLU(), nn.Linear(30, 8, bias=False)).double(), 1e-13),
+        (nn.Sequential(nn.Linear(12, 30), nn.GELU(approximate="tanh"), nn.Linear(30, 8)).double(), 1e-13),
+    ],
+)
+def test_upcycled_adapter_computes_what_the_projector_did(source, tol):
+    torch.manual_seed(0)
+    x = torch.randn(3, 11, 12, dtype=torch.float64)
+    want = source(x)
+    m = upcycle_moe(source, backend="torch")
+    assert m.config.layer_norms is False and m.config.expert_dim == 24
+    err = (m(x) - want).abs().max().item()
+    assert err <= tol, err
+    # whatever the router picks: a different random router gives the same output
+    with torch.no_grad():
+        m.router.weight.normal_(0, 3.0)
+    assert (m(x) - want).abs().max().item() <= tol
+    assert set(m.last_topk_idx.unique().tolist()) == set(range(8))  # and it does pick differently
+
+
+def test_upcycling_a_dense_adapter_matches_up_to_layernorm_eps():
+    torch.manual_seed(0)
+    dense = DenseAdapter(DenseAdapterConfig(in_dim=12, out_dim=8, hidden_dim=40)).double()
+    with torch.no_grad():
+        for p in (dense.norm_in.weight, dense.norm_in.bias, dense.norm_out.weight, dense.norm_out.bias):
+            p.add_(0.3 * torch.randn_like(p))
+    model = nn.Sequential(dense)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    want = model(x)
+    handle = swap_adapter(model, "0", "moe-8c4", upcycle=True, backend="torch", expert_dim=30)
+    m = model[0]
+    assert m.config.layer_norms and m.config.aggregation_dim == 40 and m.config.expert_dim == 30
+    err = (model(x) - want).abs().max().item()
+    assert err < 1e-4, err
+    m.train()
+    model(x).square().sum().backward()
+    assert m.w1.grad[:, :, 24:].abs().sum() == 0 and m.w2.grad[:, 24:, :].abs().sum() > 0  # spare units train
+    handle.undo()
+    assert model[0] is dense
+
+
+def test_upcycled_adapter_trains_its_experts_apart():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 4))
+    outer = nn.Sequential(model)
+    swap_adapter(outer, "0", upcycle=True, backend="torch")
+    m = outer[0]
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x, target = torch.randn(64, 6), torch.randn(64, 4)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (m(x) - target).square().mean() + 0.01 * m.aux_loss
+        loss.backward()
+        opt.step()
+    assert not torch.equal(m.w1[0], m.w1[1])  # routed differently, updated differently
