@@ -8,7 +8,7 @@ moe_kernels` works where triton is not installed (the torch backend then serves 
 
 import importlib
 
-from moe_kernels import reference
+from moe_kernels import custom_ops, reference  # custom_ops registers moe_adapter::moe_ffn
 from moe_kernels.backend import BACKENDS, MAX_TRITON_EXPERTS, resolve_backend
 from moe_kernels.ops import moe_ffn
 from moe_kernels.reference import BALANCE_MODES, MoEOutput, Permutation
@@ -32,6 +32,7 @@ __all__ = [
     "MAX_TRITON_EXPERTS",
     "MoEOutput",
     "Permutation",
+    "custom_ops",
     "moe_ffn",
     "reference",
     "resolve_backend",

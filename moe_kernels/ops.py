@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels import reference
+from moe_kernels import custom_ops, reference
 from moe_kernels.backend import resolve_backend
 from moe_kernels.reference import BALANCE_MODES, MoEOutput
 
@@ -92,6 +92,7 @@ def moe_ffn(
     `token_mask_T` (bool) marks real tokens; the others get no expert work and a zero row.
     Under torch.autocast the floating inputs are cast to the autocast dtype. A NaN in a token's z
     makes that token's h and the aux loss NaN; other tokens' rows are unaffected.
+    Under torch.compile the call becomes the custom op `moe_adapter::moe_ffn` (custom_ops.py).
     """
     _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
     device_type = z_TD.device.type
@@ -102,6 +103,8 @@ def moe_ffn(
         if z_TD.shape[0] == 0:
             return _empty_output(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k)
         args = (z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
+        if torch.compiler.is_compiling():  # one opaque custom op, no graph break (custom_ops.py)
+            return custom_ops.moe_ffn(*args, backend=backend)
         if resolve_backend(backend, z_TD.device, w1_EDF.shape[0]) == "torch":
             return reference.moe_ffn(*args)
         from moe_kernels import functions  # imports triton; only needed on this path

@@ -1,0 +1,114 @@
+"""moe_ffn as torch.library custom ops: opcheck (schema, fake, autograd), no graph break inside
+MoEAdapter under torch.compile, compiled forward + backward equal to eager, on the torch backend and
+on the Triton kernels (interpreter on CPU, compiled on a GPU)."""
+
+import pytest
+import torch
+
+from adapter import MoEAdapter, MoEAdapterConfig
+from moe_kernels import custom_ops
+from tests.utils import assert_close, make_moe_inputs
+
+BACKENDS = ["torch", "triton"]  # triton runs in the interpreter here (tests/conftest.py)
+
+
+def _adapter(backend, dtype=torch.float64, **overrides):
+    cfg = dict(in_dim=16, out_dim=12, expert_dim=8, num_experts=4, top_k=2, aggregation_dim=20, backend=backend)
+    return MoEAdapter(MoEAdapterConfig(**{**cfg, **overrides})).to(dtype)
+
+
+def _step(m):
+    def step(x, mask):
+        y = m(x, mask)
+        return (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).square().sum() + 0.3 * m.aux_loss
+
+    return step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck_both_ops(backend, masked):
+    z, router, w1, w2 = make_moe_inputs(9, 16, 8, 4)
+    mask = torch.rand(9, generator=torch.Generator().manual_seed(3)) > 0.3 if masked else None
+    torch.library.opcheck(custom_ops.moe_ffn_op, (z, router, w1, w2, mask, 2, "topk", backend))
+    g = torch.Generator().manual_seed(4)
+    grads_out = (
+        torch.randn(9, 16, generator=g, dtype=z.dtype),
+        torch.tensor(0.3, dtype=z.dtype),
+        torch.randn(9, 2, generator=g, dtype=z.dtype),
+    )
+    args = tuple(t.detach() for t in (z, router, w1, w2))
+    torch.library.opcheck(custom_ops.moe_ffn_backward_op, (*args, mask, 2, "softmax", backend, *grads_out))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_graph_break_inside_the_adapter(backend):
+    m = _adapter(backend, num_shared_experts=1)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    mask = torch.rand(2, 9, generator=torch.Generator().manual_seed(1)) > 0.2
+    explained = torch._dynamo.explain(_step(m))(x, mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("balance_p", ["topk", "softmax"])
+def test_compiled_forward_backward_equals_eager(backend, balance_p):
+    torch._dynamo.reset()
+    m = _adapter(backend, balance_p=balance_p)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.25
+    step = _step(m)
+    want = step(x, mask)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    want_idx = m.last_topk_idx.clone()
+    m.zero_grad()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # traces fwd and bwd through the fakes
+    got = compiled(x, mask)
+    got.backward()
+    assert_close(got, want, rtol=1e-12, name="loss")
+    assert torch.equal(m.last_topk_idx, want_idx)
+    for n, p in m.named_parameters():
+        assert_close(p.grad, want_grads[n], rtol=1e-10, atol=1e-12, name=n)
+
+
+def test_inductor_compiles_the_adapter_on_cpu():
+    """The default backend (inductor, C++ on CPU) around the opaque op: same loss and gradients."""
+    torch._dynamo.reset()
+    m = _adapter("torch", dtype=torch.float32)
+    x = torch.randn(4, 5, 16)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    step = _step(m)
+    want = step(x, mask)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    got = torch.compile(step, fullgraph=True)(x, mask)
+    got.backward()
+    assert_close(got, want, rtol=1e-5, name="loss")
+    for n, p in m.named_parameters():
+        assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-5, name=n)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_triton_adapter_has_no_graph_break_and_captures_in_a_cuda_graph():
+    torch._dynamo.reset()
+    m = _adapter("triton", dtype=torch.bfloat16, in_dim=256, out_dim=128, expert_dim=128, num_experts=8, top_k=4).cuda()
+    x = torch.randn(8, 512, 256, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(8, 512, dtype=torch.bool, device="cuda")
+    step = _step(m)
+    explained = torch._dynamo.explain(step)(x, mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    want = step(x, mask)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)  # CUDA graphs
+    for _ in range(3):  # warmup, record, replay
+        m.zero_grad(set_to_none=False)
+        got = compiled(x, mask)
+        got.backward()
+    torch.cuda.synchronize()
+    assert torch.allclose(got.float(), want.float(), rtol=1e-2)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad.float(), want_grads[n].float(), rtol=5e-2, atol=5e-2), n
