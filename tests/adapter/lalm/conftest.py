@@ -43,3 +43,13 @@ def write_tone_corpus(root, n: int, seed: int = 0) -> tuple:
 @pytest.fixture(scope="session")
 def tone_corpus(tmp_path_factory):
     return write_tone_corpus(tmp_path_factory.mktemp("tones"), 40)
+
+
+@pytest.fixture(scope="session")
+def ci_corpus(tmp_path_factory):
+    """The generated corpus at CI size, built once per session (the demo and report tests share it)."""
+    from adapter.lalm.corpus import SIZES, build_corpus
+
+    root = tmp_path_factory.mktemp("corpus-ci")
+    build_corpus(root, SIZES["ci"], progress=False)
+    return root

@@ -210,13 +210,13 @@ def test_banks_are_distinct_and_deterministic():
 
 
 @pytest.fixture(scope="module")
-def ci_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    return root, build_corpus(root, corpus_build.SIZES["ci"], progress=False)
+def built(ci_corpus):
+    """(root, manifests) of the session's CI-size corpus (tests/adapter/lalm/conftest.py)."""
+    return ci_corpus, build_corpus(ci_corpus, corpus_build.SIZES["ci"], progress=False)
 
 
-def test_corpus_splits_share_no_text_or_seed(ci_corpus):
-    root, manifests = ci_corpus
+def test_corpus_splits_share_no_text_or_seed(built):
+    root, manifests = built
     recs = {s: [json.loads(line) for line in manifests[s].read_text().splitlines()] for s in SPLITS}
     for s in SPLITS:
         assert len(recs[s]) == len(TASKS) * corpus_build.SIZES["ci"].per_task(s)
@@ -243,8 +243,8 @@ def test_corpus_splits_share_no_text_or_seed(ci_corpus):
     assert all(r["spoken"] in known for r in recs["test"] if r["task"] == "knowledge")
 
 
-def test_corpus_is_cached_and_reproducible(ci_corpus, tmp_path):
-    root, manifests = ci_corpus
+def test_corpus_is_cached_and_reproducible(built, tmp_path):
+    root, manifests = built
     before = {p: p.stat().st_mtime_ns for p in manifests.values()}
     assert build_corpus(root, corpus_build.SIZES["ci"], progress=False) == manifests
     assert {p: p.stat().st_mtime_ns for p in manifests.values()} == before  # reused, not rebuilt

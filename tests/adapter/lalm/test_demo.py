@@ -6,12 +6,12 @@ from adapter.lalm import demo
 from adapter.lalm.experiment import ExperimentConfig
 
 
-def test_demo_end_to_end_tiny(tmp_path):
+def test_demo_end_to_end_tiny(tmp_path, ci_corpus):
     out = tmp_path / "runs"
     result = demo.run_demo(
         ExperimentConfig(
             out=str(out),
-            corpus=str(tmp_path / "corpus"),
+            corpus=str(ci_corpus),
             size="ci",
             steps=6,
             batch_size=16,

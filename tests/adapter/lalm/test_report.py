@@ -44,10 +44,10 @@ def test_describe_counts_parameters_like_the_presets():
     assert (dense["experts"], dense["width"]) == (0, 512) and dense["params"] == dense["active"]
 
 
-def test_report_end_to_end_tiny(tmp_path):
+def test_report_end_to_end_tiny(tmp_path, ci_corpus):
     exp = ExperimentConfig(
         out=str(tmp_path / "runs"),
-        corpus=str(tmp_path / "corpus"),
+        corpus=str(ci_corpus),
         size="ci",
         steps=4,
         batch_size=16,
@@ -69,7 +69,7 @@ def test_report_end_to_end_tiny(tmp_path):
     assert data["environment"]["device"].startswith("CPU") and data["experiment"]["steps"] == 4
     assert {"dense", "moe-8c4", "moe-8c4-no-ebl"} <= set(data["analysis"])
     assert [t["step"] for t in data["analysis"]["dense"]["cosine"]] == [2, 4]
-    assert len(data["claims"]) == 15 + 6 + 5  # Tables 1-3, three pairs x 2 (Fig. 4), 5 (Fig. 5)
+    assert len(data["claims"]) == 15 + 3 + 6 + 5  # Tables 1-3, Fig. 3, three pairs x 2 (Fig. 4), Fig. 5
     for png in ("ablation.png", "heatmap.png", "cosine.png", "influence.png"):
         assert (out / png).stat().st_size > 5000, png
         assert f"({png})" in text
