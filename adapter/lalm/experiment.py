@@ -98,13 +98,19 @@ def read_log(run_dir: Path) -> list[dict]:
 
 def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, Path]) -> dict:
     """Train one adapter preset under `exp`, evaluate it on the test split; returns
-    {"eval": evaluate(...), "summary": train summary, "log": log records, "seconds": training time}.
+    {"eval": evaluate(...), "summary": train summary, "log": log records, "seconds": training wall
+    time, summed over resumed calls}.
     The evaluation is also written to <out>/<preset>/eval.json."""
     run_dir = Path(exp.out) / preset
     t0 = time.perf_counter()
     summary = train(exp.train_config(preset, manifests, run_dir))
     seconds = time.perf_counter() - t0
     print(f"{preset}: trained {exp.steps} steps in {seconds:.0f} s", flush=True)
+    # Wall time summed over the calls that trained this run (a resumed run adds to its earlier time).
+    timing = run_dir / "train_seconds.json"
+    if exp.resume and timing.is_file():
+        seconds += json.loads(timing.read_text())["seconds"]
+    timing.write_text(json.dumps({"seconds": seconds}))
     model = load_trained(run_dir)
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     result = evaluate(model, read_manifest(manifests["test"]), source, seed=exp.seed)
