@@ -105,7 +105,7 @@ def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, 
     t0 = time.perf_counter()
     summary = train(exp.train_config(preset, manifests, run_dir))
     seconds = time.perf_counter() - t0
-    print(f"{preset}: trained {exp.steps} steps in {seconds:.0f} s", flush=True)
+    print(f"{preset}: at step {exp.steps}, {seconds:.0f} s in this call", flush=True)
     # Wall time summed over the calls that trained this run (a resumed run adds to its earlier time).
     timing = run_dir / "train_seconds.json"
     if exp.resume and timing.is_file():

@@ -262,7 +262,9 @@ def write_report(exp: ExperimentConfig, rows: list[dict], analysis: dict, info: 
         "![accuracy per adapter](ablation.png)",
         "",
         "Accuracy is in %; `gap` = knowledge accuracy as audio minus as text (the paper's modality gap). "
-        "`params` count this run's adapters; `params @ paper d` the same preset at d = 2560, D = 2048.",
+        "`params` count this run's adapters; `params @ paper d` the same preset at d = 2560, D = 2048. "
+        "`train s` is wall time on a machine that may have run other work meanwhile: not a speed benchmark "
+        "(benchmarks/ is).",
         "",
         "## Figure 3: expert activation per category (test split)",
         "",
