@@ -74,3 +74,16 @@ def test_report_end_to_end_tiny(tmp_path, ci_corpus):
         assert (out / png).stat().st_size > 5000, png
         assert f"({png})" in text
     assert (out / "ablation.md").read_text().count("\n") == 2 + len(TABLE_2_3) + 1
+
+
+def test_ablation_cli(tmp_path, ci_corpus, capsys):
+    from adapter.lalm import ablation
+
+    tiny = ["--size", "ci", "--steps", "2", "--audio-dim", "32", "--semantic-codes", "8", "--llm-hidden", "64"]
+    tiny += ["--llm-layers", "1", "--text-weight", "1", "--corpus", str(ci_corpus), "--quiet"]
+    assert ablation.main(["--presets", "dense", "moe-8c1", "--out", str(tmp_path), *tiny]) == 0
+    assert "| moe-8c1 | 8 | 1 |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["preset"] for r in rows] == ["dense", "moe-8c1"] and (tmp_path / "ablation.png").is_file()
+    with pytest.raises(ValueError, match="unknown presets"):
+        ablation.main(["--presets", "moe-99c1", "--out", str(tmp_path / "x"), *tiny])
