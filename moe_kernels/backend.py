@@ -56,3 +56,15 @@ def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str
             )
         return "triton"
     raise ValueError(f"backend='triton' runs on CUDA or (interpreted) CPU tensors, got device {device}")
+
+
+def moe_ffn_implementation(backend: str, device: torch.device, num_experts: int):
+    """The moe_ffn that runs a request: reference.moe_ffn or the Triton functions.moe_ffn (which
+    imports triton, so only when chosen). Both take (z, router, w1, w2, top_k, mask, balance_p)."""
+    if resolve_backend(backend, device, num_experts) == "torch":
+        from moe_kernels import reference
+
+        return reference.moe_ffn
+    from moe_kernels import functions
+
+    return functions.moe_ffn

@@ -12,11 +12,11 @@ router picks), so the fake implementations are exact and the compiled graph keep
 The implementations call the eager paths (`reference.moe_ffn` or the Triton `functions.moe_ffn`),
 chosen inside the op, so backend selection never runs under dynamo.
 
-The backward op recomputes the routed-expert forward, so under torch.compile the expert block is
-checkpointed (one extra expert forward in backward, no saved (T*K, F) activations): the Triton
-backend then runs its backward kernels in the chain functions.py composes, the torch backend
-differentiates the reference with autograd. Eager calls do not go through these ops (ops.moe_ffn
-uses them only while compiling) and keep the fused saved-activation backward.
+The backward op recomputes the routed-expert forward of the chosen backend and differentiates it
+with autograd (the Triton backend's autograd Functions run their backward kernels), so under
+torch.compile the expert block is checkpointed: one extra expert forward in backward, no saved
+(T*K, F) activations. Eager calls do not go through these ops (ops.moe_ffn uses them only while
+compiling) and keep the saved-activation backward.
 """
 
 from __future__ import annotations
@@ -24,29 +24,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import reference
-from moe_kernels.backend import resolve_backend
-
-
-def _triton_backward(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p, dh_TD, d_aux, d_weight_TK):
-    """The chain rule of functions.moe_ffn written out with its kernels (no autograd): recompute
-    routing, permutation and the expert forward, then the experts' and the router's backward."""
-    from moe_kernels import grouped_gemm, permute, routing
-
-    logits_TE = torch.nn.functional.linear(z_TD, router_weight_ED)
-    r = routing.router_forward(logits_TE, top_k, mask_T, balance_p)
-    counts_E, dp_E, _ = routing.balance_forward(r.blk_count_NE, r.blk_psum_NE, top_k)
-    perm = permute.permute(r.topk_idx_TK, counts_E, r.blk_count_NE)
-    _, saved = grouped_gemm.experts_forward(z_TD, w1_EDF, w2_EFD, r.topk_weight_TK, perm, save_pre=True)
-    dz_TD, dw1, dw2, dweight_TK = grouped_gemm.experts_backward(
-        dh_TD, z_TD, w1_EDF, w2_EFD, r.topk_weight_TK, perm, saved, needs=(True, True, True, True)
-    )
-    dlogits_TE = routing.router_backward(
-        logits_TE, r.topk_idx_TK, r.topk_weight_TK, dweight_TK + d_weight_TK, d_aux, dp_E, balance_p
-    )
-    dz_TD = dz_TD + (dlogits_TE.to(z_TD.dtype) @ router_weight_ED)
-    drouter_ED = dlogits_TE.to(z_TD.dtype).T @ z_TD
-    return dz_TD, drouter_ED, dw1, dw2
-
+from moe_kernels.backend import moe_ffn_implementation
 
 _AUTOGRAD_KEYS = [
     torch._C.DispatchKey.AutogradFunctionality,
@@ -58,8 +36,8 @@ _AUTOGRAD_KEYS = [
 
 def _autograd_dispatch():
     """A compiled backward (and the dispatcher below autograd) runs this op with the autograd keys
-    excluded; the torch backend differentiates its own recomputed forward, so it turns them back on
-    for its own ops (what torch.autograd does for an op's own backward)."""
+    excluded; this op differentiates its own recomputed forward, so it turns them back on for its
+    own ops."""
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for key in _AUTOGRAD_KEYS:
         exclude = exclude - torch._C.DispatchKeySet(key)
@@ -67,12 +45,8 @@ def _autograd_dispatch():
 
 
 def _eager(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p, backend):
-    args = (z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, mask_T, balance_p)
-    if resolve_backend(backend, z_TD.device, w1_EDF.shape[0]) == "torch":
-        return reference.moe_ffn(*args)
-    from moe_kernels import functions
-
-    return functions.moe_ffn(*args)
+    impl = moe_ffn_implementation(backend, z_TD.device, w1_EDF.shape[0])
+    return impl(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, mask_T, balance_p)
 
 
 @torch.library.custom_op("moe_adapter::moe_ffn", mutates_args=())
@@ -119,20 +93,16 @@ def moe_ffn_backward_op(
     d_aux: torch.Tensor,
     d_weight_TK: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    inputs = (z_TD, router_weight_ED, w1_EDF, w2_EFD)
-    if resolve_backend(backend, z_TD.device, w1_EDF.shape[0]) == "triton":
-        grads = _triton_backward(*inputs, mask_T, top_k, balance_p, dh_TD, d_aux, d_weight_TK)
-    else:
-        leaves = [t.detach().requires_grad_(True) for t in inputs]
-        with torch.enable_grad(), _autograd_dispatch():
-            out = reference.moe_ffn(*leaves, top_k, mask_T, balance_p)
-            grads = torch.autograd.grad(
-                (out.h_TD, out.aux_loss, out.topk_weight_TK),
-                leaves,
-                grad_outputs=(dh_TD, d_aux, d_weight_TK),
-                allow_unused=True,
-            )
-    return tuple(torch.zeros_like(x) if g is None else g.contiguous() for g, x in zip(grads, inputs, strict=True))
+    leaves = [t.detach().requires_grad_(True) for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD)]
+    with torch.enable_grad(), _autograd_dispatch():
+        out = _eager(*leaves, mask_T, top_k, balance_p, backend)
+        grads = torch.autograd.grad(
+            (out.h_TD, out.aux_loss, out.topk_weight_TK),
+            leaves,
+            grad_outputs=(dh_TD, d_aux, d_weight_TK),
+            allow_unused=True,
+        )
+    return tuple(torch.zeros_like(x) if g is None else g.contiguous() for g, x in zip(grads, leaves, strict=True))
 
 
 @moe_ffn_backward_op.register_fake

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import custom_ops, reference
-from moe_kernels.backend import resolve_backend
+from moe_kernels.backend import moe_ffn_implementation
 from moe_kernels.reference import BALANCE_MODES, MoEOutput
 
 
@@ -105,8 +105,4 @@ def moe_ffn(
         args = (z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
         if torch.compiler.is_compiling():  # one opaque custom op, no graph break (custom_ops.py)
             return custom_ops.moe_ffn(*args, backend=backend)
-        if resolve_backend(backend, z_TD.device, w1_EDF.shape[0]) == "torch":
-            return reference.moe_ffn(*args)
-        from moe_kernels import functions  # imports triton; only needed on this path
-
-        return functions.moe_ffn(*args)
+        return moe_ffn_implementation(backend, z_TD.device, w1_EDF.shape[0])(*args)
