@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from benchmarks.timing import datasheet_for, device_info, time_gpu
+from adapter.environment import environment
+from benchmarks.timing import datasheet_for, time_gpu
 from moe_kernels import grouped_gemm, permute, routing
 
 
@@ -24,7 +25,7 @@ def _dense_equivalent_ms(m: int, k: int, n: int, dtype, device) -> float:
 def run_kernel_benchmarks(
     d: int, f: int, E: int, K: int, tokens_list, device, ceilings, dtype=torch.bfloat16
 ) -> list[dict]:
-    sheet = datasheet_for(device_info(device)["device"])
+    sheet = datasheet_for(environment(device)["device"])
     rows = []
     for T in tokens_list:
         rows += _memory_bound_rows(T, E, K, device, dtype, ceilings)

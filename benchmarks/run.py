@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adapter.environment import environment
 from benchmarks import report
 from benchmarks.providers import MOE_PROVIDERS, PROVIDERS, Shapes, adapter_flops, build_providers, make_step
 from benchmarks.routing_patterns import ROUTINGS, make_tokens, set_router
 from benchmarks.timing import (
     datasheet_for,
-    device_info,
     measured_copy_gbs,
     measured_matmul_tflops,
     peak_memory_gpu,
@@ -86,7 +86,7 @@ def run_adapter_benchmarks(
     plan: Plan, device: torch.device, providers: list[str], ceilings: dict, progress: bool = True
 ) -> list[dict]:
     rows: list[dict] = []
-    sheet = datasheet_for(device_info(device)["device"]) if device.type == "cuda" else None
+    sheet = datasheet_for(environment(device)["device"]) if device.type == "cuda" else None
     total = sum(len(c.modes) for c in plan.cases)
     bar = tqdm(total=total, desc="adapter benchmarks", disable=not progress, file=sys.stdout)
     built: dict[str, dict] = {}
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         plan.cases = [c for c in plan.cases if c.dtype == "float32"]  # CPU bf16 GEMMs are not representative
 
-    info = device_info(device)
+    info = environment(device)
     print(f"device: {info['device']} ({info['device_detail']}); torch {info['torch']}, triton {info['triton']}")
     dtypes = sorted({c.dtype for c in plan.cases})
     ceilings = {

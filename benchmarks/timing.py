@@ -1,5 +1,5 @@
-"""Timers and device facts: events via triton.testing.do_bench on GPU, an interleaved repeated
-timer on CPU, peak memory, measured matmul and copy ceilings, and a description of the device."""
+"""Timers: events via triton.testing.do_bench on GPU, an interleaved repeated
+timer on CPU, peak memory, measured matmul and copy ceilings (device facts: adapter/environment.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from adapter.environment import environment
 
 # Datasheet dense peaks (TFLOP/s) and HBM bandwidth (GB/s), SXM parts. Used only to express a
 # measured rate as a percentage; the run also measures what cuBLAS and a copy achieve.
@@ -112,7 +110,3 @@ def datasheet_for(device_name: str) -> dict[str, float] | None:
         if key in device_name:
             return value
     return None
-
-
-def device_info(device: torch.device) -> dict[str, str]:
-    return environment(device)

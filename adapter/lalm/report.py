@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from adapter.environment import environment
-from adapter.lalm.ablation import TABLE_2_3, ablation_table, plot_ablation, run_ablation
+from adapter.lalm.ablation import TABLE_2_3, ablation_table, run_ablation
 from adapter.lalm.analysis import CATEGORIES, analyze_run, write_figures
 from adapter.lalm.data import read_manifest
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args
@@ -369,10 +369,9 @@ def run_report(exp: ExperimentConfig, report_dir: Path, *, num_batches: int, bat
             "heatmap"
         ]
     write_figures(analysis, report_dir)
-    plot_ablation(rows, report_dir / "ablation.png")
     info = environment("cuda" if torch.cuda.is_available() else "cpu")
     text = write_report(exp, rows, analysis, info, time.perf_counter() - t0, report_dir)
-    for extra in ("ablation.md", "ablation.json"):
+    for extra in ("ablation.md", "ablation.json", "ablation.png"):  # run_ablation wrote them
         shutil.copy(out / extra, report_dir / extra)
     return text
 
