@@ -53,3 +53,19 @@ def ci_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus-ci")
     build_corpus(root, SIZES["ci"], progress=False)
     return root
+
+
+TINY_EXPERIMENT = dict(
+    size="ci", batch_size=16, audio_dim=32, semantic_codes=8, llm_hidden=64, llm_layers=1, text_weight=1
+)
+"""The smallest ExperimentConfig settings the demo, ablation and report tests train with (seconds each)."""
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path, ci_corpus):
+    """ExperimentConfig(**TINY_EXPERIMENT) on the session corpus, writing under tmp_path/runs."""
+    from adapter.lalm.experiment import ExperimentConfig
+
+    return lambda **kw: ExperimentConfig(
+        **{**TINY_EXPERIMENT, "out": str(tmp_path / "runs"), "corpus": str(ci_corpus), "quiet": True, **kw}
+    )

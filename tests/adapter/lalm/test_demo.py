@@ -3,26 +3,11 @@
 import json
 
 from adapter.lalm import demo
-from adapter.lalm.experiment import ExperimentConfig
 
 
-def test_demo_end_to_end_tiny(tmp_path, ci_corpus):
+def test_demo_end_to_end_tiny(tmp_path, tiny_experiment):
     out = tmp_path / "runs"
-    result = demo.run_demo(
-        ExperimentConfig(
-            out=str(out),
-            corpus=str(ci_corpus),
-            size="ci",
-            steps=6,
-            batch_size=16,
-            audio_dim=32,
-            semantic_codes=8,
-            llm_hidden=64,
-            llm_layers=1,
-            quiet=True,
-            text_weight=1,
-        )
-    )
+    result = demo.run_demo(tiny_experiment(steps=6))
     report = (out / "table.txt").read_text()
     for row in (
         "MMAU-style speech",

@@ -7,7 +7,7 @@ import pytest
 
 from adapter.lalm import report
 from adapter.lalm.ablation import TABLE_2_3, describe
-from adapter.lalm.experiment import ExperimentConfig
+from tests.adapter.lalm.conftest import TINY_EXPERIMENT
 
 
 def test_difference_and_standard_error_by_hand():
@@ -44,21 +44,8 @@ def test_describe_counts_parameters_like_the_presets():
     assert (dense["experts"], dense["width"]) == (0, 512) and dense["params"] == dense["active"]
 
 
-def test_report_end_to_end_tiny(tmp_path, ci_corpus):
-    exp = ExperimentConfig(
-        out=str(tmp_path / "runs"),
-        corpus=str(ci_corpus),
-        size="ci",
-        steps=4,
-        batch_size=16,
-        audio_dim=32,
-        semantic_codes=8,
-        llm_hidden=64,
-        llm_layers=1,
-        text_weight=1,
-        checkpoints=2,
-        quiet=True,
-    )
+def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
+    exp = tiny_experiment(steps=4, checkpoints=2)
     out = tmp_path / "report"
     text = report.run_report(exp, out, num_batches=1, batch_size=3, step_size=1e-2)
     for section in ("## Tables 1-3", "## Figure 3", "## Figure 4", "## Figure 5", "## The paper's claims"):
@@ -79,8 +66,8 @@ def test_report_end_to_end_tiny(tmp_path, ci_corpus):
 def test_ablation_cli(tmp_path, ci_corpus, capsys):
     from adapter.lalm import ablation
 
-    tiny = ["--size", "ci", "--steps", "2", "--audio-dim", "32", "--semantic-codes", "8", "--llm-hidden", "64"]
-    tiny += ["--llm-layers", "1", "--text-weight", "1", "--corpus", str(ci_corpus), "--quiet"]
+    tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_EXPERIMENT.items()]
+    tiny += ["--steps=2", f"--corpus={ci_corpus}", "--quiet"]
     assert ablation.main(["--presets", "dense", "moe-8c1", "--out", str(tmp_path), *tiny]) == 0
     assert "| moe-8c1 | 8 | 1 |" in capsys.readouterr().out
     rows = json.loads((tmp_path / "ablation.json").read_text())
