@@ -95,7 +95,7 @@ def save_swapped(model: nn.Module, path: str | Path) -> None:
 
 def load_swapped(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
     """Swap the saved adapters into `model` (built the original way) and load every saved tensor."""
-    from adapter.swap import _placement, _set_module
+    from adapter.swap import module_placement, set_module
 
     swaps = json.loads(_metadata(path)["swaps"])
     for name, record in swaps.items():
@@ -103,7 +103,7 @@ def load_swapped(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"{path} holds an adapter at {name!r}, which {type(model).__name__} lacks") from exc
-        dtype, device = _placement(old)
-        _set_module(model, name, build_adapter(_config(record, path)).to(device=device, dtype=dtype))
+        dtype, device = module_placement(old)
+        set_module(model, name, build_adapter(_config(record, path)).to(device=device, dtype=dtype))
     load_model(model, str(path), strict=strict)
     return model

@@ -83,14 +83,14 @@ class SwapHandle:
 
     def undo(self) -> None:
         for s in reversed(self.swaps):
-            _set_module(self.model, s.path, s.original)
+            set_module(self.model, s.path, s.original)
         self.swaps = []
 
 
 # ------------------------------------------------------------------------------ module lookup
 
 
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     if name not in parent._modules:
@@ -185,7 +185,7 @@ def infer_dims(module: nn.Module) -> tuple[int, int]:
     return linears[0].in_features, linears[-1].out_features
 
 
-def _placement(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+def module_placement(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     p = next(iter(module.parameters()), None)
     return (p.dtype, p.device) if p is not None else (torch.get_default_dtype(), torch.device("cpu"))
 
@@ -227,7 +227,7 @@ def upcycle_moe(
         **({"norm_eps": s.norms[0].eps} if s.norms else {}),
         **overrides,
     )
-    dtype, device = _placement(source)
+    dtype, device = module_placement(source)
     m = MoEAdapter(cfg).to(device=device, dtype=dtype)
     with torch.no_grad():
         eye = torch.eye(d, dtype=dtype, device=device)
@@ -289,9 +289,9 @@ def swap_adapter(
             new = upcycle_moe(original, **_upcycle_args(adapter, overrides))
         else:
             in_dim, out_dim = infer_dims(original)
-            dtype, device = _placement(original)
+            dtype, device = module_placement(original)
             new = build_adapter(_adapter_config(adapter, in_dim, out_dim, overrides)).to(device=device, dtype=dtype)
-        _set_module(model, path, new)
+        set_module(model, path, new)
         swaps.append(Swap(path, original, new))
     return SwapHandle(model, swaps)
 

@@ -74,7 +74,7 @@ def answer_loss(model: AudioLLM, batch: Batch) -> torch.Tensor:
 def gradient_cosine(model: AudioLLM, batch_sets: list[dict[str, Batch]]) -> dict:
     """Per-category gradient of the adapter (mean over the batch sets), their cosine matrix (eq. 11)."""
     model.eval()
-    params = [p for p in model.adapter.parameters()]
+    params = list(model.adapter.parameters())
     grads = {}
     for c in batch_sets[0]:
         grads[c] = sum(gradient_vector(answer_loss(model, s[c]), params) for s in batch_sets) / len(batch_sets)
@@ -88,7 +88,7 @@ def gradient_cosine(model: AudioLLM, batch_sets: list[dict[str, Batch]]) -> dict
 def influence_scores(model: AudioLLM, batch_sets: list[dict[str, Batch]], step_size: float) -> dict:
     """Eq. 12: the per-batch influence matrices of a normalized adapter step, averaged over batches."""
     model.eval()
-    params = [p for p in model.adapter.parameters()]
+    params = list(model.adapter.parameters())
     per_batch = []
     for s in batch_sets:
         losses = {c: (lambda b=b: answer_loss(model, b)) for c, b in s.items()}

@@ -94,8 +94,10 @@ def accuracy_claims(rows: dict[str, dict], n_mmau: int, n_know: int) -> list[lis
     return out
 
 
-def load_spread(rates: dict[str, list[float]], weights: dict[str, int]) -> float:
-    """Coefficient of variation of the experts' overall load (0: perfectly balanced)."""
+def load_spread(rates: dict[str, list[float]], tokens: dict[str, int]) -> float:
+    """Coefficient of variation of the experts' overall load (0: perfectly balanced), the categories'
+    rates weighted by their token counts."""
+    weights = {c: max(tokens.get(c, 0), 1) for c in rates}
     total = sum(weights.values())
     E = len(next(iter(rates.values())))
     load = [sum(rates[c][e] * weights[c] for c in rates) / total for e in range(E)]
@@ -134,10 +136,8 @@ def heatmap_claims(analysis: dict[str, dict], tokens: dict[str, int]) -> list[li
     """Fig. 3 claims as rows [claim, paper, here, verdict]."""
     out = []
     with_ebl, without = analysis.get("moe-8c4", {}).get("heatmap"), analysis.get("moe-8c4-no-ebl", {}).get("heatmap")
-    weights = {c: max(n, 1) for c, n in tokens.items()}
     if with_ebl and without:
-        a = load_spread(with_ebl, {c: weights[c] for c in with_ebl})
-        b = load_spread(without, {c: weights[c] for c in without})
+        a, b = load_spread(with_ebl, tokens), load_spread(without, tokens)
         out.append(
             [
                 "F3: the balance loss keeps expert loads balanced",
@@ -279,7 +279,7 @@ def write_report(exp: ExperimentConfig, rows: list[dict], analysis: dict, info: 
         cats = [c for c in CATEGORIES if c in rates]
         lines += [
             f"**{name}** (rows sum to k; load spread = coefficient of variation of the overall expert load, "
-            f"0 is balanced: {load_spread(rates, {c: max(tokens[c], 1) for c in rates}):.3f})",
+            f"0 is balanced: {load_spread(rates, tokens):.3f})",
             "",
             _md_table(
                 ["expert", *cats, "serves most", "ratio to mean"],
