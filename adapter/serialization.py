@@ -22,6 +22,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from adapter.dense import DenseAdapter, DenseAdapterConfig
 from adapter.moe import MoEAdapter, MoEAdapterConfig
 from adapter.presets import build_adapter
+from adapter.swap import module_placement, set_module
 
 FORMAT = "moe-adapter/1"
 _KINDS = {"dense": DenseAdapterConfig, "moe": MoEAdapterConfig}
@@ -95,8 +96,6 @@ def save_swapped(model: nn.Module, path: str | Path) -> None:
 
 def load_swapped(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
     """Swap the saved adapters into `model` (built the original way) and load every saved tensor."""
-    from adapter.swap import module_placement, set_module
-
     swaps = json.loads(_metadata(path)["swaps"])
     for name, record in swaps.items():
         try:
