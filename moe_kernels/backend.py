@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -29,6 +31,36 @@ def triton_available() -> bool:
 
 def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = (int(x) for x in re.findall(r"\d+", version)[:2])
+    return major, minor
+
+
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None.
+
+    Before 3.7 the interpreter reads a runtime loop bound through int() of a one-element array,
+    which numpy 2.4 turned from a deprecation into a TypeError (triton-lang/triton#9171, fixed in
+    3.7.0). Measured here: triton 3.6.0 (what torch 2.11 pins) with numpy 2.4.6 fails every
+    interpreted kernel; with numpy 2.3 all pass.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter cannot run with numpy {numpy_version} "
+            "(triton-lang/triton#9171: loop bounds go through int() of a 1-element array): "
+            "install numpy<2.4 or triton>=3.7, or use backend='torch' on CPU"
+        )
+    return None
+
+
+@functools.cache
+def installed_interpreter_incompatibility() -> str | None:
+    """interpreter_incompatibility() for the installed triton and numpy."""
+    import numpy
+
+    return interpreter_incompatibility(importlib.metadata.version("triton"), numpy.__version__)
 
 
 def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str:
@@ -54,6 +86,8 @@ def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str
                 "backend='triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "in the environment before triton is imported, or use backend='torch'"
             )
+        if reason := installed_interpreter_incompatibility():
+            raise ValueError(reason)
         return "triton"
     raise ValueError(f"backend='triton' runs on CUDA or (interpreted) CPU tensors, got device {device}")
 

@@ -8,6 +8,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    """Fail at once, with the fix, where the installed Triton interpreter cannot run the kernels
+    (rather than with hundreds of identical TypeErrors from inside Triton)."""
+    if os.environ["TRITON_INTERPRET"] == "1":
+        from moe_kernels.backend import installed_interpreter_incompatibility
+
+        if reason := installed_interpreter_incompatibility():
+            raise pytest.UsageError(f"TRITON_INTERPRET=1 tests cannot run: {reason}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moe_kernels import moe_ffn, resolve_backend
+from moe_kernels import backend, moe_ffn, resolve_backend
 from tests.utils import make_moe_inputs
 
 
@@ -19,6 +19,32 @@ def test_triton_on_cpu_runs_the_interpreter_when_requested(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
         resolve_backend("triton", torch.device("cpu"), 8)
+
+
+@pytest.mark.parametrize(
+    "triton_version,numpy_version,broken",
+    [
+        ("3.6.0", "2.4.6", True),  # torch 2.11's pin with today's numpy: measured broken
+        ("3.6.0", "2.3.5", False),  # measured working
+        ("3.2.0", "2.4.0", True),
+        ("3.7.0", "2.4.6", False),  # the upstream fix
+        ("3.9.0", "2.5.2", False),
+        ("3.6.0+git4f2a", "2.4.0rc1", True),
+    ],
+)
+def test_interpreter_incompatibility_by_version(triton_version, numpy_version, broken):
+    reason = backend.interpreter_incompatibility(triton_version, numpy_version)
+    assert (reason is not None) == broken
+    if broken:
+        assert f"Triton {triton_version}" in reason and f"numpy {numpy_version}" in reason and "#9171" in reason
+
+
+def test_triton_on_cpu_refuses_a_broken_interpreter(monkeypatch):
+    assert backend.installed_interpreter_incompatibility() is None  # else conftest would have stopped
+    monkeypatch.setattr(backend, "installed_interpreter_incompatibility", lambda: "Triton 3.6.0's interpreter ...")
+    with pytest.raises(ValueError, match="Triton 3.6.0's interpreter"):
+        resolve_backend("triton", torch.device("cpu"), 8)
+    assert resolve_backend("triton", torch.device("cuda", 0), 8) == "triton"  # compiled kernels are not affected
 
 
 def test_refusals_name_values():
