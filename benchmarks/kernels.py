@@ -8,6 +8,8 @@ same dtype, and against the datasheet peak.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import triton
 
@@ -23,11 +25,16 @@ def _dense_equivalent_ms(m: int, k: int, n: int, dtype, device) -> float:
 
 
 def run_kernel_benchmarks(
-    d: int, f: int, E: int, K: int, tokens_list, device, ceilings, dtype=torch.bfloat16
+    d: int, f: int, E: int, K: int, tokens_list, device, ceilings, dtype=torch.bfloat16, deadline: float | None = None
 ) -> list[dict]:
+    """Rows for each T in tokens_list; a T not started by `deadline` (time.monotonic()) is left out
+    and said so on stdout."""
     sheet = datasheet_for(environment(device)["device"])
     rows = []
     for T in tokens_list:
+        if deadline is not None and time.monotonic() >= deadline:
+            print(f"kernel benchmarks: time budget spent, T={T} not run")
+            continue
         rows += _memory_bound_rows(T, E, K, device, dtype, ceilings)
         rows += _gemm_rows(T, d, f, E, K, device, dtype, sheet)
     return rows

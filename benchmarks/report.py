@@ -4,6 +4,7 @@ PASS/MISS line per target of issue 4 (only for what was measured)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import asdict
@@ -158,37 +159,51 @@ def _stem(info: dict, tag: str | None) -> str:
     return f"{dev[:40]}-{info['date'][:10]}"
 
 
-def write_all(out_dir: Path, tag, info, ceilings, plan, rows, kernel_rows) -> list[Path]:
+def _write_atomic(path: Path, text: str) -> None:
+    """A run killed mid-write (the device tool's time limit) leaves the previous complete file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_all(
+    out_dir: Path, tag, info, ceilings, plan, rows, kernel_rows, with_plot: bool = True, partial: str | None = None
+) -> list[Path]:
+    """CSV, JSON, PNG and markdown. During a run (`partial` says how far it got) the files are
+    rewritten after every case without the plot, so a run killed at its time limit keeps them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _stem(info, tag)
     paths = []
     csv_path = out_dir / f"{stem}.csv"
-    with csv_path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=ROW_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=ROW_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    _write_atomic(csv_path, buf.getvalue())
     paths.append(csv_path)
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(
-        json.dumps(
-            {"info": info, "ceilings": ceilings, "plan": asdict(plan), "rows": rows, "kernels": kernel_rows}, indent=1
-        )
-    )
+    doc = {"info": info, "ceilings": ceilings, "plan": asdict(plan), "rows": rows, "kernels": kernel_rows}
+    if partial:
+        doc["partial"] = partial
+    _write_atomic(json_path, json.dumps(doc, indent=1))
     paths.append(json_path)
     png = out_dir / f"{stem}.png"
-    if plot(rows, png, info):
+    if with_plot and plot(rows, png, info):
         paths.append(png)
+    else:
+        png.unlink(missing_ok=True)  # a plot from an earlier run would not show these rows
     md = out_dir / f"{stem}.md"
-    md.write_text(markdown(info, ceilings, plan, rows, kernel_rows, png.name if png in paths else None))
+    _write_atomic(md, markdown(info, ceilings, plan, rows, kernel_rows, png.name if png in paths else None, partial))
     paths.append(md)
     return paths
 
 
-def markdown(info, ceilings, plan, rows, kernel_rows, png_name) -> str:
+def markdown(info, ceilings, plan, rows, kernel_rows, png_name, partial: str | None = None) -> str:
     lines = [
         f"# Benchmark results: {info['device']}",
         "",
+        *([f"**Partial: {partial}.**", ""] if partial else []),
         f"- device: {info['device']} ({info['device_detail']})",
         f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}"
         + (f", CUDA {info['cuda']}" if info.get("cuda") else ""),

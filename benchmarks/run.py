@@ -11,6 +11,8 @@ import argparse
 import functools
 import gc
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,15 +84,48 @@ def _load_imbalance(module) -> float | None:
     return (c.max() / c.mean()).item() if c.sum() > 0 else None
 
 
+def _row(name: str, mode: str, case: Case, plan: Plan) -> dict:
+    return {
+        "provider": name,
+        "mode": mode,
+        "tokens": case.tokens,
+        "routing": case.routing,
+        "dtype": case.dtype,
+        "d": plan.d,
+        "D": plan.D,
+    }
+
+
 def run_adapter_benchmarks(
-    plan: Plan, device: torch.device, providers: list[str], ceilings: dict, progress: bool = True
+    plan: Plan,
+    device: torch.device,
+    providers: list[str],
+    ceilings: dict,
+    progress: bool = True,
+    *,
+    events: bool | None = None,
+    deadline: float | None = None,
+    on_case: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
+    """One row per (case, mode, provider). `events`: time with CUDA events and record peak memory
+    (default: on CUDA). `deadline` (time.monotonic()): cases not started by then are reported as
+    not run, so a run that must end in time still writes what it measured. `on_case(rows)` is
+    called after every case (the entry point writes partial results there)."""
+    events = device.type == "cuda" if events is None else events
     rows: list[dict] = []
     sheet = datasheet_for(environment(device)["device"]) if device.type == "cuda" else None
     total = sum(len(c.modes) for c in plan.cases)
     bar = tqdm(total=total, desc="adapter benchmarks", disable=not progress, file=sys.stdout)
     built: dict[str, dict] = {}
     for case in plan.cases:
+        if deadline is not None and time.monotonic() >= deadline:
+            rows += [
+                _row(n, mode, case, plan) | {"status": "not run: time budget spent"}
+                for mode in case.modes
+                for n in providers
+            ]
+            bar.update(len(case.modes))
+            continue
         dtype = DTYPES[case.dtype]
         if case.dtype not in built:
             built.clear()  # one dtype's modules at a time
@@ -117,7 +152,7 @@ def run_adapter_benchmarks(
             params = [p for m in runnable.values() for p in m.parameters()] + [x]
             reset = functools.partial(_clear_grads, params)
             timings, peaks = {}, {}
-            if device.type == "cuda":
+            if events:
                 for n, fn in steps.items():
                     timings[n] = time_gpu(fn, grad_to_none=params)
                     reset()
@@ -127,15 +162,7 @@ def run_adapter_benchmarks(
                 timings = time_cpu_interleaved(steps, reset=reset, budget_s=2.0 if plan.d < 512 else 6.0)
             for n in providers:
                 m = mods.get(n)
-                row = {
-                    "provider": n,
-                    "mode": mode,
-                    "tokens": case.tokens,
-                    "routing": case.routing,
-                    "dtype": case.dtype,
-                    "d": plan.d,
-                    "D": plan.D,
-                }
+                row = _row(n, mode, case, plan)
                 if isinstance(m, str) or m is None:
                     row["status"] = f"not run: {m or 'not selected'}"
                 elif n in errors:
@@ -163,6 +190,8 @@ def run_adapter_benchmarks(
             del steps
             bar.update(1)
         del x
+        if on_case is not None:
+            on_case(rows)
     bar.close()
     report.add_dense_ratios(rows)
     return rows
@@ -197,7 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tag", default=None, help="results file name stem (default: device and date)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting new measurements this many seconds after start; what did not start is "
+        "reported as not run (results are also rewritten after every case, so a killed run keeps them)",
+    )
     args = p.parse_args(argv)
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = _plan(args.plan or ("gpu" if device.type == "cuda" else "cpu"))
@@ -229,15 +266,26 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in ceilings.items()
         },
     )
-    rows = run_adapter_benchmarks(plan, device, args.providers, ceilings, progress=not args.quiet)
+
     kernel_rows: list[dict] = []
-    if plan.kernels and not args.no_kernels and device.type == "cuda":
+    if plan.kernels and not args.no_kernels and device.type == "cuda":  # first: seconds, and target 3 needs them
         from benchmarks import kernels
 
         moe = Shapes(plan.d, plan.D).moe_config("triton")
         kernel_rows = kernels.run_kernel_benchmarks(
-            moe.in_dim, moe.expert_dim, moe.num_experts, moe.top_k, (8192, 65536), device, ceilings
+            moe.in_dim, moe.expert_dim, moe.num_experts, moe.top_k, (8192, 65536), device, ceilings, deadline=deadline
         )
+
+    cases_done = iter(range(1, len(plan.cases) + 1))
+
+    def write_partial(rows_so_far: list[dict]) -> None:  # called once per case
+        report.add_dense_ratios(rows_so_far)
+        note = f"written after case {next(cases_done)} of {len(plan.cases)}; the run had not finished"
+        report.write_all(args.out, args.tag, info, ceilings, plan, rows_so_far, kernel_rows, False, note)
+
+    rows = run_adapter_benchmarks(
+        plan, device, args.providers, ceilings, progress=not args.quiet, deadline=deadline, on_case=write_partial
+    )
     paths = report.write_all(args.out, args.tag, info, ceilings, plan, rows, kernel_rows)
     print(report.text_table(rows))
     if kernel_rows:
