@@ -45,7 +45,11 @@ def cpu_model() -> str:
 
 
 def git_sha() -> str:
-    """Short sha of this checkout, "-dirty" when it has uncommitted changes; "unknown" outside git."""
+    """Short sha of this checkout, "-dirty" when it has uncommitted changes. Outside git (the
+    device tool copies the working tree without .git) MOE_ADAPTER_GIT_SHA names it, else "unknown"."""
+    given = os.environ.get("MOE_ADAPTER_GIT_SHA")
+    if given:
+        return given
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU (device tool: `bash benchmarks/gpu_suite.sh`): the GPU tests (bf16
 # included) and the full benchmark suite, results written under $OUT (the device tool's folder)
-# or benchmarks/results. Extra arguments go to `python -m benchmarks`. Uses the machine's own python3, torch and triton: it installs nothing,
+# or benchmarks/results. Extra arguments go to `python -m benchmarks`. The device tool copies the
+# working tree without .git: name the commit, `MOE_ADAPTER_GIT_SHA=<sha> bash benchmarks/gpu_suite.sh`. Uses the machine's own python3, torch and triton: it installs nothing,
 # since the lent machines reach no package registry.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ PY=${PYTHON:-python3}
 
 {
     date -u +"%Y-%m-%d %H:%M UTC"
-    git rev-parse --short HEAD 2>/dev/null || echo "git: unknown"
+    echo "git ${MOE_ADAPTER_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } > "$RES/environment.txt" 2>&1
