@@ -35,7 +35,7 @@ def run_kernel_benchmarks(
         if deadline is not None and time.monotonic() >= deadline:
             print(f"kernel benchmarks: time budget spent, T={T} not run")
             continue
-        rows += _memory_bound_rows(T, E, K, device, dtype, ceilings)
+        rows += _memory_bound_rows(T, E, K, device, dtype, ceilings, sheet)
         rows += _gemm_rows(T, d, f, E, K, device, dtype, sheet)
     return rows
 
@@ -45,7 +45,7 @@ def _route(logits, K):
     return r, routing.balance_forward(r.blk_count_NE, r.blk_psum_NE, K)
 
 
-def _memory_bound_rows(T, E, K, device, dtype, ceilings) -> list[dict]:
+def _memory_bound_rows(T, E, K, device, dtype, ceilings, sheet) -> list[dict]:
     logits = torch.randn(T, E, device=device, dtype=dtype)
     nb = triton.cdiv(T, routing.router_block_t(E))
     r, (counts, _, _) = _route(logits, K)
@@ -72,6 +72,7 @@ def _memory_bound_rows(T, E, K, device, dtype, ceilings) -> list[dict]:
                 "bytes": nbytes,
                 "gbs": gbs,
                 "pct_copy_bw": 100 * gbs / ceilings["copy_gbs"],
+                "pct_datasheet_bw": 100 * gbs / sheet["hbm_gbs"] if sheet else None,
             }
         )
     return rows

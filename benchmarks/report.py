@@ -78,13 +78,14 @@ def text_table(rows: list[dict]) -> str:
 
 def kernel_table(rows: list[dict]) -> str:
     lines = [
-        f"{'kernel':30s} {'T':>6s} {'median ms':>10s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s} "
+        f"{'kernel':30s} {'T':>6s} {'median ms':>10s} {'GB/s':>8s} {'%copy':>6s} {'%HBM':>6s} {'TFLOP/s':>8s} "
         f"{'cuBLAS same FLOPs':>18s} {'ratio':>6s}"
     ]
     for r in rows:
         lines.append(
             f"{r['kernel']:30s} {r['tokens']:6d} {r['median_ms']:10.4f} {_fmt(r.get('gbs'), '8.1f')} "
-            f"{_fmt(r.get('pct_copy_bw'), '6.1f')} {_fmt(r.get('tflops'), '8.1f')} "
+            f"{_fmt(r.get('pct_copy_bw'), '6.1f')} {_fmt(r.get('pct_datasheet_bw'), '6.1f')} "
+            f"{_fmt(r.get('tflops'), '8.1f')} "
             f"{_fmt(r.get('dense_matmul_tflops'), '18.1f')} {_fmt(r.get('vs_dense_matmul'), '6.2f')}"
         )
     return "\n".join(lines)

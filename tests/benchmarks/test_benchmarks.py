@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adapter import DenseAdapter, MoEAdapter, preset
-from benchmarks import run
+from benchmarks import report, run
 from benchmarks.providers import PROVIDERS, Shapes, adapter_flops, build_providers, make_step
 from benchmarks.routing_patterns import make_tokens, set_router
 from tests.utils import max_rel_error
@@ -100,3 +100,6 @@ def test_kernel_benchmarks_code_path_on_cpu(monkeypatch):
     names = [r["kernel"] for r in rows]
     assert names[:2] == ["router+balance", "permutation"] and len(rows) == 8
     assert all(r["median_ms"] == 1.0 for r in rows) and all("vs_dense_matmul" in r for r in rows[2:])
+    assert rows[0]["pct_copy_bw"] == pytest.approx(100 * rows[0]["gbs"] / 100.0) and rows[0]["pct_datasheet_bw"] is None
+    table = report.kernel_table(rows).splitlines()
+    assert len(table) == 1 + len(rows) and table[1].startswith("router+balance") and "%HBM" in table[0]
