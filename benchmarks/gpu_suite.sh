@@ -28,6 +28,14 @@ PY=${PYTHON:-python3}
 } > "$RES/environment.txt" 2>&1
 cat "$RES/environment.txt"
 
+# Without a GPU every test here would be skipped and the plan would time the CPU: refuse, unless
+# this is a dry run of the script itself (GPU_SUITE_DRY_RUN=1, e.g. with `--plan smoke`).
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+    && [ "${GPU_SUITE_DRY_RUN:-0}" != 1 ]; then
+    echo "gpu_suite: no CUDA GPU visible to $PY; nothing run (GPU_SUITE_DRY_RUN=1 runs it anyway)" | tee "$RES/no-gpu.txt"
+    exit 3
+fi
+
 # The device tool kills a call at 600 s and returns only what is under $OUT by then: both stages
 # run under a time limit, the benchmarks stop starting new cases at their budget (keeping 60 s
 # for the last case, the plot and the report) and rewrite their results after every case.

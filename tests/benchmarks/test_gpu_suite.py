@@ -5,6 +5,8 @@ correctly, and a time budget or a killed run still leaves results behind."""
 
 import csv
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,21 +24,36 @@ ROOT = Path(__file__).resolve().parents[2]
 # The lent machines hold torch, triton, transformers, matplotlib, pytest ... but not these two of
 # our dependencies (device tool, KINDS.md package list read 2026-11-17). Importing them fails.
 ABSENT_ON_GPU_MACHINES = ("whisper", "soundfile")
-WITHOUT_LALM_PACKAGES = f"""
+GPU_LIKE_PYTHON = f"""
 import importlib.abc, runpy, sys
 class _Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.partition(".")[0] in {ABSENT_ON_GPU_MACHINES!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the lent GPU machines)")
 sys.meta_path.insert(0, _Absent())
-sys.argv = sys.argv[1:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+flag, what, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+if flag == "-m":
+    sys.argv = [what, *rest]
+    runpy.run_module(what, run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *rest]
+    exec(compile(what, "<string>", "exec"), {{"__name__": "__main__"}})
 """
 
 
-def _collected(args: list[str], blocked: bool) -> subprocess.CompletedProcess:
-    cmd = [sys.executable] + (["-c", WITHOUT_LALM_PACKAGES] if blocked else ["-m"])
-    cmd += ["pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", *args]
+@pytest.fixture(scope="module")
+def gpu_like_python(tmp_path_factory) -> str:
+    """An executable that runs like `python3` here but cannot import ABSENT_ON_GPU_MACHINES."""
+    folder = tmp_path_factory.mktemp("gpu_like")
+    (folder / "gpu_like.py").write_text(GPU_LIKE_PYTHON)
+    exe = folder / "python3"
+    exe.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "{folder / "gpu_like.py"}" "$@"\n')
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def _collected(python: str, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [python, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -44,28 +61,42 @@ def _ids(out: str) -> set[str]:
     return {ln for ln in out.splitlines() if "::" in ln}
 
 
-def test_gpu_suite_collects_every_gpu_test_without_the_lalm_packages():
+def test_gpu_suite_collects_every_gpu_test_without_the_lalm_packages(gpu_like_python):
     listed = subprocess.run(
         ["bash", "benchmarks/gpu_suite.sh", "--list-gpu-test-files"], cwd=ROOT, capture_output=True, text=True
     )
     files = listed.stdout.split()
     assert listed.returncode == 0 and files, listed.stderr
-    everything = _collected(["tests"], blocked=False)  # this machine has every package
+    everything = _collected(sys.executable, ["tests"])  # this machine has every package
     assert everything.returncode == 0, everything.stdout[-2000:]
-    suite = _collected(files, blocked=True)
+    suite = _collected(gpu_like_python, files)
     assert suite.returncode == 0, suite.stdout[-2000:]
     assert _ids(suite.stdout) == _ids(everything.stdout) and len(_ids(suite.stdout)) >= 5
     # What the same collection over the whole tree would do there: stop at the LALM tests.
-    whole = _collected(["tests"], blocked=True)
+    whole = _collected(gpu_like_python, ["tests"])
     assert whole.returncode != 0 and "soundfile" in whole.stdout
 
 
-def test_benchmark_entry_point_runs_without_the_lalm_packages(tmp_path):
-    cmd = [sys.executable, "-c", WITHOUT_LALM_PACKAGES, "benchmarks", "--plan", "smoke", "--quiet"]
-    cmd += ["--providers", "moe-torch", "dense", "--out", str(tmp_path), "--tag", "t"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "t.json").is_file()
+def test_gpu_suite_script_end_to_end_without_a_gpu(tmp_path, gpu_like_python):
+    """The whole script with the lent machines' missing packages: without a GPU it refuses; as a
+    dry run (smoke plan) it runs both stages and leaves every file under $OUT."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=gpu_like_python, MOE_ADAPTER_GIT_SHA="feed123")
+    env.update(SUITE_S="300", TESTS_S="120")
+    cmd = ["bash", "benchmarks/gpu_suite.sh", "--plan", "smoke", "--providers", "moe-torch", "dense", "--tag", "dry"]
+    refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 3 and "no CUDA GPU visible" in (tmp_path / "no-gpu.txt").read_text()
+    assert not (tmp_path / "dry.json").exists()
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env | {"GPU_SUITE_DRY_RUN": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "git feed123" in (tmp_path / "environment.txt").read_text()
+    tests_log = (tmp_path / "gpu-tests.log").read_text()
+    skipped = re.search(r"(\d+) skipped, \d+ deselected", tests_log)  # collected, skipped for want of CUDA only
+    assert skipped and int(skipped.group(1)) >= 5 and "error" not in tests_log.lower(), tests_log
+    result = json.loads((tmp_path / "dry.json").read_text())
+    assert result["info"]["git_sha"] == "feed123" and "partial" not in result
+    assert {r["status"] for r in result["rows"] if r["provider"] == "dense"} == {"ok"}
+    assert "gpu tests rc=0, benchmarks rc=0" in done.stdout
 
 
 def test_gpu_timing_branch_builds_every_row(monkeypatch):
