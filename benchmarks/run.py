@@ -105,19 +105,19 @@ def run_adapter_benchmarks(
     *,
     events: bool | None = None,
     deadline: float | None = None,
-    on_case: Callable[[list[dict]], None] | None = None,
+    on_case: Callable[[list[dict], int], None] | None = None,
 ) -> list[dict]:
     """One row per (case, mode, provider). `events`: time with CUDA events and record peak memory
     (default: on CUDA). `deadline` (time.monotonic()): cases not started by then are reported as
-    not run, so a run that must end in time still writes what it measured. `on_case(rows)` is
-    called after every case (the entry point writes partial results there)."""
+    not run, so a run that must end in time still writes what it measured. `on_case(rows, n)` is
+    called after the n-th case is measured (the entry point writes partial results there)."""
     events = device.type == "cuda" if events is None else events
     rows: list[dict] = []
     sheet = datasheet_for(environment(device)["device"]) if device.type == "cuda" else None
     total = sum(len(c.modes) for c in plan.cases)
     bar = tqdm(total=total, desc="adapter benchmarks", disable=not progress, file=sys.stdout)
     built: dict[str, dict] = {}
-    for case in plan.cases:
+    for number, case in enumerate(plan.cases, 1):
         if deadline is not None and time.monotonic() >= deadline:
             rows += [
                 _row(n, mode, case, plan) | {"status": "not run: time budget spent"}
@@ -191,7 +191,7 @@ def run_adapter_benchmarks(
             bar.update(1)
         del x
         if on_case is not None:
-            on_case(rows)
+            on_case(rows, number)
     bar.close()
     report.add_dense_ratios(rows)
     return rows
@@ -276,11 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             moe.in_dim, moe.expert_dim, moe.num_experts, moe.top_k, (8192, 65536), device, ceilings, deadline=deadline
         )
 
-    cases_done = iter(range(1, len(plan.cases) + 1))
-
-    def write_partial(rows_so_far: list[dict]) -> None:  # called once per case
+    def write_partial(rows_so_far: list[dict], number: int) -> None:
         report.add_dense_ratios(rows_so_far)
-        note = f"written after case {next(cases_done)} of {len(plan.cases)}; the run had not finished"
+        note = f"written after case {number} of {len(plan.cases)}; the run had not finished"
         report.write_all(args.out, args.tag, info, ceilings, plan, rows_so_far, kernel_rows, False, note)
 
     rows = run_adapter_benchmarks(
