@@ -15,7 +15,7 @@ import triton
 
 from adapter.environment import environment
 from benchmarks.timing import datasheet_for, time_gpu
-from moe_kernels import grouped_gemm, permute, routing
+from moe_kernels import grouped_gemm, permutation, routing
 
 
 def _dense_equivalent_ms(m: int, k: int, n: int, dtype, device) -> float:
@@ -53,7 +53,7 @@ def _memory_bound_rows(T, E, K, device, dtype, ceilings, sheet) -> list[dict]:
         ("router+balance", lambda: _route(logits, K), T * E * logits.element_size() + T * K * 8 + nb * E * 16 + E * 12),
         (
             "permutation",
-            lambda: permute.permute(r.topk_idx_TK, counts, r.blk_count_NE),
+            lambda: permutation.permute(r.topk_idx_TK, counts, r.blk_count_NE),
             T * K * 4 + T * K * 8 + nb * E * 8 + E * 8,
         ),
     ]
@@ -81,7 +81,7 @@ def _memory_bound_rows(T, E, K, device, dtype, ceilings, sheet) -> list[dict]:
 def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
     logits = torch.randn(T, E, device=device, dtype=dtype)
     r, (counts, _, _) = _route(logits, K)
-    perm = permute.permute(r.topk_idx_TK, counts, r.blk_count_NE)
+    perm = permutation.permute(r.topk_idx_TK, counts, r.blk_count_NE)
     z = torch.randn(T, d, device=device, dtype=dtype)
     w1 = torch.randn(E, d, f, device=device, dtype=dtype) / d**0.5
     w2 = torch.randn(E, f, d, device=device, dtype=dtype) / f**0.5

@@ -17,7 +17,7 @@ _TRITON_OPS = {
     "router_forward": "moe_kernels.routing",
     "balance_forward": "moe_kernels.routing",
     "router_backward": "moe_kernels.routing",
-    "permute": "moe_kernels.permute",
+    "permute": "moe_kernels.permutation",
     "grouped_mm": "moe_kernels.grouped_gemm",
     "grouped_wgrad": "moe_kernels.grouped_gemm",
     "experts_forward": "moe_kernels.grouped_gemm",

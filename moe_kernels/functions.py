@@ -4,7 +4,7 @@ Shape legend: T tokens, D token width, F expert hidden width, E experts, K exper
 
     logits_TE = z_TD @ router_weight_ED^T                     (torch matmul: E is small)
     RouterFunction:  logits -> topk_weight_TK, aux_loss       (routing.py; + idx, counts, partials)
-    permute:         idx, counts, partials -> Permutation      (permute.py; not differentiable)
+    permute:         idx, counts, partials -> Permutation      (permutation.py; not differentiable)
     ExpertsFunction: z, w1, w2, topk_weight -> h_TD            (grouped_gemm.py)
 
 The weights' gradient reaches the router through ExpertsFunction's d(topk_weight) and the balance
@@ -16,8 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels import grouped_gemm, permute, routing
+from moe_kernels import grouped_gemm, permutation, routing
 from moe_kernels.reference import MoEOutput, Permutation
+
+
+def _no_double_backward() -> None:
+    """Under create_graph=True (gradient penalties, double backward) grad mode is on inside
+    backward; the kernels' backward is not itself differentiable, so refuse rather than return
+    gradients that silently miss their second-order terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the Triton MoE kernels have no double backward (create_graph=True, e.g. a gradient "
+            "penalty): use backend='torch', whose ops support it"
+        )
 
 
 class RouterFunction(torch.autograd.Function):
@@ -34,6 +45,7 @@ class RouterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_weight, d_aux, *_):
+        _no_double_backward()
         logits, idx, weight, dp = ctx.saved_tensors
         if d_aux is None:
             d_aux = torch.zeros((), dtype=weight.dtype, device=weight.device)
@@ -53,6 +65,7 @@ class ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh_TD):
+        _no_double_backward()
         z, w1, w2, weight, counts, offsets, sorted_pair, pair_row, act, pre = ctx.saved_tensors
         perm = Permutation(counts, offsets, sorted_pair, pair_row)
         saved = grouped_gemm.ExpertActivations(act, pre)
@@ -74,7 +87,7 @@ def moe_ffn(
     """The Triton implementation of reference.moe_ffn (inputs already validated by ops.moe_ffn)."""
     logits_TE = F.linear(z_TD, router_weight_ED)
     weight_TK, aux, idx_TK, counts_E, blk_count_NE = RouterFunction.apply(logits_TE, token_mask_T, top_k, balance_p)
-    perm = permute.permute(idx_TK, counts_E, blk_count_NE)
+    perm = permutation.permute(idx_TK, counts_E, blk_count_NE)
     save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (z_TD, w1_EDF, w2_EFD, weight_TK))
     h_TD = ExpertsFunction.apply(z_TD, w1_EDF, w2_EFD, weight_TK, *perm, save_pre)
     return MoEOutput(h_TD, aux, counts_E, idx_TK, weight_TK)

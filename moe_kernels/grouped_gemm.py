@@ -1,7 +1,7 @@
 """Grouped expert GEMMs, forward and backward: gather rows on load, scatter rows on store.
 
 Shape legend: T tokens, D token width, F expert hidden width, E experts, K experts per token,
-R = T*K pairs (pair id p = t*K + s; a sorted row is a pair's place in expert order, permute.py).
+R = T*K pairs (pair id p = t*K + s; a sorted row is a pair's place in expert order, permutation.py).
 Weights: W1 (E, D, F), W2 (E, F, D). Semantics: reference.expert_mlp and reference.combine.
 
 Forward
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from moe_kernels.backend import interpreter_requested
-from moe_kernels.permute import tile_of
+from moe_kernels.permutation import tile_of
 from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block
 
@@ -86,6 +86,14 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _upcast(dtype: torch.dtype) -> bool:
+    """Dot bf16 tiles as fp32 in the interpreter only: its bf16 tl.dot multiplies raw bit patterns
+    (Triton issue 11584; a bare bf16 kernel was off by ~1e10 here, the converted fp32 tiles exact).
+    bf16 products are exact in fp32, so this equals the GPU's bf16 MMA with fp32 accumulation up
+    to summation order. Compiled kernels never upcast."""
+    return dtype == torch.bfloat16 and interpreter_requested()
+
+
 @triton.jit
 def _grouped_mm_kernel(
     a_ptr,
@@ -118,6 +126,7 @@ def _grouped_mm_kernel(
     BLOCK_E: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """out = A_rows @ B[e] for one (BLOCK_M sorted rows of expert e) x (BLOCK_N columns) tile."""
     pid = tl.program_id(0)
@@ -142,6 +151,8 @@ def _grouped_mm_kernel(
         k_in = offs_k < KD - k0
         a = tl.load(a_ptrs, mask=m_in[:, None] & k_in[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_in[:, None] & n_in[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -197,6 +208,7 @@ def _grouped_wgrad_kernel(
     BLOCK_E: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """dW[e] (P, Q) = sum over expert e's sorted rows r of X[r]^T Y[r] (optionally Y scaled by G)."""
     pid = tl.program_id(0)
@@ -235,6 +247,8 @@ def _grouped_wgrad_kernel(
         if SCALE_Y:
             w = tl.load(weight_ptr + pair, mask=r_in, other=0.0).to(ACC)
             y = (y.to(ACC) * w[:, None]).to(y_ptr.dtype.element_ty)
+        if UPCAST:
+            x_t, y = x_t.to(tl.float32), y.to(tl.float32)
         acc = tl.dot(x_t, y, acc, input_precision=PRECISION)
     tl.store(
         dw_ptr + expert.to(tl.int64) * stride_we + offs_p[:, None] * stride_wp + offs_q[None, :] * stride_wq,
@@ -309,6 +323,12 @@ def _dweight_kernel(
 # ----------------------------------------------------------------------------- host wrappers
 
 
+def _row_major(perm: Permutation) -> Permutation:
+    """The permutation with every tensor contiguous: the kernels index them row-major. A no-op
+    (no copy) for permute()'s own outputs; a strided view a user passes is copied once."""
+    return Permutation(*(t.contiguous() for t in perm))
+
+
 def _check_expert_inputs(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm: Permutation) -> None:
     if z_TD.dim() != 2 or w1_EDF.dim() != 3 or w2_EFD.dim() != 3:
         raise ValueError(
@@ -355,6 +375,9 @@ def grouped_mm(
     E, KD, N = b_E.shape
     if a.shape[1] != KD:
         raise ValueError(f"inner dims differ: a {tuple(a.shape)} vs b_E {tuple(b_E.shape)}")
+    perm = _row_major(perm)
+    if weight_TK is not None:
+        weight_TK = weight_TK.contiguous()
     aligned = KD % 16 == 0 and N % 16 == 0
     cfg = gemm_config(a.dtype, perm.sorted_pair_R.shape[0], E, aligned=aligned, epilogue=epilogue)
     dev = a.device
@@ -365,11 +388,9 @@ def grouped_mm(
     if epilogue == EPI_SILU and store_pre:
         pre = extra = torch.empty_like(out)
     if epilogue == EPI_DSILU:
-        act, pre = act_RN, pre_RN
-        if act.shape != out.shape or pre.shape != out.shape or not (act.is_contiguous() and pre.is_contiguous()):
-            raise ValueError(
-                f"act/pre must be contiguous {tuple(out.shape)}, got {tuple(act.shape)}, {tuple(pre.shape)}"
-            )
+        act, pre = act_RN.contiguous(), pre_RN.contiguous()  # read at the output's (row-major) offsets
+        if act.shape != out.shape or pre.shape != out.shape:
+            raise ValueError(f"act/pre must be {tuple(out.shape)}, got {tuple(act.shape)}, {tuple(pre.shape)}")
         dw_part = extra = torch.empty(out_rows, num_n, dtype=weight_TK.dtype, device=dev)
     weight = weight_TK if weight_TK is not None else out
     # Upper bound on M tiles: sum_e cdiv(c_e, BM) <= cdiv(R, BM) + E. Programs past the real
@@ -406,6 +427,7 @@ def grouped_mm(
         BLOCK_E=expert_block(E),
         ACC=_acc_dtype(a.dtype),
         PRECISION=_precision(a.dtype),
+        UPCAST=_upcast(a.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -426,6 +448,9 @@ def grouped_wgrad(
     """dW (E, P, Q) with dW[e] = sum over expert e's rows of x_row^T y_row (y scaled by G if given)."""
     E = perm.counts_E.shape[0]
     P, Q = x.shape[1], y.shape[1]
+    perm = _row_major(perm)
+    if weight_TK is not None:
+        weight_TK = weight_TK.contiguous()
     cfg = gemm_config(x.dtype, perm.sorted_pair_R.shape[0], E, aligned=P % 16 == 0 and Q % 16 == 0)
     dw = torch.empty(E, P, Q, dtype=out_dtype, device=x.device)
     block_p = block_q = cfg.block_n
@@ -457,6 +482,7 @@ def grouped_wgrad(
         BLOCK_E=expert_block(E),
         ACC=_acc_dtype(x.dtype),
         PRECISION=_precision(x.dtype),
+        UPCAST=_upcast(x.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -469,6 +495,7 @@ def combine(y_PN: torch.Tensor, pair_row_TK: torch.Tensor, out_dtype: torch.dtyp
     N = y_PN.shape[1]
     if y_PN.shape[0] != T * K:
         raise ValueError(f"y_PN must have T*K = {T * K} rows, got {tuple(y_PN.shape)}")
+    pair_row_TK = pair_row_TK.contiguous()
     out = torch.empty(T, N, dtype=out_dtype, device=y_PN.device)
     block_t, block_n = (16, 32) if interpreter_requested() else (32, 128)
     _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(N, block_n))](
@@ -494,6 +521,7 @@ def routing_weight_grad(dw_part_RJ: torch.Tensor, pair_row_TK: torch.Tensor) -> 
     """d(routing weights) (T, K) from the per-row, per-N-tile partials of the down-dX GEMM."""
     T, K = pair_row_TK.shape
     num_parts = dw_part_RJ.shape[1]
+    dw_part_RJ, pair_row_TK = dw_part_RJ.contiguous(), pair_row_TK.contiguous()  # read row-major
     dweight = torch.empty(T, K, dtype=dw_part_RJ.dtype, device=dw_part_RJ.device)
     block_p = 64
     _dweight_kernel[(triton.cdiv(T * K, block_p),)](
@@ -527,6 +555,7 @@ def experts_forward(
 ) -> tuple[torch.Tensor, ExpertActivations]:
     """h_TD = sum_s G_{t,s} E_{e(t,s)}(z_t) with the fused kernels above."""
     _check_expert_inputs(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm)
+    perm, topk_weight_TK = _row_major(perm), topk_weight_TK.contiguous()
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K
@@ -561,6 +590,7 @@ def experts_backward(
     if saved.pre_RF is None:
         raise ValueError("experts_forward ran with save_pre=False; there is no backward to run")
     need_z, need_w1, need_w2, need_weight = needs
+    perm, topk_weight_TK = _row_major(perm), topk_weight_TK.contiguous()
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K

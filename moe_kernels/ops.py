@@ -19,6 +19,14 @@ def check_top_k(top_k: int, num_experts: int) -> None:
         raise ValueError(f"top_k must be in [1, num_experts]; got top_k={top_k}, num_experts={num_experts}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled for a device type; False where autocast does not exist (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p):
     named = {"z_TD": z_TD, "router_weight_ED": router_weight_ED, "w1_EDF": w1_EDF, "w2_EFD": w2_EFD}
     for name, t in named.items():
@@ -45,7 +53,7 @@ def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     dtypes = {name: t.dtype for name, t in named.items()}
-    if len(set(dtypes.values())) != 1 and not torch.is_autocast_enabled(z_TD.device.type):
+    if len(set(dtypes.values())) != 1 and not _autocast_enabled(z_TD.device.type):
         raise ValueError(f"dtype mismatch outside autocast: {dtypes}")
     check_top_k(top_k, E)
     if token_mask_T is not None:
@@ -91,12 +99,16 @@ def moe_ffn(
     (see reference.py): h_TD in z's dtype, a differentiable aux_loss, and the routing decisions.
     `token_mask_T` (bool) marks real tokens; the others get no expert work and a zero row.
     Under torch.autocast the floating inputs are cast to the autocast dtype. A NaN in a token's z
-    makes that token's h and the aux loss NaN; other tokens' rows are unaffected.
+    makes that token's h and the aux loss NaN; other tokens' rows stay finite (equal to their
+    NaN-free values up to rounding: the expert groups change size). Any strides are accepted.
+    On the meta device only shapes are computed.
     Under torch.compile the call becomes the custom op `moe_adapter::moe_ffn` (custom_ops.py).
     """
     _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
     device_type = z_TD.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type == "meta":  # shapes only (sizing a model before materializing it): the exact fake op
+        return custom_ops.moe_ffn(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p, backend)
+    if _autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         z_TD, router_weight_ED, w1_EDF, w2_EFD = (t.to(dtype) for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD))
     with torch.autocast(device_type, enabled=False):

@@ -11,7 +11,7 @@ blocks. Semantics: reference.topk_route and reference.balance_loss.
   _router_bwd_kernel    d(weights) (T, K) and d(L_aux) -> d(logits) (T, E) in one pass.
 
 Nothing here synchronizes with the host and nothing uses atomics: the same inputs give the same
-bits. The per-block histogram doubles as the input of the stable permutation (permute.py), which
+bits. The per-block histogram doubles as the input of the stable permutation (permutation.py), which
 is why the token blocking (`router_block_t`) is shared with it.
 """
 
@@ -42,7 +42,7 @@ def expert_block(num_experts: int) -> int:
 
 
 def router_block_t(num_experts: int) -> int:
-    """Tokens per router program; permute.py must block tokens the same way."""
+    """Tokens per router program; permutation.py must block tokens the same way."""
     if interpreter_requested():
         return _INTERPRET_BLOCK_T
     return max(16, min(256, _TILE_ELEMS // expert_block(num_experts)))
@@ -267,6 +267,8 @@ def router_forward(
     T, E = logits_TE.shape
     if token_mask_T is not None and (token_mask_T.shape != (T,) or token_mask_T.dtype != torch.bool):
         raise ValueError(f"token_mask_T must be bool ({T},), got {token_mask_T.dtype} {tuple(token_mask_T.shape)}")
+    if token_mask_T is not None:
+        token_mask_T = token_mask_T.contiguous()  # read at token offsets (a column of a 2-D mask is strided)
     dev = logits_TE.device
     acc = routing_dtype(logits_TE.dtype)
     block_t = router_block_t(E)
@@ -308,6 +310,7 @@ def balance_forward(
             f"{tuple(blk_count_NE.shape)} and {tuple(blk_psum_NE.shape)}"
         )
     nb, E = blk_count_NE.shape
+    blk_count_NE, blk_psum_NE = blk_count_NE.contiguous(), blk_psum_NE.contiguous()  # read row-major
     dev = blk_count_NE.device
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     dp = torch.empty(E, dtype=blk_psum_NE.dtype, device=dev)
@@ -347,6 +350,8 @@ def router_backward(
         )
     if d_topk_weight_TK is not None and d_topk_weight_TK.shape != (T, top_k):
         raise ValueError(f"d_topk_weight_TK must be ({T}, {top_k}), got {tuple(d_topk_weight_TK.shape)}")
+    # (T, K) and (E,) tensors are read row-major: strided views are copied once (no-op otherwise).
+    topk_idx_TK, topk_weight_TK, dp_E = topk_idx_TK.contiguous(), topk_weight_TK.contiguous(), dp_E.contiguous()
     dlogits = torch.empty(T, E, dtype=logits_TE.dtype, device=logits_TE.device)
     block_t = router_block_t(E)
     dw = d_topk_weight_TK.contiguous() if d_topk_weight_TK is not None else topk_weight_TK

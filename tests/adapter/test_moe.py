@@ -110,7 +110,12 @@ def test_nan_input_stays_in_its_token():
     y = m(x)
     assert torch.isnan(y[2]).all()
     keep = torch.arange(6) != 2
-    assert torch.equal(y[keep], y_clean[keep])
+    # The NaN token is still routed (below) but its expert groups change size, and BLAS may round
+    # a row differently at another matrix shape (seen on AMD EPYC): equal within float64 rounding,
+    # and finite. A rerun of the same input is bit-identical.
+    assert torch.isfinite(y[keep]).all()
+    assert_close(y[keep], y_clean[keep], rtol=1e-12, atol=1e-12, name="other tokens")
+    assert torch.equal(m(x)[keep], y[keep])
     assert math.isnan(m.aux_loss.item())
     assert int(m.expert_counts.sum()) == 6 * m.config.top_k  # a NaN token is still routed
 
@@ -121,7 +126,8 @@ def test_nan_input_stays_in_its_token():
         ({"top_k": 6}, "top_k=6 > num_experts=5"),
         ({"top_k": 0}, "top_k must be a positive int"),
         ({"expert_dim": -3}, "expert_dim must be a positive int"),
-        ({"in_dim": 2.5}, "in_dim must be a positive int"),
+        ({"in_dim": 2.5}, "in_dim must be of type int, got 2.5"),
+        ({"layer_norms": "false"}, "layer_norms must be of type bool, got .false."),
         ({"balance_p": "gshard"}, "balance_p must be one of"),
         ({"backend": "cuda"}, "backend must be one of"),
         ({"aux_loss_weight": float("nan")}, "aux_loss_weight"),
@@ -198,3 +204,37 @@ def test_total_aux_loss_sums_weighted_adapters():
     a(x)
     b(x)
     assert_close(total_aux_loss(model), a.aux_loss + 0.5 * b.aux_loss, rtol=1e-6, name="total aux")
+
+
+def test_copies_after_a_training_forward():
+    """deepcopy, AveragedModel (EMA/SWA) and pickling after a forward whose aux_loss is a graph
+    node: the copy has the weights and none of the last call's statistics."""
+    import copy
+    import pickle
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    m = _adapter()
+    x = torch.randn(5, SMALL["in_dim"], dtype=torch.float64)
+    (m(x).sum() + m.aux_loss).backward()
+    assert m.aux_loss.requires_grad
+    for twin in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert twin.aux_loss is None and twin.expert_counts is None and twin.last_topk_idx is None
+        assert torch.equal(twin(x), m(x))
+    m(x)
+    ema = AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    ema.update_parameters(m)
+    assert torch.equal(ema.module.w1, m.w1)
+
+
+def test_meta_device_sizes_without_allocating():
+    """Shapes only, as when sizing a model before materializing it (DenseAdapter did this already)."""
+    with torch.device("meta"):
+        m = MoEAdapter(MoEAdapterConfig(**SMALL, num_shared_experts=1, aggregation_dim=8))
+        x = torch.empty(2, 5, SMALL["in_dim"])
+        y = m(x, torch.ones(2, 5, dtype=torch.bool))
+    assert y.device.type == "meta" and y.shape == (2, 5, SMALL["out_dim"])
+    assert m.aux_loss.shape == () and m.expert_counts.shape == (SMALL["num_experts"],)
+    assert m.last_topk_idx.shape == (10, SMALL["top_k"])
+    (y.sum() + m.aux_loss).backward()
+    assert m.w1.grad.shape == m.w1.shape and m.w1.grad.device.type == "meta"

@@ -70,3 +70,21 @@ def test_moe_ffn_input_errors():
         moe_ffn(z, wr, w1, w2, top_k=2, token_mask_T=torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="balance_p must be one of"):
         moe_ffn(z, wr, w1, w2, top_k=2, balance_p="gshard")
+
+
+def test_public_names_are_never_shadowed_by_submodules():
+    """Issue 20 item 9: once a Triton call has imported every kernel module, each public name of
+    the package is still the op (a submodule of the same name used to replace `permute`)."""
+    import importlib
+    import importlib.util
+
+    import moe_kernels
+
+    for module in set(moe_kernels._TRITON_OPS.values()):
+        importlib.import_module(module)
+    for name, module in moe_kernels._TRITON_OPS.items():
+        assert getattr(moe_kernels, name) is getattr(importlib.import_module(module), name), name
+        assert callable(getattr(moe_kernels, name)) and not isinstance(getattr(moe_kernels, name), type(moe_kernels))
+    # And no submodule may carry a public op's name in the first place.
+    for name in moe_kernels._TRITON_OPS:
+        assert importlib.util.find_spec(f"moe_kernels.{name}") is None, name

@@ -180,8 +180,45 @@ def test_triton_adapter_nan_token_and_empty_batch():
     x[4, 0] = float("nan")
     y = m(x)
     keep = torch.arange(9) != 4
-    assert torch.isnan(y[4]).all() and torch.equal(y[keep], clean[keep]) and torch.isnan(m.aux_loss)
+    assert torch.isnan(y[4]).all() and torch.isnan(m.aux_loss)
+    # Other tokens: finite and equal within fp32 rounding (the NaN token changes the expert groups'
+    # sizes, and so the tiles their rows fall in); a rerun of the same input is bit-identical.
+    assert torch.isfinite(y[keep]).all()
+    assert_close(y[keep], clean[keep], rtol=1e-5, atol=1e-6, name="other tokens")
+    assert torch.equal(m(x)[keep], y[keep])
     empty = torch.randn(0, 40, requires_grad=True)
     out = m(empty)
     (out.sum() + m.aux_loss).backward()
     assert out.shape == (0, 24) and m.w1.grad is not None
+
+
+def test_double_backward_is_refused_on_triton_and_exact_on_torch():
+    """Issue 20 item 3: a gradient penalty (create_graph=True) on the Triton kernels raised no
+    error but missed the second-order terms; now it is refused, and the torch path passes
+    gradgradcheck."""
+    inputs = make_moe_inputs(7, 12, 10, 3, routing="uniform")
+    out = moe_ffn(*inputs, top_k=2, backend="triton")
+    with pytest.raises(RuntimeError, match="no double backward .*backend='torch'"):
+        torch.autograd.grad(out.h_TD.pow(2).sum(), inputs, create_graph=True)
+    z, router, w1, w2 = make_moe_inputs(3, 6, 4, 3, routing="uniform")
+    assert torch.autograd.gradgradcheck(
+        lambda *a: moe_ffn(*a, top_k=2, backend="torch").h_TD, (z, router, w1, w2), eps=1e-6, atol=1e-5
+    )
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_bfloat16_adapter_in_the_interpreter_matches_float64():
+    """Issue 20 item 4: the interpreter's bf16 tl.dot was garbage (3.06 off where torch's bf16 is
+    0.023 off); the kernels now dot bf16 tiles as fp32 there. Both backends land within bf16 rounding."""
+    cfg = dict(in_dim=40, out_dim=24, expert_dim=40, num_experts=3, top_k=2)
+    m64 = MoEAdapter(MoEAdapterConfig(**cfg, backend="torch")).double()
+    x = torch.randn(9, 40, dtype=torch.float64)
+    want = m64(x)
+    for backend in ("torch", "triton"):
+        m = MoEAdapter(MoEAdapterConfig(**cfg, backend=backend))
+        m.load_state_dict(m64.state_dict())
+        m = m.bfloat16()
+        y = m(x.bfloat16())
+        y.float().sum().backward()
+        assert y.dtype == torch.bfloat16 and max_rel_error(y, want) < 0.03, (backend, max_rel_error(y, want))
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters())

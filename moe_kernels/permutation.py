@@ -123,8 +123,9 @@ def permute(topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, blk_count_NE: tor
             f"expected counts_E int32 ({E},) and blk_count_NE int32 ({nb}, {E}) for T={T}; got "
             f"{counts_E.dtype} {tuple(counts_E.shape)} and {blk_count_NE.dtype} {tuple(blk_count_NE.shape)}"
         )
-    if not topk_idx_TK.is_contiguous():
-        raise ValueError("topk_idx_TK must be contiguous")
+    # The kernels index these row-major; strided views (e.g. idx[:, :K] of a wider tensor) are
+    # copied once here (a no-op for the router's own outputs).
+    topk_idx_TK, counts_E, blk_count_NE = (t.contiguous() for t in (topk_idx_TK, counts_E, blk_count_NE))
     dev = topk_idx_TK.device
     offsets = torch.empty(E + 1, dtype=torch.int32, device=dev)
     block_base = torch.empty(nb, E, dtype=torch.int32, device=dev)

@@ -1,9 +1,9 @@
-"""permute.py kernels: exact agreement with reference.permute; a stable bijection that round-trips."""
+"""permutation.py kernels: exact agreement with reference.permute; a stable bijection that round-trips."""
 
 import pytest
 import torch
 
-from moe_kernels import permute, reference, routing
+from moe_kernels import permutation, reference, routing
 
 
 def _route(T, E, K, pattern, masked, seed=0):
@@ -36,7 +36,7 @@ def _route(T, E, K, pattern, masked, seed=0):
 )
 def test_permutation_matches_reference(T, E, K, pattern, masked):
     r, counts = _route(T, E, K, pattern, masked)
-    perm = permute.permute(r.topk_idx_TK, counts, r.blk_count_NE)
+    perm = permutation.permute(r.topk_idx_TK, counts, r.blk_count_NE)
     ref = reference.permute(r.topk_idx_TK, E)
     n = int(ref.offsets_E1[-1])
     assert torch.equal(perm.offsets_E1, ref.offsets_E1)
@@ -56,6 +56,6 @@ def test_permutation_matches_reference(T, E, K, pattern, masked):
 def test_input_checks():
     r, counts = _route(10, 4, 2, "uniform", False)
     with pytest.raises(ValueError, match="int32"):
-        permute.permute(r.topk_idx_TK.long(), counts, r.blk_count_NE)
+        permutation.permute(r.topk_idx_TK.long(), counts, r.blk_count_NE)
     with pytest.raises(ValueError, match="blk_count_NE int32"):
-        permute.permute(r.topk_idx_TK, counts, r.blk_count_NE[:0])
+        permutation.permute(r.topk_idx_TK, counts, r.blk_count_NE[:0])
