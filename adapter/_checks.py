@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import torch
 
 
@@ -36,3 +39,19 @@ def check_positive(**dims: int) -> None:
     for name, value in dims.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_field_types(obj) -> None:
+    """Refuse values of the wrong JSON type (a config file's "false" string is not False, 2.5 is no
+    step count): bool fields take bools, int fields ints, float fields numbers, str fields strings."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        ok = {
+            bool: isinstance(value, bool),
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, int | float) and not isinstance(value, bool),
+            str: isinstance(value, str),
+        }.get(tp, True)
+        if not ok:
+            raise ValueError(f"{f.name} must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapter._checks import check_adapter_input, check_positive
+from adapter._checks import check_adapter_input, check_field_types, check_positive
 from adapter.stats import ParamCounts
 
 
@@ -22,6 +22,7 @@ class DenseAdapterConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_positive(in_dim=self.in_dim, out_dim=self.out_dim, hidden_dim=self.hidden_dim)
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")

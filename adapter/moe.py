@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moe_kernels
-from adapter._checks import check_adapter_input, check_positive
+from adapter._checks import check_adapter_input, check_field_types, check_positive
 from adapter.stats import ParamCounts
 
 ACTIVATIONS = {
@@ -63,6 +63,7 @@ class MoEAdapterConfig:
     activation: str = "silu"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         check_positive(
             in_dim=self.in_dim,
             out_dim=self.out_dim,
@@ -111,7 +112,8 @@ class MoEAdapter(nn.Module):
       expert_counts   int32 (E,) tokens routed to each expert in that call
       last_topk_idx   int32 (N, k) experts chosen per flattened token (-1 for padding)
     A NaN in a real token's input makes that token's output and aux_loss NaN; the other tokens'
-    outputs are unaffected (the training loop skips non-finite steps).
+    outputs stay finite and equal their NaN-free values up to float rounding (the expert groups
+    change size); the training loop skips non-finite steps.
     """
 
     def __init__(self, config: MoEAdapterConfig) -> None:
@@ -138,6 +140,12 @@ class MoEAdapter(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self.last_topk_idx: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        """Copies (copy.deepcopy, AveragedModel / EMA, pickling) leave out the last forward's
+        statistics: aux_loss is a node of that forward's graph, which deepcopy cannot copy."""
+        state = super().__getstate__()
+        return {**state, "aux_loss": None, "expert_counts": None, "last_topk_idx": None}
 
     @torch.no_grad()
     def reset_expert_parameters(self) -> None:

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import uuid
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -40,25 +43,62 @@ def _describe(adapter: nn.Module) -> dict:
 
 def _config(record: dict, path) -> DenseAdapterConfig | MoEAdapterConfig:
     try:
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise TypeError("expected {'kind': ..., 'config': {...}}")
         cls = _KINDS[record["kind"]]
         return cls(**record["config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: invalid adapter record {record!r}: {exc}") from exc
 
 
-def _metadata(path) -> dict:
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+def _open_header(path) -> tuple[dict, dict[str, tuple[tuple[int, ...], str]]]:
+    """(metadata, {tensor name: (shape, dtype)}) of a safetensors file, read from its header only;
+    a missing path, a directory or a file that is not safetensors raises naming the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; expected a .safetensors file written by moe-adapter")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            names = fh.keys()  # the safe_open handle is not itself iterable
+            tensors = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in names}
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} was not written by moe-adapter (metadata format {meta.get('format')!r})")
-    return meta
+    return meta, tensors
+
+
+def _json_field(meta: dict, key: str, path, other: str) -> object:
+    """The JSON value of metadata `key`; a file of the other kind (an adapter vs a swapped model)
+    or undecodable metadata raises naming the file and what it is."""
+    if key not in meta:
+        kinds = {
+            "adapter": "a single adapter (load it with load_adapter)",
+            "swaps": "a swapped model (load it with load_swapped)",
+        }
+        found = kinds.get(other) if other in meta else "neither an adapter nor a swapped model"
+        raise ValueError(f"{path} holds {found}, not what was asked for (its metadata lacks {key!r})")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from exc
 
 
 def _atomic(path: Path, write) -> None:
+    """write(tmp) to a temporary file unique to this call beside `path`, then rename it into place;
+    the temporary is removed if writing fails."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    tmp.replace(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file path such as {path / 'adapter.safetensors'}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(adapter: nn.Module, path: str | Path) -> None:
@@ -68,10 +108,29 @@ def save_adapter(adapter: nn.Module, path: str | Path) -> None:
     _atomic(Path(path), lambda p: save_file(state, p, metadata=meta))
 
 
+def _check_tensors(path, header: dict, adapter_on_meta: nn.Module) -> None:
+    """The file's tensors are exactly the adapter's, of its shapes, in one dtype."""
+    want = {k: tuple(v.shape) for k, v in adapter_on_meta.state_dict().items()}
+    missing, unexpected = sorted(set(want) - set(header)), sorted(set(header) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [f"{k}: {header[k][0]} in the file, {want[k]} by the config" for k in want if header[k][0] != want[k]]
+    if wrong:
+        raise ValueError(f"{path}: tensor shapes do not match its config: {wrong[:5]}")
+    dtypes = sorted({dt for _, dt in header.values()})
+    if len(dtypes) > 1:
+        by_dtype = {dt: sorted(k for k, (_, d) in header.items() if d == dt)[:3] for dt in dtypes}
+        raise ValueError(f"{path}: an adapter's tensors must share one dtype, found {by_dtype}")
+
+
 def load_adapter(path: str | Path, device="cpu") -> nn.Module:
-    """The adapter `save_adapter` wrote, with its dtype, on `device`."""
-    meta = _metadata(path)
-    adapter = build_adapter(_config(json.loads(meta["adapter"]), path))
+    """The adapter `save_adapter` wrote, with its dtype, on `device`. The config and the tensor
+    shapes and dtypes are checked from the file's header before anything is allocated."""
+    meta, header = _open_header(path)
+    config = _config(_json_field(meta, "adapter", path, other="swaps"), path)
+    with torch.device("meta"):
+        _check_tensors(path, header, build_adapter(config))
+    adapter = build_adapter(config)
     state = load_file(str(path), device=str(device))
     dtype = next(iter(state.values())).dtype
     adapter = adapter.to(device=device, dtype=dtype)
@@ -96,7 +155,9 @@ def save_swapped(model: nn.Module, path: str | Path) -> None:
 
 def load_swapped(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
     """Swap the saved adapters into `model` (built the original way) and load every saved tensor."""
-    swaps = json.loads(_metadata(path)["swaps"])
+    swaps = _json_field(_open_header(path)[0], "swaps", path, other="adapter")
+    if not isinstance(swaps, dict):
+        raise ValueError(f"{path}: metadata 'swaps' must be a JSON object, got {type(swaps).__name__}")
     for name, record in swaps.items():
         try:
             old = model.get_submodule(name)

@@ -213,20 +213,25 @@ def upcycle_moe(
     f = 2 * d if expert_dim is None else expert_dim
     if f < 2 * d:
         raise ValueError(f"upcycling starts every expert as the identity, which needs expert_dim >= 2*in_dim={2 * d}")
-    has_bias = any(lin.bias is not None for lin in s.linears)
-    cfg = MoEAdapterConfig(
-        in_dim=d,
-        out_dim=s.out_dim,
-        expert_dim=f,
-        num_experts=num_experts,
-        top_k=top_k,
-        aggregation_dim=s.hidden,
-        layer_norms=s.norms is not None,
-        bias=has_bias,
-        activation=s.activation or "silu",
+    # What the projector fixes; a caller's value for one of these must agree with it.
+    structure = {
+        "in_dim": d,
+        "out_dim": s.out_dim,
+        "aggregation_dim": s.hidden,
+        "layer_norms": s.norms is not None,
+        "bias": any(lin.bias is not None for lin in s.linears),
+        "activation": s.activation or "silu",
         **({"norm_eps": s.norms[0].eps} if s.norms else {}),
-        **overrides,
-    )
+    }
+    clash = {k: (v, structure[k]) for k, v in overrides.items() if k in structure and v != structure[k]}
+    if clash:
+        detail = ", ".join(f"{k}={given!r} (the projector needs {need!r})" for k, (given, need) in clash.items())
+        raise ValueError(
+            f"cannot upcycle {type(source).__name__} with {detail}: upcycling takes in/out sizes, the "
+            "aggregation block, norms, biases and activation from the projector it replaces"
+        )
+    rest = {k: v for k, v in overrides.items() if k not in structure}
+    cfg = MoEAdapterConfig(**structure, expert_dim=f, num_experts=num_experts, top_k=top_k, **rest)
     dtype, device = module_placement(source)
     m = MoEAdapter(cfg).to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -240,6 +245,8 @@ def upcycle_moe(
         if f > 2 * d:  # spare hidden units: random inputs, zero outputs (no effect now, trainable later)
             m.w1[:, :, 2 * d :].normal_(0.0, d**-0.5)
         m.router.weight.normal_(0.0, router_std)
+        if cfg.num_shared_experts:  # shared experts start silent (random in, zero out): h stays z
+            m.shared_w2.zero_()
         targets = [m.agg_up, m.agg_down] if s.hidden else [m.proj]
         for dst, src in zip(targets, s.linears, strict=True):
             dst.weight.copy_(src.weight)
@@ -282,6 +289,7 @@ def swap_adapter(
     """Replace the module(s) at `target` by adapters (see the module docstring); returns the handle
     that lists and undoes the swaps. `overrides` go to the adapter config (e.g. backend="torch");
     with `upcycle` to `upcycle_moe` (num_experts, top_k, expert_dim, router_std, ...)."""
+    # Build every replacement before touching the model: a failure on any target swaps nothing.
     swaps = []
     for path in _targets(model, target):
         original = model.get_submodule(path)
@@ -291,17 +299,28 @@ def swap_adapter(
             in_dim, out_dim = infer_dims(original)
             dtype, device = module_placement(original)
             new = build_adapter(_adapter_config(adapter, in_dim, out_dim, overrides)).to(device=device, dtype=dtype)
-        set_module(model, path, new)
         swaps.append(Swap(path, original, new))
+    for swap in swaps:
+        set_module(model, swap.path, swap.adapter)
     return SwapHandle(model, swaps)
 
 
 def _upcycle_args(adapter, overrides: dict) -> dict:
-    """num_experts / top_k of an MoE preset or config, then the caller's overrides."""
-    cfg = preset(adapter, 2, 2) if isinstance(adapter, str) else adapter
-    if not isinstance(cfg, MoEAdapterConfig):
+    """upcycle_moe's arguments. A preset name gives its expert count, top-k and balance-loss
+    options; an explicit MoEAdapterConfig gives every field, and upcycle_moe refuses the ones that
+    disagree with the projector (sizes, aggregation block, norms, biases, activation). The caller's
+    overrides come last."""
+    if isinstance(adapter, str):
+        cfg = preset(adapter, 2, 2)
+        if not isinstance(cfg, MoEAdapterConfig):
+            raise ValueError(f"upcycling builds an MoE adapter; pass an MoE preset name or config, not {adapter!r}")
+        base = {"num_experts": cfg.num_experts, "top_k": cfg.top_k, "balance_p": cfg.balance_p}
+        if cfg.aux_loss_weight != 1.0:
+            base["aux_loss_weight"] = cfg.aux_loss_weight
+        return {**base, **overrides}
+    if not isinstance(adapter, MoEAdapterConfig):
         raise ValueError(f"upcycling builds an MoE adapter; pass an MoE preset name or config, not {adapter!r}")
-    base = {"num_experts": cfg.num_experts, "top_k": cfg.top_k}
-    if cfg.aux_loss_weight != 1.0:
-        base["aux_loss_weight"] = cfg.aux_loss_weight
+    base = dataclasses.asdict(adapter)
+    if not adapter.layer_norms:
+        base.pop("norm_eps")  # unused without LayerNorms: nothing to agree on
     return {**base, **overrides}

@@ -68,3 +68,71 @@ def test_swapped_model_round_trip_and_strictness(tmp_path):
     other = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2), nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="Unexpected|Missing"):
         load_swapped(other, tmp_path / "m.safetensors")
+
+
+def test_load_adapter_checks_the_header_before_allocating(tmp_path):
+    """Mixed dtypes, shapes that do not fit the config, a config asking for 1e9 experts, a file of
+    the other kind, undecodable metadata, a directory: each refused by name, nothing allocated."""
+    a = build_adapter(preset("moe-4c2", 8, 6, backend="torch"))
+    state = {k: v.detach().contiguous() for k, v in a.state_dict().items()}
+    meta = {"format": "moe-adapter/1", "adapter": json.dumps({"kind": "moe", "config": a.config.__dict__})}
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({**state, "w1": state["w1"].double()}, str(mixed), metadata=meta)
+    with pytest.raises(ValueError, match=r"mixed.safetensors: an adapter's tensors must share one dtype.*F64"):
+        load_adapter(mixed)
+    huge = tmp_path / "huge.safetensors"
+    record = {"kind": "moe", "config": {**a.config.__dict__, "num_experts": 1_000_000_000}}
+    save_file(state, str(huge), metadata={**meta, "adapter": json.dumps(record)})
+    with pytest.raises(ValueError, match=r"huge.safetensors: tensor shapes do not match its config: .*w1"):
+        load_adapter(huge)  # from the header: building it would allocate 256 GB of expert weights
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6))
+    swap_adapter(model, "1", "moe-4c2", backend="torch")
+    save_swapped(model, tmp_path / "swapped.safetensors")
+    with pytest.raises(ValueError, match=r"swapped.safetensors holds a swapped model \(load it with load_swapped\)"):
+        load_adapter(tmp_path / "swapped.safetensors")
+    save_adapter(a, tmp_path / "one.safetensors")
+    with pytest.raises(ValueError, match=r"one.safetensors holds a single adapter \(load it with load_adapter\)"):
+        load_swapped(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 6)), tmp_path / "one.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    save_file(state, str(broken), metadata={**meta, "adapter": "{not json"})
+    with pytest.raises(ValueError, match=r"broken.safetensors: metadata 'adapter' is not valid JSON"):
+        load_adapter(broken)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        load_adapter(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no-such.safetensors"):
+        load_adapter(tmp_path / "no-such.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello")
+    with pytest.raises(ValueError, match="text.safetensors is not a readable safetensors file"):
+        load_adapter(tmp_path / "text.safetensors")
+    record = {"kind": "moe", "config": {**a.config.__dict__, "layer_norms": "false"}}
+    save_file(state, str(broken), metadata={**meta, "adapter": json.dumps(record)})
+    with pytest.raises(ValueError, match="layer_norms must be of type bool, got 'false'"):
+        load_adapter(broken)
+
+
+def test_saves_are_atomic_per_call_and_refuse_directories(tmp_path):
+    import threading
+
+    a = build_adapter(preset("dense", 8, 6))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_adapter(a, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no stray temporary
+    # Two threads saving one path: each writes its own temporary, the file ends whole.
+    adapters = [build_adapter(preset("moe-8c4", 32, 24, backend="torch")) for _ in range(2)]
+    errors = []
+
+    def save(m):
+        try:
+            for _ in range(5):
+                save_adapter(m, tmp_path / "a.safetensors")
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(m,)) for m in adapters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+    loaded = load_adapter(tmp_path / "a.safetensors")
+    assert any(torch.equal(loaded.w1, m.w1) for m in adapters)

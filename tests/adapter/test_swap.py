@@ -140,3 +140,51 @@ def test_upcycled_adapter_trains_its_experts_apart():
         loss.backward()
         opt.step()
     assert not torch.equal(m.w1[0], m.w1[1])  # routed differently, updated differently
+
+
+def test_upcycling_honours_every_field_of_an_explicit_config_or_refuses():
+    """Issue 20 item 5: an explicit MoEAdapterConfig is taken whole (expert count, width, balance
+    mode, backend, shared experts, weights) and still computes the projector; a field that
+    contradicts the projector (its sizes, biases, activation) is refused by name."""
+    from adapter import MoEAdapterConfig
+
+    torch.manual_seed(0)
+    model = Toy(torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    want = model(x)
+    cfg = MoEAdapterConfig(
+        in_dim=12,
+        out_dim=8,
+        expert_dim=30,
+        num_experts=3,
+        top_k=2,
+        aggregation_dim=20,
+        layer_norms=False,
+        bias=True,
+        activation="gelu",
+        balance_p="softmax",
+        backend="torch",
+        num_shared_experts=2,
+        shared_expert_dim=5,
+        aux_loss_weight=0.5,
+    )
+    handle = swap_adapter(model, "blocks.0", cfg, upcycle=True)
+    m = model.blocks[0]
+    assert m.config == cfg  # every field honoured
+    assert (model(x) - want).abs().max() < 1e-12  # shared experts start silent: still the projector
+    handle.undo()
+    for field, value, need in (("in_dim", 100, 12), ("bias", False, True), ("activation", "silu", "gelu")):
+        bad = MoEAdapterConfig(**{**cfg.__dict__, field: value, **({"out_dim": 3} if field == "in_dim" else {})})
+        with pytest.raises(ValueError, match=rf"{field}={value!r} \(the projector needs {need!r}\)"):
+            swap_adapter(model, "blocks.0", bad, upcycle=True)
+        assert isinstance(model.blocks[0], nn.Sequential)  # nothing swapped
+
+
+def test_a_failing_target_swaps_nothing():
+    """Issue 20 item 10: every replacement is built before the first swap, so an error on the
+    second target leaves the first in place (and no handle is needed to undo anything)."""
+    model = Toy()
+    model.blocks.append(nn.Sequential(nn.ReLU()))  # matched by the predicate, but holds no Linear
+    with pytest.raises(ValueError, match="cannot infer the sizes of Sequential"):
+        swap_adapter(model, lambda name, m: name.startswith("blocks.") and name.count(".") == 1, "dense")
+    assert isinstance(model.blocks[0], nn.Sequential) and isinstance(model.blocks[0][0], nn.Linear)
