@@ -43,17 +43,26 @@ SUITE_S=${SUITE_S:-570}
 TESTS_S=${TESTS_S:-240}
 
 # 1. GPU tests: bf16 against float64 and torch's own bf16, determinism, CUDA-graph capture.
-echo "gpu test files: ${gpu_files[*]}"
-timeout --kill-after=10 "$TESTS_S" $PY -m pytest -q -m gpu "${gpu_files[@]}" -p no:cacheprovider 2>&1 \
-    | tee "$RES/gpu-tests.log"
-tests_rc=${PIPESTATUS[0]}
-[ "$tests_rc" -ge 124 ] && echo "gpu tests stopped at their ${TESTS_S}s limit (rc=$tests_rc)" | tee -a "$RES/gpu-tests.log"
+#    A box without pytest still gets its numbers: the stage is skipped, saying so.
+tests_state=ran
+if ! $PY -c "import pytest" >/dev/null 2>&1; then
+    tests_state="SKIPPED (pytest is not installed for $PY)"
+    echo "gpu tests $tests_state; the benchmarks still run" | tee "$RES/gpu-tests.log"
+    tests_rc=4
+else
+    echo "gpu test files: ${gpu_files[*]}"
+    timeout --kill-after=10 "$TESTS_S" $PY -m pytest -q -m gpu "${gpu_files[@]}" -p no:cacheprovider 2>&1 \
+        | tee "$RES/gpu-tests.log"
+    tests_rc=${PIPESTATUS[0]}
+    [ "$tests_rc" -ge 124 ] && echo "gpu tests stopped at their ${TESTS_S}s limit (rc=$tests_rc)" | tee -a "$RES/gpu-tests.log"
+fi
 
 # 2. Benchmarks: kernel-level, then adapter providers (paper shapes, T 1k..64k, three routings).
 left=$(( SUITE_S - SECONDS ))
-timeout --kill-after=10 "$left" $PY -m benchmarks --plan gpu --out "$RES" --quiet --budget-s $(( left - 60 )) "$@" \
+budget=$(( left > 60 ? left - 60 : 0 ))  # never negative: with no time left every case is reported as not run
+timeout --kill-after=10 "$(( left > 10 ? left : 10 ))" $PY -m benchmarks --plan gpu --out "$RES" --quiet --budget-s "$budget" "$@" \
     2>&1 | tee "$RES/benchmarks.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu tests rc=$tests_rc, benchmarks rc=$bench_rc; results in $RES"
+echo "gpu tests rc=$tests_rc ($tests_state), benchmarks rc=$bench_rc; results in $RES"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -254,7 +254,13 @@ def markdown(info, ceilings, plan, rows, kernel_rows, png_name, partial: str | N
 
 
 def plot(rows: list[dict], path: Path, info: dict) -> bool:
-    import matplotlib
+    """The time-vs-tokens figure; False (and a line saying why) where matplotlib is not installed:
+    the CSV, JSON and markdown are written without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"plot {path.name} skipped: matplotlib is not installed (CSV, JSON and markdown are written)")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

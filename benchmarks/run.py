@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from adapter.environment import environment
 from benchmarks import report
@@ -31,6 +30,30 @@ from benchmarks.timing import (
     time_cpu_interleaved,
     time_gpu,
 )
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """tqdm's bar, or a silent stand-in where tqdm is not installed (a bare GPU box): numbers
+    first, the bar is optional."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        if enabled:
+            print(f"{desc}: no progress bar (tqdm is not installed)", flush=True)
+        enabled = False
+        tqdm = None
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, file=sys.stdout)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MODES = ("forward", "backward", "fwd+bwd")
@@ -115,7 +138,7 @@ def run_adapter_benchmarks(
     rows: list[dict] = []
     sheet = datasheet_for(environment(device)["device"]) if device.type == "cuda" else None
     total = sum(len(c.modes) for c in plan.cases)
-    bar = tqdm(total=total, desc="adapter benchmarks", disable=not progress, file=sys.stdout)
+    bar = progress_bar(total, "adapter benchmarks", progress)
     built: dict[str, dict] = {}
     for number, case in enumerate(plan.cases, 1):
         if deadline is not None and time.monotonic() >= deadline:
@@ -197,6 +220,15 @@ def run_adapter_benchmarks(
     return rows
 
 
+def unavailable_providers(providers: list[str], plan: Plan, device: torch.device) -> dict[str, str]:
+    """{provider: why it cannot run on `device`} for the selected providers (built once, at the
+    plan's widths, in the first dtype the plan uses)."""
+    if not plan.cases:
+        return {}
+    mods = build_providers(Shapes(plan.d, plan.D), device, DTYPES[plan.cases[0].dtype])
+    return {n: mods[n] for n in providers if isinstance(mods.get(n), str)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         "reported as not run (results are also rewritten after every case, so a killed run keeps them)",
     )
     args = p.parse_args(argv)
+    if args.tokens and min(args.tokens) <= 0:
+        p.error(f"--tokens must all be > 0, got {args.tokens}")
+    if args.budget_s is not None and not args.budget_s >= 0:  # 0: start nothing, report every case as not run
+        p.error(f"--budget-s must be >= 0, got {args.budget_s}")
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -254,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
 
     info = environment(device)
     print(f"device: {info['device']} ({info['device_detail']}); torch {info['torch']}, triton {info['triton']}")
+    unavailable = unavailable_providers(args.providers, plan, device)
+    for name, why in unavailable.items():
+        print(f"provider {name} cannot run here: {why}", flush=True)
+    if len(unavailable) == len(args.providers):
+        print("no selected provider can run on this machine: nothing to measure", file=sys.stderr)
+        return 2
     dtypes = sorted({c.dtype for c in plan.cases})
     ceilings = {
         "matmul_tflops": {dt: measured_matmul_tflops(device, DTYPES[dt]) for dt in dtypes},

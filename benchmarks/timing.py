@@ -55,6 +55,8 @@ def time_cpu_interleaved(
     """Round-robin timer: every round runs each provider once, in an order rotated per round, so
     slow drifts of the machine (frequency, other load) spread over all providers alike."""
     names = list(fns)
+    if not names:  # every provider of a case failed or is unavailable: nothing to time
+        return {}
     for _ in range(warmup):
         for n in names:
             fns[n]()

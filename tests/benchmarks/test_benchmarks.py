@@ -11,6 +11,7 @@ from adapter import DenseAdapter, MoEAdapter, preset
 from benchmarks import report, run
 from benchmarks.providers import PROVIDERS, Shapes, adapter_flops, build_providers, make_step
 from benchmarks.routing_patterns import make_tokens, set_router
+from benchmarks.timing import time_cpu_interleaved
 from tests.utils import max_rel_error
 
 
@@ -103,3 +104,17 @@ def test_kernel_benchmarks_code_path_on_cpu(monkeypatch):
     assert rows[0]["pct_copy_bw"] == pytest.approx(100 * rows[0]["gbs"] / 100.0) and rows[0]["pct_datasheet_bw"] is None
     table = report.kernel_table(rows).splitlines()
     assert len(table) == 1 + len(rows) and table[1].startswith("router+balance") and "%HBM" in table[0]
+
+
+def test_entry_point_says_why_nothing_can_run(tmp_path, capsys, monkeypatch):
+    """Issue 20 item 13: only unavailable providers (the Triton kernels on CPU without the
+    interpreter) end with a reason, not a ZeroDivisionError; bad sizes fail up front."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert run.main(["--plan", "smoke", "--providers", "moe-triton", "--out", str(tmp_path), "--quiet"]) == 2
+    out = capsys.readouterr()
+    assert "provider moe-triton cannot run here" in out.out and "nothing to measure" in out.err
+    for bad in (["--tokens", "-5"], ["--tokens", "0"], ["--budget-s", "-1"], ["--budget-s", "nan"]):
+        with pytest.raises(SystemExit):
+            run.main(["--plan", "smoke", "--out", str(tmp_path), *bad])
+        assert "must" in capsys.readouterr().err
+    assert time_cpu_interleaved({}) == {}

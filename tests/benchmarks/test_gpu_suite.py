@@ -24,11 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 # The lent machines hold torch, triton, transformers, matplotlib, pytest ... but not these two of
 # our dependencies (device tool, KINDS.md package list read 2026-11-17). Importing them fails.
 ABSENT_ON_GPU_MACHINES = ("whisper", "soundfile")
+# A bare box: only torch, triton and numpy of the project's dependencies (issue 18, item 8).
+ABSENT_ON_BARE_BOX = (*ABSENT_ON_GPU_MACHINES, "tqdm", "matplotlib", "pytest", "transformers", "scipy", "safetensors")
 GPU_LIKE_PYTHON = f"""
-import importlib.abc, runpy, sys
+import importlib.abc, os, runpy, sys
+ABSENT = set(os.environ.get("GPU_LIKE_ABSENT", ",".join({ABSENT_ON_GPU_MACHINES!r})).split(","))
 class _Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in {ABSENT_ON_GPU_MACHINES!r}:
+        if name.partition(".")[0] in ABSENT:
             raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the lent GPU machines)")
 sys.meta_path.insert(0, _Absent())
 flag, what, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -96,7 +99,24 @@ def test_gpu_suite_script_end_to_end_without_a_gpu(tmp_path, gpu_like_python):
     result = json.loads((tmp_path / "dry.json").read_text())
     assert result["info"]["git_sha"] == "feed123" and "partial" not in result
     assert {r["status"] for r in result["rows"] if r["provider"] == "dense"} == {"ok"}
-    assert "gpu tests rc=0, benchmarks rc=0" in done.stdout
+    assert "gpu tests rc=0 (ran), benchmarks rc=0" in done.stdout
+
+
+def test_gpu_suite_on_a_bare_box_still_writes_numbers(tmp_path, gpu_like_python):
+    """Only torch, triton and numpy: no pytest (the test stage is skipped, saying why), no tqdm,
+    no matplotlib (no bar, no plot, said so), yet the CSV, JSON and markdown are written."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=gpu_like_python, GPU_SUITE_DRY_RUN="1", SUITE_S="300")
+    env["GPU_LIKE_ABSENT"] = ",".join(ABSENT_ON_BARE_BOX)
+    cmd = ["bash", "benchmarks/gpu_suite.sh", "--plan", "smoke", "--providers", "dense", "--tag", "bare"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert "gpu tests SKIPPED (pytest is not installed" in (tmp_path / "gpu-tests.log").read_text()
+    assert "benchmarks rc=0" in done.stdout and done.returncode == 1, done.stdout[-3000:]  # a stage skipped
+    log = (tmp_path / "benchmarks.log").read_text()
+    assert "matplotlib is not installed" in log and "Traceback" not in log, log[-3000:]
+    rows = json.loads((tmp_path / "bare.json").read_text())["rows"]
+    assert rows and {r["status"] for r in rows} == {"ok"}
+    assert (tmp_path / "bare.csv").is_file() and (tmp_path / "bare.md").is_file()
+    assert not (tmp_path / "bare.png").exists()
 
 
 def test_gpu_timing_branch_builds_every_row(monkeypatch):
