@@ -30,9 +30,10 @@ TABLE_2_3 = (
 """The default row first, then Table 2's expert configurations and widths, then Table 3's w/o EBL."""
 
 
-def describe(name: str, audio_dim: int) -> dict:
-    """Shape and parameter counts of a preset at the experiment's d and at the paper's d."""
-    small, paper = preset(name, audio_dim, audio_dim), preset(name)
+def describe(name: str, audio_dim: int, llm_hidden: int) -> dict:
+    """Shape and parameter counts of a preset as the experiment builds it (d = audio_dim in, the
+    LLM's hidden size out) and at the paper's sizes."""
+    small, paper = preset(name, audio_dim, llm_hidden), preset(name)
     row = {"experts": getattr(small, "num_experts", 0), "top_k": getattr(small, "top_k", 0)}
     row["width"] = getattr(small, "expert_dim", getattr(small, "hidden_dim", 0))
     row["params"] = small.param_counts().total
@@ -42,15 +43,15 @@ def describe(name: str, audio_dim: int) -> dict:
     return row
 
 
-def summarize(name: str, run: dict, audio_dim: int) -> dict:
+def summarize(name: str, run: dict, audio_dim: int, llm_hidden: int) -> dict:
     """One table row: the preset's shape and its measured scores."""
     ev = run["eval"]
     final = [r for r in run["log"] if r.get("final")]
-    aux = [r["aux"] for r in run["log"] if "aux" in r][-10:]
+    aux = [r["aux"] for r in run["log"] if r.get("aux") is not None][-10:]  # unweighted L_aux
     vb = ev.get("voicebench", {})
     return {
         "preset": name,
-        **describe(name, audio_dim),
+        **describe(name, audio_dim, llm_hidden),
         "mmau": {**ev["mmau"]["per_category"], "all": ev["mmau"]["overall"]},
         "knowledge_audio": vb.get("audio", {}).get("accuracy"),
         "knowledge_text": vb.get("text", {}).get("accuracy"),
@@ -128,7 +129,7 @@ def run_ablation(exp: ExperimentConfig, presets=TABLE_2_3) -> list[dict]:
     if unknown:
         raise ValueError(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")
     manifests = exp.build_corpus()
-    rows = [summarize(p, train_and_evaluate(exp, p, manifests), exp.audio_dim) for p in presets]
+    rows = [summarize(p, train_and_evaluate(exp, p, manifests), exp.audio_dim, exp.llm_hidden) for p in presets]
     out = Path(exp.out)
     (out / "ablation.md").write_text(ablation_table(rows) + "\n")
     (out / "ablation.json").write_text(json.dumps(rows, indent=1))

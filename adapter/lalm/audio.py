@@ -23,6 +23,10 @@ HOP_LENGTH = 160  # Whisper's STFT hop: 100 mel frames per second
 CHUNK_MEL_FRAMES = 3000  # 30 s: the Whisper encoder's positional-embedding length (1500) x 2
 STACK = 4  # encoder frames per adapter token: 50 Hz -> 12.5 Hz
 MIN_SAMPLES = 400  # one STFT window (25 ms); shorter clips have no mel frame
+# Float audio's full scale is +-1. A file peaking 60 dB above it is not a recording (a bad
+# conversion, raw counts stored as floats): at 1e30 the log-mel power overflows float32 to inf and
+# every feature of the clip turns NaN, so such files are refused instead.
+MAX_PEAK = 1e3
 
 
 class AudioError(ValueError):
@@ -43,6 +47,11 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     mono = data.mean(axis=1)
     if not np.isfinite(mono).all():
         raise AudioError(f"audio file {path} holds NaN or infinite samples")
+    peak = float(np.abs(mono).max())
+    if peak > MAX_PEAK:
+        raise AudioError(
+            f"audio file {path} peaks at {peak:.3g}, over {MAX_PEAK:g} times full scale (+-1): not usable audio"
+        )
     if sr != sample_rate:
         mono = resample(mono, sr, sample_rate)
     if mono.shape[0] < MIN_SAMPLES:

@@ -10,10 +10,12 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapter._checks import check_field_types
 from adapter.presets import PRESETS
 
 
@@ -39,6 +41,7 @@ class ModelConfig:
     tiny_llm_layers: int = _f(2, "decoder layers of the 'tiny' LLM")
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.adapter not in PRESETS:
             raise ValueError(f"adapter must be one of {sorted(PRESETS)}, got {self.adapter!r}")
         for name in ("audio_dim", "tiny_llm_hidden", "tiny_llm_layers"):
@@ -93,6 +96,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig(**self.model)
+        check_field_types(self)
         positive = ("max_steps", "grad_accum", "max_batch_tokens", "max_batch_size", "log_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -106,8 +110,13 @@ class TrainConfig:
             raise ValueError(
                 f"decay_fraction and min_lr_ratio must be in [0, 1], got {self.decay_fraction}, {self.min_lr_ratio}"
             )
-        if self.aux_lambda < 0 or self.grad_clip < 0:
-            raise ValueError(f"aux_lambda and grad_clip must be >= 0, got {self.aux_lambda}, {self.grad_clip}")
+        for name in ("aux_lambda", "grad_clip", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.freeze_llm and not self.train_adapter and self.freeze_encoder:
             raise ValueError("nothing to train: encoder, LLM and adapter are all frozen")
 
@@ -146,20 +155,39 @@ def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = "", **extra
     return cls(**values, **extra)
 
 
-def train_config_from_argv(argv=None, description: str = "") -> TrainConfig:
+def _train_parser(description: str = "", suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The train CLI's parser; with suppress_defaults, parsing yields only the flags actually given."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(p, TrainConfig, skip=("model",))
-    add_dataclass_args(p, ModelConfig)
+    for cls, skip in ((TrainConfig, ("model",)), (ModelConfig, ())):
+        suppressed = {f.name: argparse.SUPPRESS for f in dataclasses.fields(cls)} if suppress_defaults else None
+        add_dataclass_args(p, cls, skip=skip, defaults=suppressed)
     p.add_argument("--config", type=Path, help="a JSON TrainConfig to start from (flags given override it)")
-    args = p.parse_args(argv)
-    if args.config:
+    return p
+
+
+def train_config_from_argv(argv=None, description: str = "") -> TrainConfig:
+    """A TrainConfig from command-line flags (`sys.argv[1:]` when argv is None); with `--config`,
+    the file's values, overridden by every flag given (`--lr 0.5`, `--lr=0.5`, `--no-resume`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _train_parser(description).parse_args(argv)
+    if not args.config:
+        return dataclass_from_args(TrainConfig, args, model=dataclass_from_args(ModelConfig, args))
+    try:
         base = json.loads(args.config.read_text())
-        given = {a.dest for a in p._actions if any(s in (argv or []) for s in a.option_strings)}
-        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        for name in given - {"config"}:
-            if name in model_fields:
-                base.setdefault("model", {})[name] = getattr(args, name)
-            else:
-                base[name] = getattr(args, name)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"--config {args.config}: cannot read a JSON TrainConfig: {exc}") from exc
+    if not isinstance(base, dict):
+        raise SystemExit(f"--config {args.config}: expected a JSON object, got {type(base).__name__}")
+    given = vars(_train_parser(suppress_defaults=True).parse_args(argv))
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name, value in given.items():
+        if name == "config":
+            continue
+        if name in model_fields:
+            base.setdefault("model", {})[name] = value
+        else:
+            base[name] = value
+    try:
         return TrainConfig(**base)
-    return dataclass_from_args(TrainConfig, args, model=dataclass_from_args(ModelConfig, args))
+    except TypeError as exc:
+        raise SystemExit(f"--config {args.config}: {exc}") from exc

@@ -42,6 +42,7 @@ class Example:
     text: str = ""  # the question as plain text (modality-gap evaluation)
     eval: str = "mmau"  # how answers are scored: "mmau" (choice text) or "voicebench" (a letter)
     num_samples: int = 0  # at 16 kHz, after resampling (0 for text-only)
+    source: str = ""  # "manifest:line" it came from, for error messages
 
     @property
     def num_frames(self) -> int:
@@ -62,6 +63,31 @@ def _resampled_length(path: Path) -> int:
     return math.ceil(info.frames * (SAMPLE_RATE // g) / (info.samplerate // g))
 
 
+# Manifest fields and the JSON types they take (a null "question" must not become the text "None").
+_FIELD_TYPES = {
+    "id": (str, int),
+    "question": (str,),
+    "answer": (str,),
+    "audio": (str, type(None)),
+    "category": (str,),
+    "task": (str,),
+    "text": (str,),
+    "eval": (str,),
+    "choices": (list,),
+}
+
+
+def _check_record_types(rec: dict, where: str) -> None:
+    for key, types in _FIELD_TYPES.items():
+        if key in rec and (not isinstance(rec[key], types) or isinstance(rec[key], bool)):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ValueError(f"{where}: field {key!r} must be {want}, got {rec[key]!r}")
+    if any(not isinstance(c, str) for c in rec.get("choices", [])):
+        raise ValueError(f"{where}: every entry of 'choices' must be a string, got {rec['choices']!r}")
+    if rec.get("eval", "mmau") not in ("mmau", "voicebench"):
+        raise ValueError(f"{where}: 'eval' must be 'mmau' or 'voicebench', got {rec['eval']!r}")
+
+
 def read_manifest(path: str | Path) -> list[Example]:
     """Examples of a JSONL manifest, with audio paths resolved and lengths read from file headers."""
     path = Path(path)
@@ -76,9 +102,12 @@ def read_manifest(path: str | Path) -> list[Example]:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             missing = [k for k in ("id", "question") if k not in rec]
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+            _check_record_types(rec, f"{path}:{lineno}")
             audio = None
             if rec.get("audio"):
                 audio = Path(rec["audio"])
@@ -95,9 +124,13 @@ def read_manifest(path: str | Path) -> list[Example]:
                 choices=rec.get("choices", []),
                 text=rec.get("text", ""),
                 eval=rec.get("eval", "mmau"),
+                source=f"{path}:{lineno}",
             )
             if audio is not None:
-                ex.num_samples = _resampled_length(audio)
+                try:
+                    ex.num_samples = _resampled_length(audio)
+                except ValueError as exc:
+                    raise type(exc)(f"{path}:{lineno}: {exc}") from exc
             examples.append(ex)
     return examples
 
@@ -146,7 +179,11 @@ class FeatureSource:
         self._store: dict[str, torch.Tensor] = {}
 
     def mel(self, ex: Example) -> torch.Tensor:
-        mel = log_mel(load_audio(ex.audio), self.n_mels)
+        try:
+            samples = load_audio(ex.audio)
+        except ValueError as exc:  # AudioError: name the manifest line too
+            raise type(exc)(f"{ex.source}: {exc}" if ex.source else str(exc)) from exc
+        mel = log_mel(samples, self.n_mels)
         if mel.shape[1] != ex.num_samples // HOP_LENGTH:
             raise ValueError(f"{ex.audio}: header says {ex.num_samples} samples, decoded {mel.shape[1] * HOP_LENGTH}+")
         return mel

@@ -36,7 +36,7 @@ def run_demo(exp: ExperimentConfig) -> dict:
     results = {name: r["eval"] for name, r in runs.items()}
     logs = {name: r["log"] for name, r in runs.items()}
     table = format_table(results)
-    aux = [r["aux"] for r in logs["moe-8c4"] if "aux" in r][-10:]
+    aux = [r["aux"] for r in logs["moe-8c4"] if r.get("aux") is not None][-10:]  # unweighted L_aux
     extra = [
         f"{'balance loss L_aux (MoE)':28s}{sum(aux) / max(1, len(aux)):12.3f}  (last 10 steps; balanced: k = 4)",
         "expert activation rate per category (MoE test tokens routed to the expert; rows sum to k):",

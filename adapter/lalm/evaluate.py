@@ -81,6 +81,8 @@ def generate_answers(
     max_new_tokens: int = 24,
     device="cpu",
 ) -> list[str]:
+    if batch_size <= 0 or max_new_tokens <= 0:
+        raise ValueError(f"batch_size and max_new_tokens must be > 0, got {batch_size}, {max_new_tokens}")
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: examples[i].num_frames)  # similar lengths together
     answers: dict[int, str] = {}
@@ -138,6 +140,8 @@ def evaluate(
     device="cpu",
 ) -> dict:
     """Scores of a model on a test manifest's examples (see the module docstring)."""
+    if not examples:
+        raise ValueError("evaluate: no examples to score (an empty manifest?)")
     torch.manual_seed(seed)
     preds = generate_answers(
         model, examples, source, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
@@ -232,6 +236,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.manifest and not args.audio:
         p.error("give --manifest or --audio")
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    examples = read_manifest(args.manifest) if args.manifest else []
+    if args.manifest and not examples:
+        p.error(f"--manifest {args.manifest} holds no examples: nothing to score")
     model = load_trained(args.run)
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     if args.audio:
@@ -246,7 +256,7 @@ def main(argv=None) -> int:
         return 0
     result = evaluate(
         model,
-        read_manifest(args.manifest),
+        examples,
         source,
         seed=args.seed,
         batch_size=args.batch_size,

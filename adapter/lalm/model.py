@@ -185,8 +185,21 @@ class AudioLLM(nn.Module):
         keep = target != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
         ntp_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+        if audio_BFD is None and torch.is_grad_enabled():
+            ntp_sum = ntp_sum + self._audio_path_anchor()
         aux = total_aux_loss(self.adapter) if audio_BFD is not None else None
         return LALMOutput(ntp_sum, int(keep.sum()), aux)
+
+    def _audio_path_anchor(self) -> torch.Tensor | float:
+        """0 x the sum of every trainable audio-path parameter. A text-only batch never runs the
+        encoder, fusion, semantic embeddings or adapter; this exact zero joins them to its graph so
+        they still get a (zero) gradient, which DistributedDataParallel needs from every parameter
+        in every backward ("Expected to have finished reduction in the prior iteration")."""
+        parts = (self.encoder, self.fusion, self.semantic_embed, self.adapter)
+        params = [p for m in parts if m is not None for p in m.parameters() if p.requires_grad]
+        if not params:
+            return 0.0
+        return torch.stack([p.sum().float() for p in params]).sum() * 0.0
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 32) -> list[list[int]]:
@@ -196,32 +209,23 @@ class AudioLLM(nn.Module):
             feats, audio_mask = self.audio_inputs(batch)
             audio_BFD = self.embed_audio(feats, audio_mask)
         emb = self.input_embeddings(batch.input_ids_BL, audio_BFD, audio_mask)
-        attn = batch.attention_mask_BL.long()
-        positions = (attn.cumsum(1) - 1).clamp(min=0)
-        out = self.llm(inputs_embeds=emb, attention_mask=attn, position_ids=positions, use_cache=True)
-        B = emb.shape[0]
-        done = torch.zeros(B, dtype=torch.bool, device=emb.device)
-        result: list[list[int]] = [[] for _ in range(B)]
-        next_pos = positions[:, -1:] + 1
-        for _ in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)
-            for b in range(B):
-                if not done[b]:
-                    if int(token[b]) == self.tokenizer.eos_id:
-                        done[b] = True
-                    else:
-                        result[b].append(int(token[b]))
-            if bool(done.all()):
-                break
-            attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=attn.device)], 1)
-            out = self.llm(
-                input_ids=token[:, None],
-                attention_mask=attn,
-                position_ids=next_pos,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-            next_pos = next_pos + 1
+        # transformers' own generation loop (greedy, KV cache; position ids from the left-padded
+        # attention mask). With inputs_embeds it returns the new tokens only; finished rows are
+        # padded with eos after their end.
+        eos = self.tokenizer.eos_id
+        new_BN = self.llm.generate(
+            inputs_embeds=emb,
+            attention_mask=batch.attention_mask_BL.long(),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            use_cache=True,
+        )
+        result = []
+        for row in new_BN.tolist():
+            result.append(row[: row.index(eos)] if eos in row else row)
         return result
 
 

@@ -3,8 +3,15 @@
 Loss (eq. 6): next-token cross-entropy on the answer tokens + lambda * the adapters' balance
 losses. One optimizer step consumes `grad_accum x world` micro-batches; every micro-batch's
 cross-entropy is divided by the answer tokens of the whole step and its balance loss by the number
-of micro-batches, so a step on R processes equals a step on one process that accumulates the same
-micro-batches (tests/adapter/lalm/test_train.py checks it with 2 processes on gloo).
+of micro-batches that ran the adapters (text-only ones do not), so lambda means the same whatever
+the text/audio mix, and a step on R processes equals a step on one process that accumulates the
+same micro-batches (tests/adapter/lalm/test_train.py checks it with 2 processes on gloo, with
+text-only micro-batches on one rank). The log's `aux` is the unweighted L_aux (null on a step
+without audio), `aux_weighted` what entered the loss before lambda.
+
+A run folder holds one run: a fresh run refuses a folder that holds one (unless --overwrite), a
+--resume refuses a configuration that differs from the saved one except in logging, evaluation
+and checkpoint cadence, and nothing is written before these checks pass. Loading is strict.
 
 Checkpoints hold what trains (safetensors), the optimizer, the schedule, the data position and
 every RNG state; they are written to a temporary folder and renamed into place, so a run killed at
@@ -32,7 +39,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from adapter.lalm.build import build_model
-from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
+from adapter.lalm.config import TrainConfig, train_config_from_argv
 from adapter.lalm.data import (
     BatchStream,
     DataPosition,
@@ -68,20 +75,23 @@ def distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def set_trainable(model: AudioLLM, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    for p in model.parameters():
-        p.requires_grad_(False)
+def trainable_names(model: AudioLLM, cfg: TrainConfig) -> set[str]:
+    """Names of the parameters `cfg` trains (what a checkpoint's model.safetensors holds, with the
+    semantic codebook)."""
     parts = []
     if cfg.train_adapter:
-        parts += [model.adapter, model.fusion, model.semantic_embed]
+        parts += ["adapter", "fusion", "semantic_embed"]
     if not cfg.freeze_encoder:
-        parts.append(model.encoder)
+        parts.append("encoder")
     if not cfg.freeze_llm:
-        parts.append(model.llm)
-    for part in parts:
-        if part is not None:
-            for p in part.parameters():
-                p.requires_grad_(True)
+        parts.append("llm")
+    return {n for n, _ in model.named_parameters() if n.split(".", 1)[0] in parts}
+
+
+def set_trainable(model: AudioLLM, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    names = trainable_names(model, cfg)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -179,18 +189,41 @@ class Checkpointer:
         return done[-1] if done else None
 
 
-def load_trainable(model: AudioLLM, path: Path) -> None:
-    """Load a checkpoint's model.safetensors into a model built from the same ModelConfig."""
-    tensors = load_file(str(path / "model.safetensors"))
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = expected - set(tensors)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks trainable tensors: {sorted(missing)[:5]}...")
-    model.load_state_dict(tensors, strict=False)
+def _checkpoint_names(model: AudioLLM, trained: set[str]) -> set[str]:
+    semantic = {"semantic.codebook", "semantic.fitted"} if model.semantic is not None else set()
+    return trained | semantic
+
+
+def load_trainable(model: AudioLLM, path: Path, trained: set[str]) -> None:
+    """Load a checkpoint's model.safetensors into a model built from the same ModelConfig. Strict:
+    the file must hold exactly the `trained` parameters (and the semantic codebook), each of the
+    model's shape; anything else names the run that does not match and the tensors that differ."""
+    file = path / "model.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint weights {file}: {exc}") from exc
+    expected = _checkpoint_names(model, trained)
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {file} does not match the model built from the run's config: "
+            f"missing {len(missing)} tensor(s) {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]} "
+            "(was the run trained with another adapter, model or freeze setting?)"
+        )
+    state = model.state_dict()
+    wrong = [
+        f"{n}: file {tuple(t.shape)}, model {tuple(state[n].shape)}"
+        for n, t in tensors.items()
+        if tuple(t.shape) != tuple(state[n].shape)
+    ]
+    if wrong:
+        raise ValueError(f"checkpoint {file} does not match the model's shapes: {wrong[:5]}")
+    model.load_state_dict(tensors, strict=False)  # the frozen rest is rebuilt from the seed
 
 
 def load_checkpoint(path: Path, model: AudioLLM, optimizer, scheduler) -> dict:
-    load_trainable(model, path)
+    load_trainable(model, path, {n for n, p in model.named_parameters() if p.requires_grad})
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
@@ -236,21 +269,95 @@ def _autocast(device, cfg: TrainConfig):
 def fit_semantic(
     model: AudioLLM, examples: list[Example], source: FeatureSource, seed: int, max_frames: int = 20000
 ) -> None:
-    """Fit the frozen k-means codebook on (a seeded sample of) the training frames."""
-    feats = torch.cat([source.features(ex) for ex in examples if ex.audio is not None])
+    """Fit the frozen k-means codebook on (a seeded sample of) the training frames (through the
+    encoder at its initial weights when the source feeds mels to a trainable encoder)."""
+    if source.encoder is None:
+        source = FeatureSource(source.n_mels, encoder=model.encoder, cache=False)
+    audio = [ex for ex in examples if ex.audio is not None]
+    if not audio:
+        raise ValueError("semantic_codes > 0 needs audio examples to fit the codebook; the training set has none")
+    feats = torch.cat([source.features(ex) for ex in audio])
     if feats.shape[0] > max_frames:
         feats = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(seed))[:max_frames]]
     model.semantic.fit(feats, seed=seed)
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines of steps after the checkpoint a run resumes from (they will be redone)."""
+    """Drop log lines of steps after the checkpoint a run resumes from (they will be redone), and a
+    torn final line (a crash in mid-append); a bad line before the last one is an error."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    numbered = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    keep = []
+    for i, (lineno, ln) in enumerate(numbered):
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError as exc:
+            if i == len(numbered) - 1:
+                print(f"{path}: dropped a torn last line (a crash while it was written)", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); fix or remove the line to resume") from exc
+        if record.get("step", 0) <= last_step:
+            keep.append(ln)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
+
+
+# Fields a resumed run may change: they steer logging, evaluation and checkpoint cadence, not what
+# is trained or in which order.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "overwrite", "progress", "output_dir", "log_every", "eval_every", "save_every", "keep_checkpoints"}
+)
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """'field: saved -> now' for every field of `cfg` outside RESUMABLE_CHANGES that differs from a
+    run's saved config.json (model fields as model.<name>)."""
+    now = dataclasses.asdict(cfg)
+    diffs = []
+    for name in sorted(set(now) | set(saved)):
+        if name in RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(name), now.get(name)
+        if isinstance(a, dict) or isinstance(b, dict):
+            a, b = a or {}, b or {}
+            diffs += [
+                f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            ]
+        elif a != b:
+            diffs.append(f"{name}: {a!r} -> {b!r}")
+    return diffs
+
+
+def _check_run_folder(cfg: TrainConfig, out_dir: Path, previous: Path | None) -> None:
+    """Refuse, before anything is written, a run that would mix with the one already in out_dir."""
+    if previous is not None and not (cfg.resume or cfg.overwrite):
+        raise ValueError(
+            f"{out_dir} already holds a run ({previous.name}); pass --resume to continue it or "
+            "--overwrite to start afresh"
+        )
+    saved_cfg = out_dir / "config.json"
+    if cfg.resume and previous is not None and saved_cfg.is_file():
+        diffs = config_differences(json.loads(saved_cfg.read_text()), cfg)
+        if diffs:
+            raise ValueError(
+                f"--resume: the configuration differs from the run in {out_dir} ({'; '.join(diffs)}); "
+                "resume with the run's own config (--config " + str(saved_cfg) + ") or start afresh elsewhere"
+            )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _fsync_write(tmp, text.encode())
+    os.replace(tmp, path)
+
+
+def _clear_adapter_stats(adapters) -> None:
+    """Forget the last forward's routing statistics, so a micro-batch that never runs an adapter
+    (text only) is not credited with the previous one's."""
+    for a in adapters:
+        a.aux_loss = a.expert_counts = a.last_topk_idx = None
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -258,14 +365,27 @@ def train(cfg: TrainConfig) -> dict:
     rank, world, device = distributed()
     out_dir = Path(cfg.output_dir)
     is_main = rank == 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(cfg.to_json())
+    ckpt = Checkpointer(out_dir, cfg.keep_checkpoints)
+    previous = ckpt.latest()
+    _check_run_folder(cfg, out_dir, previous)
+    train_examples = read_manifests(cfg.train_manifest)
+    if not train_examples:
+        raise ValueError(f"the training manifest(s) {cfg.train_manifest!r} hold no examples")
+    val_examples = read_manifests(cfg.val_manifest) if cfg.val_manifest else []
     seed_everything(cfg.seed)
     model = build_model(cfg.model, seed=cfg.seed).to(device)
     params = set_trainable(model, cfg)
-    train_examples = read_manifests(cfg.train_manifest)
-    val_examples = read_manifests(cfg.val_manifest) if cfg.val_manifest else []
+    # Everything is checked: only now does the run touch its folder.
+    if world > 1:
+        dist.barrier()
+    latest = previous if cfg.resume else None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and not cfg.resume:
+            shutil.rmtree(ckpt.root, ignore_errors=True)
+        if latest is None:  # a fresh start: no earlier log lines may survive
+            (out_dir / "log.jsonl").unlink(missing_ok=True)
+        _write_atomic(out_dir / "config.json", cfg.to_json())
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder if cfg.freeze_encoder else None)
     if cfg.freeze_encoder:
         model.encoder.eval()
@@ -273,20 +393,9 @@ def train(cfg: TrainConfig) -> dict:
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
-    ckpt = Checkpointer(out_dir, cfg.keep_checkpoints)
     state = {"step": 0, "skipped": 0, "position": dataclasses.asdict(DataPosition())}
-    previous = ckpt.latest()
-    if previous is not None and not (cfg.resume or cfg.overwrite):
-        raise ValueError(
-            f"{out_dir} already holds a run ({previous.name}); pass --resume to continue it or "
-            "--overwrite to start afresh"
-        )
-    if is_main and cfg.overwrite and not cfg.resume:
-        shutil.rmtree(ckpt.root, ignore_errors=True)
-        (out_dir / "log.jsonl").unlink(missing_ok=True)
     if world > 1:
         dist.barrier()
-    latest = previous if cfg.resume else None
     if latest is not None:
         if model.semantic is not None:
             model.semantic.fitted.fill_(True)  # the codebook comes from the checkpoint
@@ -326,37 +435,55 @@ def train(cfg: TrainConfig) -> dict:
         disable=not (cfg.progress and is_main),
         file=sys.stdout,
     )
+    audio_pad = model.tokenizer.audio_pad_id
     while state["step"] < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [collate(b, model.tokenizer, source).to(device) for b in stream.next_step()]
-        local_tokens = sum(int((b.labels_BL[:, 1:] != -100).sum()) for b in micro)
-        positions = torch.tensor([local_tokens, sum(int(b.attention_mask_BL.sum()) for b in micro)], device=device)
+        counts = [
+            sum(int((b.labels_BL[:, 1:] != -100).sum()) for b in micro),
+            sum(int(b.attention_mask_BL.sum()) for b in micro),
+            sum(int(bool((b.input_ids_BL == audio_pad).any())) for b in micro),  # micro-batches with audio
+        ]
+        counts = torch.tensor(counts, device=device)
         if world > 1:
-            dist.all_reduce(positions)
-        n_answer, n_positions = int(positions[0]), int(positions[1])
-        per_step = cfg.grad_accum * world
-        ntp_sum, aux_sum, loads = 0.0, 0.0, [torch.zeros(a.config.num_experts, device=device) for a in adapters]
+            dist.all_reduce(counts)
+        n_answer, n_positions, n_audio = (int(c) for c in counts)
+        # The balance loss is a mean over the micro-batches that ran the adapters (all ranks), so
+        # lambda means the same whatever share of the step is text-only.
+        ntp_sum, aux_sum, raw_aux_sum = 0.0, 0.0, 0.0
+        loads = [torch.zeros(a.config.num_experts, device=device) for a in adapters]
         for i, batch in enumerate(micro):
+            _clear_adapter_stats(adapters)
             sync = contextlib.nullcontext() if (world == 1 or i == len(micro) - 1) else net.no_sync()
             with sync, _autocast(device, cfg):
                 out = net(batch)
                 loss = out.ntp_sum / max(n_answer, 1)
                 if out.aux_loss is not None and cfg.aux_lambda:
-                    loss = loss + cfg.aux_lambda * out.aux_loss / per_step
+                    loss = loss + cfg.aux_lambda * out.aux_loss / n_audio
                 (loss * world).backward()  # DDP averages over ranks: undo it to get the step's sum
             ntp_sum += float(out.ntp_sum.detach())
             aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
             for load, a in zip(loads, adapters, strict=True):
-                load += a.expert_counts.to(load)
-        stats = torch.tensor([ntp_sum, aux_sum], device=device, dtype=torch.float64)
+                if a.expert_counts is not None:  # this micro-batch ran the adapter
+                    load += a.expert_counts.to(load)
+                    raw_aux_sum += float(a.aux_loss.detach())
+        stats = torch.tensor([ntp_sum, aux_sum, raw_aux_sum], device=device, dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
             for load in loads:
                 dist.all_reduce(load)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         ntp = float(stats[0]) / max(n_answer, 1)
-        aux = float(stats[1]) / per_step
-        finite = math.isfinite(ntp) and math.isfinite(aux) and bool(torch.isfinite(grad_norm))
+        # aux: the adapters' balance losses as they enter the loss (each times its aux_loss_weight);
+        # aux_raw: unweighted L_aux (eq. 10), logged even when its weight is 0 ("w/o EBL").
+        aux = float(stats[1]) / n_audio if n_audio else 0.0
+        aux_raw = float(stats[2]) / n_audio if n_audio and adapters else None
+        finite = (
+            math.isfinite(ntp)
+            and math.isfinite(aux)
+            and (aux_raw is None or math.isfinite(aux_raw))
+            and bool(torch.isfinite(grad_norm))
+        )
         if finite:
             optimizer.step()
         else:
@@ -372,7 +499,9 @@ def train(cfg: TrainConfig) -> dict:
             "step": step,
             "loss": ntp + cfg.aux_lambda * aux,
             "ntp": ntp,
-            "aux": aux,
+            "aux": aux_raw,
+            "aux_weighted": aux if n_audio else None,
+            "audio_batches": n_audio,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "answer_tokens": n_answer,
@@ -380,8 +509,9 @@ def train(cfg: TrainConfig) -> dict:
             "skipped": not finite,
             "skipped_total": state["skipped"],
         }
-        for k, load in enumerate(loads):
-            record[f"expert_load_{k}"] = [round(v, 4) for v in (load / load.sum().clamp(min=1)).tolist()]
+        for k, load in enumerate(loads):  # null on a step whose micro-batches were all text-only
+            total = load.sum()
+            record[f"expert_load_{k}"] = [round(v, 4) for v in (load / total).tolist()] if total > 0 else None
         if cfg.eval_every and step % cfg.eval_every == 0 and val_examples and is_main:
             record.update(evaluate_loss(model, val_examples, source, cfg, device))
         if is_main and (step % cfg.log_every == 0 or not finite or "val_loss" in record):
@@ -396,6 +526,12 @@ def train(cfg: TrainConfig) -> dict:
                 dist.barrier()
         summary = record
     bar.close()
+    if state["step"] and state["skipped"] == state["step"]:
+        raise RuntimeError(
+            f"all {state['step']} steps of the run in {out_dir} were skipped as non-finite (a NaN or inf "
+            "loss or gradient): nothing was learned and no final checkpoint is written; check the "
+            "inputs (audio, manifests) and --lr / --aux-lambda"
+        )
     if is_main:
         final = {}
         if val_examples:
@@ -420,8 +556,14 @@ def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) 
     """The model of a finished (or checkpointed) run: rebuilt from its config, trained weights
     loaded from its latest checkpoint, or from the checkpoint of `step`."""
     out = Path(output_dir)
-    cfg = json.loads((out / "config.json").read_text())
-    model = build_model(ModelConfig(**cfg["model"]), seed=cfg["seed"])
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{out} holds no run: {cfg_path} is missing")
+    try:
+        cfg = TrainConfig(**json.loads(cfg_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{cfg_path}: not a valid TrainConfig: {exc}") from exc
+    model = build_model(cfg.model, seed=cfg.seed)
     if model.semantic is not None:
         model.semantic.fitted.fill_(True)
     if step is None:
@@ -432,8 +574,7 @@ def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) 
         path = out / "checkpoints" / f"step_{step:07d}"
         if not path.is_dir():
             raise FileNotFoundError(f"no checkpoint of step {step} in {out}; it holds {checkpoint_steps(out)}")
-    tensors = load_file(str(path / "model.safetensors"))
-    model.load_state_dict(tensors, strict=False)
+    load_trainable(model, path, trainable_names(model, cfg))
     return model.to(device).eval()
 
 

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=4, help="parallel espeak-ng processes")
     p.add_argument("--force", action="store_true", help="rebuild even if the same corpus is cached in --out")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
     cfg = replace(
         SIZES[args.size],
         seed=args.seed,

@@ -46,6 +46,16 @@ def tone_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mixed_corpus(tone_corpus, tmp_path_factory):
+    """The tone clips plus 24 text-only questions: length batching puts the short text examples
+    together, so some micro-batches carry no audio at all."""
+    text = tmp_path_factory.mktemp("text") / "text.jsonl"
+    rows = [{"id": f"t{i}", "question": f"What is {i} plus one?", "answer": str(i + 1)} for i in range(24)]
+    text.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"{tone_corpus[0]},{text}", str(tone_corpus[1])
+
+
+@pytest.fixture(scope="session")
 def ci_corpus(tmp_path_factory):
     """The generated corpus at CI size, built once per session (the demo and report tests share it)."""
     from adapter.lalm.corpus import SIZES, build_corpus

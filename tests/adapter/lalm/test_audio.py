@@ -1,5 +1,7 @@
 """Audio decoding, resampling, log-mel features and the frame arithmetic of the placeholders."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -67,3 +69,43 @@ def test_frame_arithmetic():
     assert audio_frames(16000) == 13  # 1 s: 100 mel -> 50 encoder -> ceil(50 / 4)
     assert audio_frames(30 * 16000) == 375
     assert audio.STACK == 4 and audio.SAMPLE_RATE == 16000
+
+
+def test_huge_float_samples_are_refused_with_file_and_manifest_line(tmp_path):
+    """Finite but absurd samples (1e30) would overflow the log-mel power to inf and give NaN
+    features and skipped steps; they are refused, naming the file and the manifest line."""
+    from adapter.lalm.data import FeatureSource, read_manifest
+
+    huge = tmp_path / "huge.wav"
+    sf.write(huge, np.full(1600, 1e30, dtype=np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"huge.wav peaks at 1e\+30"):
+        load_audio(huge)
+    ok = tmp_path / "ok.wav"
+    sf.write(ok, 0.9 * np.sin(np.arange(1600) / 5).astype(np.float32), 16000, subtype="FLOAT")
+    assert load_audio(ok).shape == (1600,)  # ordinary full-scale audio passes
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "audio": "ok.wav", "question": "q"}, {"id": "b", "audio": "huge.wav", "question": "q"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex = read_manifest(manifest)[1]
+    with pytest.raises(AudioError, match=r"m.jsonl:2: .*huge.wav peaks"):
+        FeatureSource(80).mel(ex)
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ({"id": "a", "question": None, "answer": "x"}, "'question' must be str, got None"),
+        ({"id": "a", "question": "q", "audio": 5}, "'audio' must be str or null, got 5"),
+        ({"id": "a", "question": "q", "choices": "ab"}, "'choices' must be list"),
+        ({"id": "a", "question": "q", "choices": ["a", 2]}, "every entry of 'choices'"),
+        ({"id": True, "question": "q"}, "'id' must be str or int"),
+        (["not", "an", "object"], "expected a JSON object"),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_name_file_and_line(tmp_path, record, match):
+    from adapter.lalm.data import read_manifest
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "fine", "question": "q"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"m.jsonl:2: .*{match}"):
+        read_manifest(manifest)

@@ -59,3 +59,26 @@ def test_voicebench_scoring_with_seeded_fallback():
     assert 0.4 <= a["accuracy"] <= 0.8  # 2 parsed right, 1 parsed wrong, 2 random
     assert voicebench_score(["A"] * 4, list("ABCD"))["accuracy"] == 0.25
     assert words("It's a Siren!") == ["it", "s", "a", "siren"]
+
+
+def test_cli_refuses_bad_sizes_and_empty_manifests(tmp_path, capsys):
+    """Issue 20 item 15: argparse-style errors that name the flag, before any model is loaded."""
+    from adapter.lalm import evaluate
+    from adapter.lalm.corpus.__main__ import main as corpus_main
+
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text('{"id": "a", "question": "q", "answer": "x"}\n')
+    for flag in ("--batch-size", "--max-new-tokens"):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--run", str(tmp_path / "no-run"), "--manifest", str(manifest), flag, "0"])
+        assert f"{flag} must be > 0, got 0" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit):
+        evaluate.main(["--run", str(tmp_path / "no-run"), "--manifest", str(empty)])
+    assert "empty.jsonl holds no examples" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no examples to score"):
+        evaluate.evaluate(None, [], None)
+    with pytest.raises(SystemExit):
+        corpus_main(["--out", str(tmp_path / "c"), "--workers", "0"])
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err

@@ -35,12 +35,23 @@ def test_load_spread_and_specialization_by_hand():
 
 
 def test_describe_counts_parameters_like_the_presets():
-    row = describe("moe-8c4", 64)
+    row = describe("moe-8c4", 64, 128)
     assert (row["experts"], row["top_k"], row["width"]) == (8, 4, 32)
+    # The demo's adapters as built (d = 64 in, the tiny LLM's 128 out), counted from their modules:
+    # 82,944 MoE (66,560 active) and 98,688 dense, not 66k each as with out_dim = d.
+    from adapter.lalm.build import build_model
+    from adapter.lalm.config import ModelConfig
+
+    for name in ("moe-8c4", "dense"):
+        built = build_model(ModelConfig(adapter=name, audio_dim=64, tiny_llm_hidden=128, adapter_backend="torch"))
+        counts = built.adapter.param_counts()
+        assert (describe(name, 64, 128)["params"], describe(name, 64, 128)["active"]) == (counts.total, counts.active)
+    assert (row["params"], row["active"]) == (82_944, 66_560)
+    assert describe("dense", 64, 128)["params"] == 98_688
     # d = 2560, D = 2048: LN 5120 + router 20480 + experts 8 * 2 * 2560 * 1280 + aggregation
     # (LN 5120 + 2560 * 10240 + 10240 * 2048) + LN 4096; active: half the experts.
     assert (row["paper_params"], row["paper_active"]) == (99_649_536, 99_649_536 - 26_214_400)
-    dense = describe("dense", 64)
+    dense = describe("dense", 64, 128)
     assert (dense["experts"], dense["width"]) == (0, 512) and dense["params"] == dense["active"]
 
 

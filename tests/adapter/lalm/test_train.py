@@ -176,11 +176,14 @@ def test_checkpoint_writes_are_atomic(tmp_path, tone_corpus, monkeypatch):
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002"]
 
 
-def test_two_process_ddp_equals_one_process(tmp_path, tone_corpus):
+def test_two_process_ddp_equals_one_process(tmp_path, mixed_corpus):
+    """Mixed text/audio data: on some steps one rank's micro-batch is text-only, which must not
+    stop DDP ("Expected to have finished reduction in the prior iteration")."""
     args = ["--max-steps", "4", "--save-every", "0", "--eval-every", "0"]
+    corpus = (mixed_corpus[0], None)
     single = tmp_path / "single"
     subprocess.run(
-        _cli(single, tone_corpus, *args, "--grad-accum", "2"), check=True, env=_env(), capture_output=True, timeout=600
+        _cli(single, corpus, *args, "--grad-accum", "2"), check=True, env=_env(), capture_output=True, timeout=600
     )
     ddp = tmp_path / "ddp"
     cmd = [
@@ -193,7 +196,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, tone_corpus):
         "-m",
         "adapter.lalm.train",
         "--train-manifest",
-        str(tone_corpus[0]),
+        mixed_corpus[0],
         "--output-dir",
         str(ddp),
         *SMALL,
@@ -206,10 +209,15 @@ def test_two_process_ddp_equals_one_process(tmp_path, tone_corpus):
     a = [r for r in _log(single) if "ntp" in r]
     b = [r for r in _log(ddp) if "ntp" in r]
     assert len(a) == len(b) == 4
+    assert 1 in {r["audio_batches"] for r in a}, a  # a step where one of the two micro-batches is text-only
     for ra, rb in zip(a, b, strict=True):
-        assert ra["answer_tokens"] == rb["answer_tokens"]
+        assert ra["answer_tokens"] == rb["answer_tokens"] and ra["audio_batches"] == rb["audio_batches"]
+        # The two processes sum the same micro-batches in another grouping: float32 rounding only.
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
-        assert ra["expert_load_0"] == pytest.approx(rb["expert_load_0"], abs=1e-4)
+        if ra["expert_load_0"] is None:
+            assert rb["expert_load_0"] is None
+        else:
+            assert ra["expert_load_0"] == pytest.approx(rb["expert_load_0"], abs=1e-4)
     wa = load_file(str(single / "checkpoints" / "step_0000004" / "model.safetensors"))
     wb = load_file(str(ddp / "checkpoints" / "step_0000004" / "model.safetensors"))
     assert wa.keys() == wb.keys()

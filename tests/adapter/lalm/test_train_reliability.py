@@ -1,0 +1,183 @@
+"""The training loop on inputs the happy path does not feed: mixed text/audio data (text-only
+micro-batches, resumed on one), the trainable encoder with a semantic codebook, resumes that
+would mix runs, refused runs, config files with flags, non-finite settings, torn logs."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from adapter.lalm import train as train_mod
+from adapter.lalm.config import TrainConfig, train_config_from_argv
+from adapter.lalm.model import AudioLLM
+from tests.adapter.lalm.test_train import ROOT, _cfg, _env, _log
+
+
+def _steps(out) -> list[dict]:
+    return [r for r in _log(out) if "ntp" in r]
+
+
+def test_text_only_micro_batches_train_log_and_resume(tmp_path, mixed_corpus, monkeypatch):
+    """Issue 18 items 2 and 6: no crash on a text-only micro-batch (first step or resumed step),
+    no stale expert loads on it, and the balance loss averaged over the micro-batches that ran the
+    adapter, logged unweighted even for the w/o-EBL preset (aux_loss_weight 0)."""
+    kw = dict(max_steps=8, eval_every=0, grad_accum=2, seed=0)
+    kw["model"] = _cfg(tmp_path, mixed_corpus).model
+    kw["model"].adapter = "moe-8c4-no-ebl"
+    full = tmp_path / "full"
+    train_mod.train(_cfg(full, mixed_corpus, save_every=0, **kw))
+    rows = _steps(full)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for r in rows:
+        if r["audio_batches"] == 0:  # nothing ran the adapter: no loads, no L_aux
+            assert r["expert_load_0"] is None and r["aux"] is None and r["aux_weighted"] is None
+        else:
+            assert abs(sum(r["expert_load_0"]) - 1) < 1e-3
+            # L_aux of a near-balanced router is about k = 4 whatever share of the step was text
+            # (dividing by all micro-batches would halve it on a mixed step); its weight is 0 here.
+            assert 3.5 < r["aux"] < 8.0 and r["aux_weighted"] == 0.0
+    kinds = {r["audio_batches"] for r in rows}
+    assert 0 in kinds and 2 in kinds and 1 in kinds, kinds  # text-only, all-audio and mixed steps ran
+    # A crash after a checkpoint, resumed where the next step is text-only, redoes the same steps.
+    text_step = next(r["step"] for r in rows if r["audio_batches"] == 0 and r["step"] > 1)
+    crashed = tmp_path / "crashed"
+    cfg = _cfg(crashed, mixed_corpus, save_every=text_step - 1, **kw)
+    original, calls = AudioLLM.forward, {"n": 0}
+
+    def crash_after_checkpoint(self, batch):
+        calls["n"] += 1
+        if calls["n"] > 2 * (text_step - 1):  # step text_step's first micro-batch: after the checkpoint
+            raise RuntimeError("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(AudioLLM, "forward", crash_after_checkpoint)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_mod.train(cfg)
+    monkeypatch.setattr(AudioLLM, "forward", original)
+    train_mod.train(_cfg(crashed, mixed_corpus, save_every=text_step - 1, resume=True, **kw))
+    again = _steps(crashed)
+    assert [r["step"] for r in again] == list(range(1, 9))
+    keys = ("loss", "aux", "grad_norm", "expert_load_0")
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]
+
+
+def test_trainable_encoder_with_semantic_codes(tmp_path, tone_corpus):
+    """Issue 18 item 4: the codebook is fitted through the (trainable) encoder at its start."""
+    cfg = _cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0, freeze_encoder=False)
+    cfg.model.semantic_codes = 8
+    train_mod.train(cfg)
+    model = train_mod.load_trained(tmp_path)
+    assert bool(model.semantic.fitted) and torch.isfinite(model.semantic.codebook).all()
+    assert model.semantic.codebook.abs().sum() > 0
+
+
+def test_resume_refuses_another_config_and_leaves_the_run_untouched(tmp_path, tone_corpus):
+    """Issue 18 item 5 and issue 20 item 2: a resume with other settings, or a fresh run in a
+    used folder, is refused before anything is written; loading is strict."""
+    base = dict(max_steps=2, eval_every=0, save_every=0)
+    train_mod.train(_cfg(tmp_path, tone_corpus, **base))
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "log.jsonl")}
+    with pytest.raises(ValueError, match=r"configuration differs .*lr: 0.003 -> 0.001"):
+        train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, lr=1e-3, **base))
+    dense = _cfg(tmp_path, tone_corpus, **base)
+    dense.model.adapter = "dense"
+    with pytest.raises(ValueError, match="already holds a run"):
+        train_mod.train(dense)
+    with pytest.raises(ValueError, match=r"model.adapter: 'moe-8c4' -> 'dense'"):
+        train_mod.train(dataclass_replace(dense, resume=True))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "log.jsonl")} == saved
+    # Settings that steer only logging and checkpoints may change on resume.
+    summary = train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **{**base, "log_every": 5}))
+    assert summary["steps"] == 2
+    # A config.json that no longer matches its checkpoint (edited by hand) is refused by name.
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model"]["adapter"] = "dense"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"does not match .*missing \d+ tensor.*adapter\.(up|down)"):
+        train_mod.load_trained(tmp_path)
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_resume_without_a_checkpoint_starts_a_clean_log(tmp_path, tone_corpus):
+    """Issue 18 item 5: a run killed before its first checkpoint left log lines; --resume starts
+    afresh and must not keep them (they would duplicate steps)."""
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "ntp": 9.0}) + "\n" for s in (1, 2, 3)))
+    train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0, resume=True))
+    assert [r["step"] for r in _steps(tmp_path)] == [1, 2] and all(r["ntp"] != 9.0 for r in _steps(tmp_path))
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tone_corpus, capsys):
+    """Issue 20 item 12: a crash in mid-append leaves half a line; the checkpoints are intact."""
+    base = dict(max_steps=2, eval_every=0, save_every=0)
+    train_mod.train(_cfg(tmp_path, tone_corpus, **base))
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "lo')
+    train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **base))
+    assert [r["step"] for r in _steps(tmp_path)] == [1, 2] and "torn last line" in capsys.readouterr().err
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"log.jsonl:2: not valid JSON"):
+        train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **base))
+
+
+def test_a_run_whose_every_step_is_skipped_fails(tmp_path, tone_corpus, monkeypatch):
+    """Issue 20 item 6: NaN everywhere must not end in success with the untrained start saved."""
+    original = AudioLLM.forward
+
+    def poisoned(self, batch):
+        out = original(self, batch)
+        out.ntp_sum = out.ntp_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(AudioLLM, "forward", poisoned)
+    with pytest.raises(RuntimeError, match="all 3 steps .* were skipped as non-finite"):
+        train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=3, eval_every=0, save_every=0))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flag", ["--aux-lambda", "--grad-clip", "--weight-decay", "--lr"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_settings_are_refused(flag, value):
+    with pytest.raises(ValueError, match=flag[2:].replace("-", "_")):
+        train_config_from_argv(["--train-manifest", "m.jsonl", flag, value])
+
+
+def test_config_file_flags_override_it_through_the_real_cli(tmp_path, tone_corpus):
+    """Issue 20 item 1: every flag given beside --config wins, in both `--flag v` and `--flag=v`
+    forms, including through the console entry point's own sys.argv."""
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(_cfg(tmp_path / "from-file", tone_corpus, max_steps=50, lr=1e-3).to_json())
+    cfg = train_config_from_argv(["--config", str(cfg_path), "--lr=0.5", "--max-steps", "7", "--no-progress"])
+    assert (cfg.lr, cfg.max_steps, cfg.progress) == (0.5, 7, False)
+    assert cfg.output_dir == str(tmp_path / "from-file") and cfg.model.audio_dim == 32  # the rest from the file
+    cfg = train_config_from_argv(["--config", str(cfg_path), "--adapter=dense", "--audio-dim", "16"])
+    assert (cfg.model.adapter, cfg.model.audio_dim, cfg.lr) == ("dense", 16, 1e-3)
+    other = tmp_path / "other"
+    cmd = [sys.executable, "-m", "adapter.lalm.train", "--config", str(cfg_path), "--max-steps", "1"]
+    cmd += ["--output-dir", str(other), "--lr=0.5", "--eval-every", "0"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = json.loads((other / "config.json").read_text())
+    assert (written["max_steps"], written["lr"]) == (1, 0.5) and not (tmp_path / "from-file").exists()
+    assert [r["step"] for r in _steps(other)] == [1] and math.isclose(_steps(other)[0]["lr"], 0.5 / 2)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads(cfg_path.read_text()), "freeze_llm": "false"}))
+    with pytest.raises(ValueError, match="freeze_llm must be of type bool, got 'false'"):
+        train_config_from_argv(["--config", str(bad)])
+
+
+def test_an_empty_training_manifest_is_named(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl' hold no examples"):
+        train_mod.train(TrainConfig(train_manifest=str(empty), output_dir=str(tmp_path / "run"), progress=False))
+    assert not (tmp_path / "run").exists()  # refused before the folder was made
