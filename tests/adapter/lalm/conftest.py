@@ -66,7 +66,7 @@ def ci_corpus(tmp_path_factory):
 
 
 TINY_EXPERIMENT = dict(
-    size="ci", batch_size=16, audio_dim=32, semantic_codes=8, llm_hidden=64, llm_layers=1, text_weight=1
+    encoder="demo", size="ci", batch_size=16, audio_dim=32, semantic_codes=8, llm_hidden=64, llm_layers=1, text_weight=1
 )
 """The smallest ExperimentConfig settings the demo, ablation and report tests train with (seconds each)."""
 

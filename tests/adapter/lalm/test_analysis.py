@@ -38,7 +38,12 @@ def runs(labelled, tmp_path_factory):
                 train_manifest=str(labelled[0]),
                 output_dir=str(root / adapter),
                 model=ModelConfig(
-                    adapter=adapter, audio_dim=32, tiny_llm_hidden=64, tiny_llm_layers=1, adapter_backend="torch"
+                    encoder="demo",
+                    adapter=adapter,
+                    audio_dim=32,
+                    tiny_llm_hidden=64,
+                    tiny_llm_layers=1,
+                    adapter_backend="torch",
                 ),
                 max_steps=3,
                 max_batch_size=8,

@@ -39,7 +39,7 @@ def test_a_trained_run_answers_about_any_audio_file(tmp_path, tone_corpus, capsy
     from tests.adapter.lalm.conftest import REAL_RECORDING
 
     run = tmp_path / "run"
-    model = ModelConfig(audio_dim=32, tiny_llm_hidden=64, tiny_llm_layers=1, adapter_backend="torch")
+    model = ModelConfig(encoder="demo", audio_dim=32, tiny_llm_hidden=64, tiny_llm_layers=1, adapter_backend="torch")
     train.train(
         TrainConfig(
             train_manifest=str(tone_corpus[0]),

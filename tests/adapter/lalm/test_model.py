@@ -13,7 +13,7 @@ from adapter.lalm.model import IGNORE, AudioLLM
 
 
 def _model(**kw):
-    cfg = ModelConfig(audio_dim=32, tiny_llm_hidden=64, adapter_backend="torch", **kw)
+    cfg = ModelConfig(**{"encoder": "demo", "audio_dim": 32, "tiny_llm_hidden": 64, "adapter_backend": "torch", **kw})
     model = build_model(cfg, seed=0)
     return model
 

@@ -43,7 +43,9 @@ def test_describe_counts_parameters_like_the_presets():
     from adapter.lalm.config import ModelConfig
 
     for name in ("moe-8c4", "dense"):
-        built = build_model(ModelConfig(adapter=name, audio_dim=64, tiny_llm_hidden=128, adapter_backend="torch"))
+        built = build_model(
+            ModelConfig(encoder="demo", adapter=name, audio_dim=64, tiny_llm_hidden=128, adapter_backend="torch")
+        )
         counts = built.adapter.param_counts()
         assert (describe(name, 64, 128)["params"], describe(name, 64, 128)["active"]) == (counts.total, counts.active)
     assert (row["params"], row["active"]) == (82_944, 66_560)

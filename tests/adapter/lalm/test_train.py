@@ -20,6 +20,8 @@ from adapter.lalm.model import AudioLLM
 
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = [
+    "--encoder",
+    "demo",
     "--audio-dim",
     "32",
     "--tiny-llm-hidden",
@@ -37,7 +39,7 @@ SMALL = [
 
 
 def _cfg(out, corpus, **kw):
-    model = ModelConfig(audio_dim=32, tiny_llm_hidden=64, adapter_backend="torch")
+    model = ModelConfig(encoder="demo", audio_dim=32, tiny_llm_hidden=64, adapter_backend="torch")
     base = dict(
         train_manifest=str(corpus[0]),
         val_manifest=str(corpus[1]),
