@@ -1,12 +1,17 @@
-"""The MoE adapter (paper eq. 2-5, Table 4) as a drop-in nn.Module.
+"""The MoE adapter (paper eq. 2-5, Table 4) as a drop-in nn.Module, in either reading of Table 4.
 
     z = N(x)                                   LayerNorm with affine
-    h = sum_{i in top-k} G_i W2_i SiLU(W1_i z) routed experts (moe_kernels.moe_ffn)
+    r = sum_{i in top-k} G_i W2_i SiLU(W1_i z) routed experts (moe_kernels.moe_ffn)
         + sum_s W2s_s SiLU(W1s_s z)            optional shared experts, always on
-    y = N(P(h))                                P = Linear(d -> D), or the aggregation block
-                                               LN -> Linear(d -> A) -> SiLU -> Linear(A -> D)
+    P = Linear(d -> D), or the aggregation block LN -> Linear(d -> A) -> SiLU -> Linear(A -> D)
 
-No biases anywhere. Routed expert weights are stacked: `w1` (E, d, f) and `w2` (E, f, d).
+    layout "serial"   (Table 4's text)     experts d -> f -> d;  y = N(P(r))
+    layout "parallel" (Table 4's numbers)  experts d -> f -> D;  y = N(r + P(z)): P is an always-on
+                                           shared MLP beside the experts, reading the same z
+
+The serial block counts 99.65M total / 73.44M active at the paper's d = 2560, D = 2048; the
+parallel one 94.41M / 70.81M, the paper's own figures and exactly the dense adapter's size.
+No biases by default. Routed expert weights are stacked: `w1` (E, d, f) and `w2` (E, f, d or D).
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ ACTIVATIONS = {
 }
 """Nonlinearities the aggregation block may use (the paper's is SiLU; HF projectors often use GELU)."""
 
+LAYOUTS = ("serial", "parallel")
+"""serial: experts d -> f -> d, then P (Table 4's text); parallel: experts d -> f -> D beside P (its numbers)."""
+
 
 @dataclass(kw_only=True)
 class MoEAdapterConfig:
@@ -39,6 +47,8 @@ class MoEAdapterConfig:
     num_shared_experts S of width shared_expert_dim (default f), balance_p "topk" (p = G, eq. 8)
     or "softmax" (GShard). aux_loss_weight scales this adapter's term in `total_aux_loss` (0 turns
     the balance loss off, the "w/o EBL" ablation). backend: "auto", "triton" or "torch".
+    layout "serial" (experts d -> f -> d, then P) or "parallel" (experts d -> f -> D summed with an
+    always-on P(z)); see the module docstring.
 
     The paper's adapter is the default. Three options let it take the place of a projector of a
     different shape without changing what it computes at initialization (upcycling, adapter/swap.py):
@@ -61,6 +71,7 @@ class MoEAdapterConfig:
     layer_norms: bool = True
     bias: bool = False
     activation: str = "silu"
+    layout: str = "serial"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -90,15 +101,23 @@ class MoEAdapterConfig:
             raise ValueError(f"backend must be one of {moe_kernels.BACKENDS}, got {self.backend!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+    @property
+    def expert_out_dim(self) -> int:
+        """Width of a routed (or shared) expert's output: d in the serial layout, D in the parallel."""
+        return self.out_dim if self.layout == "parallel" else self.in_dim
 
     def param_counts(self) -> ParamCounts:
         d, D, f, E, k = self.in_dim, self.out_dim, self.expert_dim, self.num_experts, self.top_k
         A, S, fs = self.aggregation_dim, self.num_shared_experts, self.shared_expert_dim
-        per_expert = 2 * d * f
+        n = self.expert_out_dim
+        per_expert = d * f + f * n
         ln = 2 if self.layer_norms else 0
         b = 1 if self.bias else 0
         out = (ln * d + d * A + A * D + b * (A + D)) if A else d * D + b * D
-        always_on = ln * d + d * E + S * 2 * d * fs + out + ln * D  # LN, router, shared, P, LN
+        always_on = ln * d + d * E + S * (d * fs + fs * n) + out + ln * D  # LN, router, shared, P, LN
         return ParamCounts(total=always_on + E * per_expert, active=always_on + k * per_expert)
 
 
@@ -120,14 +139,14 @@ class MoEAdapter(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        d, E, f = c.in_dim, c.num_experts, c.expert_dim
+        d, E, f, n = c.in_dim, c.num_experts, c.expert_dim, c.expert_out_dim
         self.norm_in = nn.LayerNorm(d, eps=c.norm_eps) if c.layer_norms else nn.Identity()
         self.router = nn.Linear(d, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(E, d, f))
-        self.w2 = nn.Parameter(torch.empty(E, f, d))
+        self.w2 = nn.Parameter(torch.empty(E, f, n))
         if c.num_shared_experts:
             self.shared_w1 = nn.Parameter(torch.empty(c.num_shared_experts, d, c.shared_expert_dim))
-            self.shared_w2 = nn.Parameter(torch.empty(c.num_shared_experts, c.shared_expert_dim, d))
+            self.shared_w2 = nn.Parameter(torch.empty(c.num_shared_experts, c.shared_expert_dim, n))
         if c.aggregation_dim:
             self.agg_norm = nn.LayerNorm(d, eps=c.norm_eps) if c.layer_norms else nn.Identity()
             self.agg_up = nn.Linear(d, c.aggregation_dim, bias=c.bias)
@@ -172,8 +191,10 @@ class MoEAdapter(nn.Module):
         h_TD = out.h_TD
         if c.num_shared_experts:
             h_TD = h_TD + self._shared_experts(z_TD)
-        h_TD = self.agg_down(self._act(self.agg_up(self.agg_norm(h_TD)))) if c.aggregation_dim else self.proj(h_TD)
-        y_TD = self.norm_out(h_TD)
+        if c.layout == "parallel":  # the shared MLP reads z beside the experts
+            y_TD = self.norm_out(h_TD + self._projection(z_TD))
+        else:
+            y_TD = self.norm_out(self._projection(h_TD))
         if mask_T is not None:
             y_TD = torch.where(mask_T[:, None], y_TD, 0)
         self.aux_loss = out.aux_loss
@@ -196,11 +217,17 @@ class MoEAdapter(nn.Module):
             backend=c.backend,
         )
 
+    def _projection(self, h_TD: torch.Tensor) -> torch.Tensor:
+        """P: the aggregation block (LN -> Linear -> act -> Linear) or a Linear d -> D."""
+        if self.config.aggregation_dim:
+            return self.agg_down(self._act(self.agg_up(self.agg_norm(h_TD))))
+        return self.proj(h_TD)
+
     def _shared_experts(self, z_TD: torch.Tensor) -> torch.Tensor:
         # sum_s W2s_s SiLU(W1s_s z) is one MLP whose hidden layer concatenates the S experts'.
         S, d, fs = self.shared_w1.shape
         w1_cat = self.shared_w1.permute(1, 0, 2).reshape(d, S * fs)
-        w2_cat = self.shared_w2.reshape(S * fs, d)
+        w2_cat = self.shared_w2.reshape(S * fs, self.shared_w2.shape[2])
         return F.silu(z_TD @ w1_cat) @ w2_cat
 
     def param_counts(self) -> ParamCounts:

@@ -13,7 +13,8 @@ Sizes (in, out), dtype and device come from the module replaced. `adapter` is a 
 Upcycling (`upcycle=True`, MoE only) starts the MoE adapter from the replaced dense projector so the
 swapped model computes what the original did; training then lets the experts diverge. In this
 adapter the place of a dense MLP d -> A -> D is the aggregation block (a Linear d -> D: the
-projection P), and the experts sit before it in d-space. So:
+projection P). In the parallel layout the experts sit beside P and start silent (random W1, zero
+W2). In the serial layout they sit before it in d-space. So:
   - the aggregation block / projection takes the dense weights (biases and activation included),
   - every expert starts as the same exact identity map, E_i(z) = SiLU(z) - SiLU(-z) = z
     (W1_i = [I, -I], W2_i = [I; -I]; needs f >= 2d, the default f = 2d), so h = sum_i G_i z = z
@@ -211,8 +212,12 @@ def upcycle_moe(
         )
     d = s.in_dim
     f = 2 * d if expert_dim is None else expert_dim
-    if f < 2 * d:
-        raise ValueError(f"upcycling starts every expert as the identity, which needs expert_dim >= 2*in_dim={2 * d}")
+    parallel = overrides.get("layout", "serial") == "parallel"
+    if f < 2 * d and not parallel:
+        raise ValueError(
+            f"upcycling the serial layout starts every expert as the identity, which needs expert_dim >= "
+            f"2*in_dim={2 * d} (the parallel layout starts them silent and takes any width)"
+        )
     # What the projector fixes; a caller's value for one of these must agree with it.
     structure = {
         "in_dim": d,
@@ -235,15 +240,18 @@ def upcycle_moe(
     dtype, device = module_placement(source)
     m = MoEAdapter(cfg).to(device=device, dtype=dtype)
     with torch.no_grad():
-        eye = torch.eye(d, dtype=dtype, device=device)
-        m.w1.zero_()
         m.w2.zero_()
-        m.w1[:, :, :d] = eye
-        m.w1[:, :, d : 2 * d] = -eye
-        m.w2[:, :d, :] = eye
-        m.w2[:, d : 2 * d, :] = -eye
-        if f > 2 * d:  # spare hidden units: random inputs, zero outputs (no effect now, trainable later)
-            m.w1[:, :, 2 * d :].normal_(0.0, d**-0.5)
+        if parallel:  # beside the projector: experts start silent (random in, zero out)
+            m.w1.normal_(0.0, d**-0.5)
+        else:  # before it: every expert starts as the identity
+            eye = torch.eye(d, dtype=dtype, device=device)
+            m.w1.zero_()
+            m.w1[:, :, :d] = eye
+            m.w1[:, :, d : 2 * d] = -eye
+            m.w2[:, :d, :] = eye
+            m.w2[:, d : 2 * d, :] = -eye
+            if f > 2 * d:  # spare hidden units: random inputs, zero outputs (no effect now, trainable later)
+                m.w1[:, :, 2 * d :].normal_(0.0, d**-0.5)
         m.router.weight.normal_(0.0, router_std)
         if cfg.num_shared_experts:  # shared experts start silent (random in, zero out): h stays z
             m.shared_w2.zero_()
@@ -314,7 +322,7 @@ def _upcycle_args(adapter, overrides: dict) -> dict:
         cfg = preset(adapter, 2, 2)
         if not isinstance(cfg, MoEAdapterConfig):
             raise ValueError(f"upcycling builds an MoE adapter; pass an MoE preset name or config, not {adapter!r}")
-        base = {"num_experts": cfg.num_experts, "top_k": cfg.top_k, "balance_p": cfg.balance_p}
+        base = {"num_experts": cfg.num_experts, "top_k": cfg.top_k, "balance_p": cfg.balance_p, "layout": cfg.layout}
         if cfg.aux_loss_weight != 1.0:
             base["aux_loss_weight"] = cfg.aux_loss_weight
         return {**base, **overrides}

@@ -32,7 +32,7 @@ class EagerLoopMoE(MoEAdapter):
         weights_TE = torch.softmax(logits_TE.float(), dim=-1)
         top_w, top_idx = torch.topk(weights_TE, K, dim=-1)
         top_w = (top_w / top_w.sum(-1, keepdim=True)).to(z_TD.dtype)  # = softmax over the kept k
-        out = torch.zeros_like(z_TD)
+        out = z_TD.new_zeros(z_TD.shape[0], self.w2.shape[2])  # the experts' output width (d or D)
         expert_mask = F.one_hot(top_idx, E).permute(2, 1, 0)  # (E, K, T)
         for e in range(E):
             slot, tok = torch.where(expert_mask[e])
@@ -123,10 +123,10 @@ def adapter_flops(module: nn.Module, tokens: int, mode: str) -> float:
     if isinstance(module, DenseAdapter):
         fwd = 2 * tokens * (c.in_dim * c.hidden_dim + c.hidden_dim * c.out_dim)
     else:
-        d, f = c.in_dim, c.expert_dim
+        d, f, n = c.in_dim, c.expert_dim, c.expert_out_dim
         out = (d * c.aggregation_dim + c.aggregation_dim * c.out_dim) if c.aggregation_dim else d * c.out_dim
-        shared = c.num_shared_experts * 2 * d * c.shared_expert_dim
-        fwd = 2 * tokens * (d * c.num_experts + c.top_k * 2 * d * f + shared + out)
+        shared = c.num_shared_experts * (d + n) * c.shared_expert_dim
+        fwd = 2 * tokens * (d * c.num_experts + c.top_k * (d + n) * f + shared + out)
     return {"forward": 1, "backward": 2, "fwd+bwd": 3}[mode] * float(fwd)
 
 

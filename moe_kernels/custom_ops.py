@@ -67,11 +67,11 @@ def moe_ffn_op(
 
 @moe_ffn_op.register_fake
 def _(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p, backend):
-    T, D = z_TD.shape
-    E = w1_EDF.shape[0]
+    T = z_TD.shape[0]
+    E, N = w1_EDF.shape[0], w2_EFD.shape[2]  # experts map D -> N (N = D in the serial layout)
     acc = reference.routing_dtype(z_TD.dtype)
     return (
-        z_TD.new_empty(T, D),
+        z_TD.new_empty(T, N),
         z_TD.new_empty((), dtype=acc),
         z_TD.new_empty(E, dtype=torch.int32),
         z_TD.new_empty(T, top_k, dtype=torch.int32),

@@ -2,7 +2,8 @@
 
 Shape legend: T tokens, D token width, F expert hidden width, E experts, K experts per token,
 R = T*K pairs (pair id p = t*K + s; a sorted row is a pair's place in expert order, permutation.py).
-Weights: W1 (E, D, F), W2 (E, F, D). Semantics: reference.expert_mlp and reference.combine.
+Weights: W1 (E, D, F), W2 (E, F, N): N = D in the serial layout, the LLM width in the parallel one
+(any N; "D" below is the output width where it differs). Semantics: reference.expert_mlp, reference.combine.
 
 Forward
   up    pre_RF = z[token(r)] @ W1[e]          A rows gathered from z by token: no (R, D) copy of z
@@ -337,8 +338,11 @@ def _check_expert_inputs(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm: Permutation
         )
     T, D = z_TD.shape
     E, D1, F = w1_EDF.shape
-    if D1 != D or tuple(w2_EFD.shape) != (E, F, D):
-        raise ValueError(f"w1_EDF {tuple(w1_EDF.shape)} / w2_EFD {tuple(w2_EFD.shape)} do not fit z_TD (T, {D})")
+    if D1 != D or tuple(w2_EFD.shape[:2]) != (E, F):
+        raise ValueError(
+            f"w1_EDF {tuple(w1_EDF.shape)} / w2_EFD {tuple(w2_EFD.shape)} do not fit z_TD (T, {D}): "
+            "expected (E, D, F) and (E, F, N)"
+        )
     if z_TD.dtype != w1_EDF.dtype or z_TD.dtype != w2_EFD.dtype:
         raise ValueError(f"z, w1, w2 dtypes differ: {z_TD.dtype}, {w1_EDF.dtype}, {w2_EFD.dtype}")
     if z_TD.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

@@ -43,10 +43,10 @@ def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_
         )
     T, D = z_TD.shape
     E, D1, F = w1_EDF.shape
-    if D1 != D or tuple(w2_EFD.shape) != (E, F, D) or tuple(router_weight_ED.shape) != (E, D):
+    if D1 != D or tuple(w2_EFD.shape[:2]) != (E, F) or tuple(router_weight_ED.shape) != (E, D):
         raise ValueError(
             f"shape mismatch: z_TD {tuple(z_TD.shape)} (D={D}) needs router_weight_ED ({E}, {D}), "
-            f"w1_EDF ({E}, {D}, F), w2_EFD ({E}, F, {D}); got {tuple(router_weight_ED.shape)}, "
+            f"w1_EDF ({E}, {D}, F), w2_EFD ({E}, F, N); got {tuple(router_weight_ED.shape)}, "
             f"{tuple(w1_EDF.shape)}, {tuple(w2_EFD.shape)}"
         )
     devices = {t.device for t in named.values()}
@@ -69,12 +69,12 @@ def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_
 
 def _empty_output(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k) -> MoEOutput:
     """T == 0: empty results that still reach every parameter, so backward gives zero grads."""
-    E, D = router_weight_ED.shape
+    E, N = router_weight_ED.shape[0], w2_EFD.shape[2]
     anchor = (z_TD.sum() + router_weight_ED.sum() + w1_EDF.sum() + w2_EFD.sum()) * 0
     acc = reference.routing_dtype(z_TD.dtype)
     dev = z_TD.device
     return MoEOutput(
-        h_TD=z_TD.new_zeros(0, D) + anchor.to(z_TD.dtype),
+        h_TD=z_TD.new_zeros(0, N) + anchor.to(z_TD.dtype),
         aux_loss=anchor.to(acc),
         counts_E=torch.zeros(E, dtype=torch.int32, device=dev),
         topk_idx_TK=torch.zeros(0, top_k, dtype=torch.int32, device=dev),

@@ -8,7 +8,8 @@ Semantics (../shared/DESIGN.md, paper eq. 2-4 and 8-10):
 - Router logits `s = z Wg`. Top-k keeps the K largest logits per token, ties to the lower expert
   index; a NaN logit ranks as -inf. G = softmax over the K kept logits, so a kept NaN (a token
   whose z is NaN has only NaN logits) makes that token's weights NaN.
-- Expert e: E_e(z) = W2_e SiLU(W1_e z) with W1 stored (E, D, F) and W2 stored (E, F, D).
+- Expert e: E_e(z) = W2_e SiLU(W1_e z) with W1 stored (E, D, F) and W2 stored (E, F, N); N = D in the
+  serial layout, any width otherwise (the parallel layout maps d -> D).
 - h = sum over the K selected experts of G_e E_e(z).
 - Balance loss over the B real (unmasked) tokens: P_e = mean_b p_{b,e}, f_e = mean_b r_{b,e},
   L_aux = E * sum_e P_e f_e, with p = G ("topk", eq. 8) or p = softmax(s) over all E ("softmax",

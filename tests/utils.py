@@ -101,11 +101,15 @@ def naive_moe_adapter(module, x_TD, mask_T=None):
     if c.num_shared_experts:
         for s in range(c.num_shared_experts):
             h = h + F.silu(z @ p["shared_w1"][s]) @ p["shared_w2"][s]
-    if c.aggregation_dim:
-        a = layer_norm(h, p["agg_norm.weight"], p["agg_norm.bias"], c.norm_eps)
-        out = F.silu(a @ p["agg_up.weight"].T) @ p["agg_down.weight"].T
-    else:
-        out = h @ p["proj.weight"].T
+
+    def projection(v):
+        if not c.aggregation_dim:
+            return v @ p["proj.weight"].T
+        a = layer_norm(v, p["agg_norm.weight"], p["agg_norm.bias"], c.norm_eps)
+        return F.silu(a @ p["agg_up.weight"].T) @ p["agg_down.weight"].T
+
+    # serial: P after the experts; parallel: P beside them, on the same z (experts end in D).
+    out = h + projection(z) if c.layout == "parallel" else projection(h)
     y = layer_norm(out, p["norm_out.weight"], p["norm_out.bias"], c.norm_eps)
     if mask_T is not None:
         y = torch.where(mask_T[:, None], y, 0.0)

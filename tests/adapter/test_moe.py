@@ -30,6 +30,8 @@ def _adapter(dtype=torch.float64, **overrides):
         {"balance_p": "softmax", "num_shared_experts": 1},
         {"top_k": 5},
         {"top_k": 1, "num_experts": 1},
+        {"layout": "parallel"},
+        {"layout": "parallel", "aggregation_dim": 9, "num_shared_experts": 2, "shared_expert_dim": 3},
     ],
 )
 def test_matches_independent_float64_evaluation(overrides):
@@ -238,3 +240,43 @@ def test_meta_device_sizes_without_allocating():
     assert m.last_topk_idx.shape == (10, SMALL["top_k"])
     (y.sum() + m.aux_loss).backward()
     assert m.w1.grad.shape == m.w1.shape and m.w1.grad.device.type == "meta"
+
+
+def test_parallel_layout_counts_the_papers_figures():
+    """Issue 15: the parallel reading of Table 4 (experts d -> 1280 -> D beside the always-on
+    aggregation MLP d -> 10240 -> D) gives the paper's 94.4M / 70.8M, the dense adapter's size."""
+    from adapter import preset
+
+    c = preset("moe-8c4-parallel")
+    experts = 8 * (2560 * 1280 + 1280 * 2048)  # 47,185,920
+    shared = 2560 * 10240 + 10240 * 2048  # 47,185,920
+    norms = 2 * 2560 + 2 * 2560 + 2 * 2048  # input, aggregation and output LayerNorms
+    total = experts + shared + 2560 * 8 + norms
+    assert (c.param_counts().total, c.param_counts().active) == (total, total - experts // 2)
+    assert round(total / 1e6, 1) == 94.4 and round((total - experts // 2) / 1e6, 1) == 70.8
+    assert abs(total - preset("dense").param_counts().total) / total < 4e-4
+    small = MoEAdapter(preset("moe-8c4-parallel", 64, 128, backend="torch"))
+    assert small.w2.shape == (8, 32, 128) and small.param_counts() == small.config.param_counts()
+    with pytest.raises(ValueError, match="layout must be one of"):
+        MoEAdapterConfig(**SMALL, layout="stacked")
+
+
+def test_parallel_layout_on_the_triton_kernels_matches_torch():
+    """Routed experts d -> f -> N with N = D != d (N = 10, not a multiple of 16) through the Triton
+    kernels in the interpreter, forward and backward, against the torch backend in float64."""
+    torch.manual_seed(0)
+    ref = _adapter(layout="parallel", aggregation_dim=9)
+    tri = MoEAdapter(MoEAdapterConfig(**{**SMALL, "layout": "parallel", "aggregation_dim": 9, "backend": "triton"}))
+    tri = tri.double()
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, SMALL["in_dim"], dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    grads = []
+    for m in (ref, tri):
+        y = m(x, mask)
+        ((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + 0.1 * m.aux_loss).backward()
+        grads.append((y, {n: p.grad for n, p in m.named_parameters()}))
+    assert_close(grads[1][0], grads[0][0], rtol=1e-10, atol=1e-12, name="y")
+    for n, g in grads[0][1].items():
+        assert_close(grads[1][1][n], g, rtol=1e-9, atol=1e-11, name=n)

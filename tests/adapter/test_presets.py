@@ -9,10 +9,12 @@ d, D = 2560, 2048  # Table 4
 LN = lambda n: 2 * n  # noqa: E731  (LayerNorm weight + bias)
 
 
-def table4_moe(E, k, f, A=10240):
-    experts = E * (d * f + f * d)
+def table4_moe(E, k, f, A=10240, n=d):
+    """Serial reading: experts d -> f -> d (n = d); parallel: d -> f -> D (n = D). The always-on
+    part is the same: input LN, router, aggregation block (LN, d -> A -> D), output LN."""
+    experts = E * (d * f + f * n)
     always = LN(d) + d * E + LN(d) + d * A + A * D + LN(D)
-    return always + experts, always + k * (d * f + f * d)
+    return always + experts, always + k * (d * f + f * n)
 
 
 EXPECTED = {
@@ -25,6 +27,10 @@ EXPECTED = {
     "moe-8c4-double-f": table4_moe(8, 4, 2560),
     "moe-8c4-no-ebl": table4_moe(8, 4, 1280),
 }
+EXPECTED.update({f"{k}-parallel": table4_moe(*_args, n=D) for k, _args in {
+    "moe-8c4": (8, 4, 1280), "moe-16c4": (16, 4, 1280), "moe-8c1": (8, 1, 1280), "moe-4c2": (4, 2, 1280),
+    "moe-8c4-half-f": (8, 4, 640), "moe-8c4-double-f": (8, 4, 2560), "moe-8c4-no-ebl": (8, 4, 1280),
+}.items()})  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -17,6 +17,7 @@ from adapter.serialization import load_adapter, load_swapped, save_adapter, save
         ("moe-8c4", torch.float32, {"backend": "torch", "num_shared_experts": 2}),
         ("moe-8c1", torch.bfloat16, {"balance_p": "softmax", "layer_norms": False, "bias": True}),
         ("dense", torch.float64, {}),
+        ("moe-4c2-parallel", torch.float32, {"backend": "torch", "num_shared_experts": 1}),
     ],
 )
 def test_adapter_round_trip_is_exact(name, dtype, overrides, tmp_path):

@@ -90,12 +90,14 @@ def test_structures_of_dense_projectors():
         (nn.Sequential(nn.Linear(12, 30), nn.GELU(approximate="tanh"), nn.Linear(30, 8)).double(), 1e-13),
     ],
 )
-def test_upcycled_adapter_computes_what_the_projector_did(source, tol):
+@pytest.mark.parametrize("layout", ["serial", "parallel"])
+def test_upcycled_adapter_computes_what_the_projector_did(source, tol, layout):
     torch.manual_seed(0)
     x = torch.randn(3, 11, 12, dtype=torch.float64)
     want = source(x)
-    m = upcycle_moe(source, backend="torch")
-    assert m.config.layer_norms is False and m.config.expert_dim == 24
+    m = upcycle_moe(source, backend="torch", layout=layout)
+    assert m.config.layer_norms is False and m.config.expert_dim == 24 and m.config.layout == layout
+    assert m.w2.shape[2] == (8 if layout == "parallel" else 12)
     err = (m(x) - want).abs().max().item()
     assert err <= tol, err
     # whatever the router picks: a different random router gives the same output
@@ -188,3 +190,14 @@ def test_a_failing_target_swaps_nothing():
     with pytest.raises(ValueError, match="cannot infer the sizes of Sequential"):
         swap_adapter(model, lambda name, m: name.startswith("blocks.") and name.count(".") == 1, "dense")
     assert isinstance(model.blocks[0], nn.Sequential) and isinstance(model.blocks[0][0], nn.Linear)
+
+
+def test_upcycling_a_parallel_preset_keeps_the_projector_and_its_layout():
+    torch.manual_seed(0)
+    model = Toy(torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    want = model(x)
+    swap_adapter(model, "blocks.0", "moe-8c4-parallel", upcycle=True, backend="torch")
+    m = model.blocks[0]
+    assert m.config.layout == "parallel" and m.w2.shape == (8, 24, 8) and bool((m.w2 == 0).all())
+    assert (model(x) - want).abs().max() < 1e-12

@@ -23,6 +23,24 @@ def test_flop_formulas_match_table4():
     assert adapter_flops(moe, 1, "forward") == 2 * (d * 8 + 4 * 2 * d * 1280 + d * 10240 + 10240 * D)
     assert adapter_flops(moe, 10, "fwd+bwd") == 3 * 10 * adapter_flops(moe, 1, "forward")
     assert round(adapter_flops(moe, 1, "forward") / adapter_flops(dense, 1, "forward"), 2) == 0.78  # issue 4
+    with torch.device("meta"):
+        par = MoEAdapter(preset("moe-8c4-parallel"))
+    # Parallel reading: 4 experts d -> 1280 -> D plus the shared MLP d -> 10240 -> D (issue 15: 0.75x dense).
+    assert adapter_flops(par, 1, "forward") == 2 * (d * 8 + 4 * (d + D) * 1280 + d * 10240 + 10240 * D)
+    assert round(adapter_flops(par, 1, "forward") / adapter_flops(dense, 1, "forward"), 2) == 0.75
+
+
+def test_other_moe_implementations_take_the_parallel_layout():
+    """The eager loop and the grouped-mm provider on experts d -> f -> D (D != d)."""
+    from benchmarks.providers import EagerLoopMoE, GroupedMMMoE
+
+    cfg = preset("moe-8c4-parallel", 64, 48, backend="torch")
+    ref = MoEAdapter(cfg)
+    x, _ = make_tokens(50, 64, "cpu", torch.float32)
+    for cls in (EagerLoopMoE, GroupedMMMoE):
+        m = cls(cfg)
+        m.load_state_dict(ref.state_dict())
+        assert max_rel_error(m(x), ref(x)) < 1e-5, cls.__name__
 
 
 def test_routing_patterns_give_the_intended_loads():

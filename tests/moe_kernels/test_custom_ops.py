@@ -26,14 +26,16 @@ def _step(m):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("masked", [False, True])
-def test_opcheck_both_ops(backend, masked):
+@pytest.mark.parametrize("masked, n_out", [(False, 16), (True, 16), (True, 11)])  # 11: experts d -> f -> N != d
+def test_opcheck_both_ops(backend, masked, n_out):
     z, router, w1, w2 = make_moe_inputs(9, 16, 8, 4)
+    if n_out != 16:
+        w2 = torch.randn(4, 8, n_out, generator=torch.Generator().manual_seed(5), dtype=z.dtype).requires_grad_(True)
     mask = torch.rand(9, generator=torch.Generator().manual_seed(3)) > 0.3 if masked else None
     torch.library.opcheck(custom_ops.moe_ffn_op, (z, router, w1, w2, mask, 2, "topk", backend))
     g = torch.Generator().manual_seed(4)
     grads_out = (
-        torch.randn(9, 16, generator=g, dtype=z.dtype),
+        torch.randn(9, n_out, generator=g, dtype=z.dtype),
         torch.tensor(0.3, dtype=z.dtype),
         torch.randn(9, 2, generator=g, dtype=z.dtype),
     )
@@ -51,11 +53,13 @@ def test_no_graph_break_inside_the_adapter(backend):
     assert explained.graph_count == 1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("balance_p", ["topk", "softmax"])
-def test_compiled_forward_backward_equals_eager(backend, balance_p):
+@pytest.mark.parametrize(
+    "backend, balance_p, layout",
+    [(b, p, "serial") for b in BACKENDS for p in ("topk", "softmax")] + [(b, "topk", "parallel") for b in BACKENDS],
+)
+def test_compiled_forward_backward_equals_eager(backend, balance_p, layout):
     torch._dynamo.reset()
-    m = _adapter(backend, balance_p=balance_p)
+    m = _adapter(backend, balance_p=balance_p, layout=layout)
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.25
     step = _step(m)
