@@ -6,10 +6,11 @@ accuracy and the modality gap, balance loss, expert loads), plus a plot.
     python -m adapter.lalm.demo                     # CPU, a few minutes
     python -m adapter.lalm.demo --size full --steps 20000 --audio-dim 512 ...   # larger settings
 
-Both models share everything but the adapter: encoder (random 'demo' Whisper, frozen), LLM
-(small random Qwen3, trained), semantic stream, data order, seed, steps and learning rate. The
-adapters are the paper's presets scaled to --audio-dim (dense: hidden 8d; MoE: 8 experts, top-4,
-f = d/2, aggregation 4d).
+Both models share everything but the adapter: encoder (OpenAI's pretrained Whisper tiny.en,
+frozen, its features cached beside the corpus; `--encoder demo` for a random one), LLM (small
+random Qwen3, trained), semantic stream, data order, seed, steps and learning rate. The adapters
+are the paper's presets scaled to --audio-dim (dense: hidden 8d; MoE: 8 experts, top-4, f = d/2,
+aggregation 4d).
 """
 
 from __future__ import annotations
