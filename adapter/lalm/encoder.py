@@ -160,4 +160,9 @@ def build_encoder(spec: str) -> WhisperEncoder:
         return WhisperEncoder.from_whisper(ct2.load_whisper(path)[0])
     if path.suffix in (".pt", ".pth") or path.exists():
         return WhisperEncoder.from_checkpoint(spec)
+    if f"random-{spec}" in ENCODER_PRESETS:  # the names random presets had before tiny.en arrived
+        raise ValueError(
+            f"encoder {spec!r} was renamed 'random-{spec}' (random weights); OpenAI's pretrained weights "
+            f"are {PRETRAINED_ENCODERS}"
+        )
     raise ValueError(f"encoder: {ENCODER_HELP}; got {spec!r}")

@@ -155,8 +155,10 @@ def test_the_pretrained_encoder_is_whispers(random_whisper, tmp_path):
         direct = WhisperEncoder.from_whisper(random_whisper).encode(mel)
         assert torch.equal(enc.encode(mel), direct)
     assert build_encoder("random-tiny").dims.n_audio_state == 384 and build_encoder("demo").dims.n_audio_state == 64
+    with pytest.raises(ValueError, match=r"'tiny' was renamed 'random-tiny' .*tiny\.en"):
+        build_encoder("tiny")  # the old random preset's name, so close to tiny.en, now only explains itself
     with pytest.raises(ValueError, match="pretrained tiny.en .* random-large-v3"):
-        build_encoder("tiny")  # the old random preset's name no longer means anything
+        build_encoder("small.en")
 
 
 def _words(text: str) -> list[str]:
