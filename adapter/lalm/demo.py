@@ -24,8 +24,10 @@ import torch
 
 from adapter.lalm.evaluate import format_table
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
+from adapter.presets import RECOMMENDED_MOE
 
-ADAPTERS = ("dense", "moe-8c4")
+ADAPTERS = ("dense", RECOMMENDED_MOE)
+"""The dense baseline and the MoE preset the README recommends in its place."""
 
 
 def run_demo(exp: ExperimentConfig) -> dict:
@@ -37,12 +39,13 @@ def run_demo(exp: ExperimentConfig) -> dict:
     results = {name: r["eval"] for name, r in runs.items()}
     logs = {name: r["log"] for name, r in runs.items()}
     table = format_table(results)
-    aux = [r["aux"] for r in logs["moe-8c4"] if r.get("aux") is not None][-10:]  # unweighted L_aux
+    moe = ADAPTERS[1]
+    aux = [r["aux"] for r in logs[moe] if r.get("aux") is not None][-10:]  # unweighted L_aux
     extra = [
         f"{'balance loss L_aux (MoE)':28s}{sum(aux) / max(1, len(aux)):12.3f}  (last 10 steps; balanced: k = 4)",
         "expert activation rate per category (MoE test tokens routed to the expert; rows sum to k):",
     ]
-    rates = results["moe-8c4"]["expert_rates"]
+    rates = results[moe]["expert_rates"]
     for cat, row in rates.items():
         extra.append(f"  {cat:8s}" + "".join(f"{v:6.2f}" for v in row))
     report = f"{table}\n" + "\n".join(extra)
@@ -76,7 +79,7 @@ def plot(results: dict, logs: dict, path: Path) -> None:
     axes[0].set_ylabel("accuracy (%)")
     axes[0].set_title("test accuracy")
     axes[0].legend()
-    rates = results.get("moe-8c4", {}).get("expert_rates", {})
+    rates = results.get(ADAPTERS[1], {}).get("expert_rates", {})
     if rates:
         mat = np.array([rates[c] for c in rates])
         im = axes[1].imshow(mat, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)  # the rate's full range

@@ -21,11 +21,12 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_experiment):
     ):
         assert row in report, row
     assert (out / "demo.png").stat().st_size > 5000
-    for name in ("dense", "moe-8c4"):
+    for name in demo.ADAPTERS:
         ev = json.loads((out / name / "eval.json").read_text())
         assert ev["mmau"]["n"] == 11 * 3 and ev["voicebench"]["audio"]["n"] == 3
         assert 0.0 <= ev["mmau"]["overall"] <= 1.0
-    assert result["results"]["moe-8c4"]["expert_rates"].keys() == {"music", "sound", "speech"}
+    assert demo.ADAPTERS == ("dense", "moe-8c4-parallel")  # the README's recommended preset
+    assert result["results"]["moe-8c4-parallel"]["expert_rates"].keys() == {"music", "sound", "speech"}
     assert result["results"]["dense"]["expert_rates"] == {}
 
 
