@@ -192,27 +192,28 @@ def evaluate(
 def format_table(results: dict[str, dict]) -> str:
     """Paper-Table-1-shaped comparison of several evaluated models {name: evaluate(...)}."""
     names = list(results)
-    head = f"{'':28s}" + "".join(f"{n:>12s}" for n in names)
+    w = max(12, *(len(n) + 2 for n in names))  # a column as wide as its longest preset name
+    head = f"{'':28s}" + "".join(f"{n:>{w}s}" for n in names)
     lines = [head, "-" * len(head)]
     cats = sorted({c for r in results.values() for c in r["mmau"]["per_category"]})
     for c in cats:
         lines.append(
             f"{'MMAU-style ' + c:28s}"
-            + "".join(f"{100 * results[n]['mmau']['per_category'].get(c, float('nan')):12.1f}" for n in names)
+            + "".join(f"{100 * results[n]['mmau']['per_category'].get(c, float('nan')):{w}.1f}" for n in names)
         )
-    lines.append(f"{'MMAU-style all':28s}" + "".join(f"{100 * results[n]['mmau']['overall']:12.1f}" for n in names))
+    lines.append(f"{'MMAU-style all':28s}" + "".join(f"{100 * results[n]['mmau']['overall']:{w}.1f}" for n in names))
     if all("voicebench" in r for r in results.values()):
         for label, key in (("knowledge, text", "text"), ("knowledge, audio", "audio")):
             lines.append(
-                f"{label:28s}" + "".join(f"{100 * results[n]['voicebench'][key]['accuracy']:12.1f}" for n in names)
+                f"{label:28s}" + "".join(f"{100 * results[n]['voicebench'][key]['accuracy']:{w}.1f}" for n in names)
             )
         lines.append(
             f"{'modality gap (audio-text)':28s}"
-            + "".join(f"{100 * results[n]['voicebench']['modality_gap']:12.1f}" for n in names)
+            + "".join(f"{100 * results[n]['voicebench']['modality_gap']:{w}.1f}" for n in names)
         )
         lines.append(
             f"{'letter parse fail rate':28s}"
-            + "".join(f"{100 * results[n]['voicebench']['audio']['fail_rate']:12.1f}" for n in names)
+            + "".join(f"{100 * results[n]['voicebench']['audio']['fail_rate']:{w}.1f}" for n in names)
         )
     return "\n".join(lines)
 
