@@ -77,6 +77,16 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> tuple[bool
     return True, ""
 
 
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why provider `name` cannot run on `device` in `dtype`, or None (decided without building it)."""
+    if name == "moe-triton" and device.type != "cuda":
+        return "GPU only: on CPU the Triton kernels run in the interpreter, a test vehicle"
+    if name == "moe-grouped-mm":
+        ok, why = grouped_mm_available(device, dtype)
+        return None if ok else why
+    return None
+
+
 @dataclass
 class Shapes:
     d: int  # adapter input width (paper 2560)
@@ -101,14 +111,9 @@ def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, se
         "moe-grouped-mm": (GroupedMMMoE, "torch"),
     }
     for name, (cls, backend) in classes.items():
-        if name == "moe-triton" and device.type != "cuda":
-            out[name] = "GPU only: on CPU the Triton kernels run in the interpreter, a test vehicle"
+        if why := unavailable_reason(name, device, dtype):
+            out[name] = why
             continue
-        if name == "moe-grouped-mm":
-            ok, why = grouped_mm_available(device, dtype)
-            if not ok:
-                out[name] = why
-                continue
         m = cls(shapes.moe_config(backend)).to(device, dtype)
         m.load_state_dict(base.state_dict())
         out[name] = m

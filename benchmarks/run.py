@@ -20,7 +20,15 @@ import torch
 
 from adapter.environment import environment
 from benchmarks import report
-from benchmarks.providers import MOE_PROVIDERS, PROVIDERS, Shapes, adapter_flops, build_providers, make_step
+from benchmarks.providers import (
+    MOE_PROVIDERS,
+    PROVIDERS,
+    Shapes,
+    adapter_flops,
+    build_providers,
+    make_step,
+    unavailable_reason,
+)
 from benchmarks.routing_patterns import ROUTINGS, make_tokens, set_router
 from benchmarks.timing import (
     datasheet_for,
@@ -221,12 +229,14 @@ def run_adapter_benchmarks(
 
 
 def unavailable_providers(providers: list[str], plan: Plan, device: torch.device) -> dict[str, str]:
-    """{provider: why it cannot run on `device`} for the selected providers (built once, at the
-    plan's widths, in the first dtype the plan uses)."""
-    if not plan.cases:
-        return {}
-    mods = build_providers(Shapes(plan.d, plan.D), device, DTYPES[plan.cases[0].dtype])
-    return {n: mods[n] for n in providers if isinstance(mods.get(n), str)}
+    """{provider: why} for the selected providers that can run in none of the plan's dtypes on
+    `device` (a provider that runs in some dtypes gets per-case 'not run' rows for the others)."""
+    out = {}
+    for n in providers:
+        reasons = [unavailable_reason(n, device, DTYPES[dt]) for dt in sorted({c.dtype for c in plan.cases})]
+        if reasons and all(reasons):
+            out[n] = reasons[0]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
