@@ -87,7 +87,7 @@ def _json_field(meta: dict, key: str, path, other: str) -> object:
         raise ValueError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from exc
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """write(tmp) to a temporary file unique to this call beside `path`, then rename it into place;
     the temporary is removed if writing fails."""
     path = Path(path)
@@ -105,7 +105,7 @@ def save_adapter(adapter: nn.Module, path: str | Path) -> None:
     """One adapter's weights and config in one safetensors file (written atomically)."""
     meta = {"format": FORMAT, "adapter": json.dumps(_describe(adapter))}
     state = {k: v.detach().contiguous() for k, v in adapter.state_dict().items()}
-    _atomic(Path(path), lambda p: save_file(state, p, metadata=meta))
+    atomic_write(Path(path), lambda p: save_file(state, p, metadata=meta))
 
 
 def _check_tensors(path, header: dict, adapter_on_meta: nn.Module) -> None:
@@ -150,7 +150,7 @@ def swapped_adapters(model: nn.Module) -> dict[str, dict]:
 def save_swapped(model: nn.Module, path: str | Path) -> None:
     """Every tensor of `model` (tied weights once) and where its adapters sit, with their configs."""
     meta = {"format": FORMAT, "swaps": json.dumps(swapped_adapters(model))}
-    _atomic(Path(path), lambda p: save_model(model, p, metadata=meta))
+    atomic_write(Path(path), lambda p: save_model(model, p, metadata=meta))
 
 
 def load_swapped(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:

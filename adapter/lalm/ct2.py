@@ -175,7 +175,7 @@ def load_whisper(model_dir: str | Path, dtype: torch.dtype = torch.float32):
         raise CT2FormatError(f"{path} holds a {meta['spec']!r} model, not a {SPEC}")
     dims = ModelDimensions(**_dims(variables, path))
     model = Whisper(dims)
-    want = {k: v.shape for k, v in model.state_dict().items() if k != "encoder.positional_embedding"}
+    want = {k: v.shape for k, v in model.state_dict().items()}
     state = {}
     for name, arr in variables.items():
         if arr.ndim == 0:  # scalar flags (num_heads, pre_norm, ...): read into the dims above
@@ -190,10 +190,8 @@ def load_whisper(model_dir: str | Path, dtype: torch.dtype = torch.float32):
                     raise CT2FormatError(f"{path}: {name} has a non-zero key bias; Whisper's key has none")
                 continue
             state[wname] = piece
-    # The encoder's sinusoidal positions are a fixed buffer in openai-whisper; CT2 stores them too.
-    state["encoder.positional_embedding"] = state.get("encoder.positional_embedding", torch.empty(0))
     missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want) - {"encoder.positional_embedding"})
+    unexpected = sorted(set(state) - set(want))
     wrong = [
         f"{k}: {tuple(state[k].shape)} vs {tuple(want[k])}" for k in want if k in state and state[k].shape != want[k]
     ]
@@ -202,12 +200,11 @@ def load_whisper(model_dir: str | Path, dtype: torch.dtype = torch.float32):
             f"{path}: does not convert to Whisper {dims}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shapes {wrong[:5]}"
         )
-    pos = state.pop("encoder.positional_embedding")
-    if pos.shape != model.encoder.positional_embedding.shape or not torch.allclose(
-        pos, model.encoder.positional_embedding.float(), atol=2e-3
-    ):
+    # The encoder's positions are openai-whisper's fixed sinusoids (a buffer it computes exactly);
+    # CT2 stores them rounded: check them, keep the exact ones.
+    if not torch.allclose(state.pop("encoder.positional_embedding"), model.encoder.positional_embedding, atol=2e-3):
         raise CT2FormatError(f"{path}: its encoder position encodings are not Whisper's sinusoids")
-    model.load_state_dict(state, strict=False)  # every parameter is in `state` (checked above)
+    model.load_state_dict(state, strict=False)  # every other tensor is in `state` (checked above)
     return model.to(dtype).eval(), dims
 
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from adapter.lalm.audio import HOP_LENGTH, SAMPLE_RATE, audio_frames, load_audio, log_mel
 from adapter.lalm.model import IGNORE, Batch, pad_frames
+from adapter.serialization import atomic_write
 
 
 @dataclass
@@ -229,9 +228,7 @@ class FeatureSource:
                 feats = self.encoder(self.mel(ex).to(param.device)).float().cpu()
                 if file is not None:
                     file.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = file.with_name(f".{file.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-                    save_file({"features": feats.contiguous()}, str(tmp))
-                    os.replace(tmp, file)
+                    atomic_write(file, lambda tmp: save_file({"features": feats.contiguous()}, tmp))
             if not self.cache:
                 return feats
             self._store[key] = feats

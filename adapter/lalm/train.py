@@ -172,9 +172,7 @@ class Checkpointer:
         if final.exists():  # the same step saved again (after a resume): identical content
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer = self.root / ".latest.tmp"
-        _fsync_write(pointer, final.name.encode())
-        os.replace(pointer, self.root / "latest")
+        _write_atomic(self.root / "latest", final.name)
         for old in sorted(self.root.glob("step_*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -2,6 +2,7 @@
 micro-batches, resumed on one), the trainable encoder with a semantic codebook, resumes that
 would mix runs, refused runs, config files with flags, non-finite settings, torn logs."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -87,7 +88,7 @@ def test_resume_refuses_another_config_and_leaves_the_run_untouched(tmp_path, to
     with pytest.raises(ValueError, match="already holds a run"):
         train_mod.train(dense)
     with pytest.raises(ValueError, match=r"model.adapter: 'moe-8c4' -> 'dense'"):
-        train_mod.train(dataclass_replace(dense, resume=True))
+        train_mod.train(dataclasses.replace(dense, resume=True))
     assert {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "log.jsonl")} == saved
     # Settings that steer only logging and checkpoints may change on resume.
     summary = train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **{**base, "log_every": 5}))
@@ -98,12 +99,6 @@ def test_resume_refuses_another_config_and_leaves_the_run_untouched(tmp_path, to
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"does not match .*missing \d+ tensor.*adapter\.(up|down)"):
         train_mod.load_trained(tmp_path)
-
-
-def dataclass_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
 
 
 def test_resume_without_a_checkpoint_starts_a_clean_log(tmp_path, tone_corpus):
