@@ -36,6 +36,7 @@ ACTIVATIONS = {
 """Nonlinearities the aggregation block may use (the paper's is SiLU; HF projectors often use GELU)."""
 
 LAYOUTS = ("serial", "parallel")
+EXPERT_INITS = ("independent", "replicated")
 """serial: experts d -> f -> d, then P (Table 4's text); parallel: experts d -> f -> D beside P (its numbers)."""
 
 
@@ -48,7 +49,10 @@ class MoEAdapterConfig:
     or "softmax" (GShard). aux_loss_weight scales this adapter's term in `total_aux_loss` (0 turns
     the balance loss off, the "w/o EBL" ablation). backend: "auto", "triton" or "torch".
     layout "serial" (experts d -> f -> d, then P) or "parallel" (experts d -> f -> D summed with an
-    always-on P(z)); see the module docstring.
+    always-on P(z)); see the module docstring. expert_init "independent" draws every routed expert
+    on its own; "replicated" starts them all as copies of one draw, so at initialization the
+    routed sum is one MLP whatever the router picks (sparse-upcycling style; the experts then
+    diverge through the tokens each one receives).
 
     The paper's adapter is the default. Three options let it take the place of a projector of a
     different shape without changing what it computes at initialization (upcycling, adapter/swap.py):
@@ -72,6 +76,7 @@ class MoEAdapterConfig:
     bias: bool = False
     activation: str = "silu"
     layout: str = "serial"
+    expert_init: str = "independent"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -103,6 +108,8 @@ class MoEAdapterConfig:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
 
     @property
     def expert_out_dim(self) -> int:
@@ -168,13 +175,14 @@ class MoEAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_expert_parameters(self) -> None:
-        """nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        for w in (self.w1, getattr(self, "shared_w1", None)):
+        """nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); with
+        expert_init "replicated" every routed expert then copies expert 0."""
+        for w in (self.w1, self.w2, getattr(self, "shared_w1", None), getattr(self, "shared_w2", None)):
             if w is not None:
                 w.uniform_(-(w.shape[1] ** -0.5), w.shape[1] ** -0.5)
-        for w in (self.w2, getattr(self, "shared_w2", None)):
-            if w is not None:
-                w.uniform_(-(w.shape[1] ** -0.5), w.shape[1] ** -0.5)
+        if self.config.expert_init == "replicated":
+            self.w1.copy_(self.w1[:1].expand_as(self.w1))
+            self.w2.copy_(self.w2[:1].expand_as(self.w2))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config

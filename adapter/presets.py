@@ -20,6 +20,7 @@ Parameter counts (what `param_counts()` reports, counted from these dims, LayerN
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch.nn as nn
 
@@ -60,6 +61,16 @@ def moe_adapter(
     )
 
 
+def matched_to_dense(config: MoEAdapterConfig) -> MoEAdapterConfig:
+    """`config` with the expert width f that brings its total parameters nearest the dense
+    adapter's at the same dims (total = a + b*f is linear in f): MoE and dense compared at equal
+    size whatever d and D are (at d = 64, D = 128 the serial moe-8c4 has 84% of dense's size)."""
+    dense_total = dense_baseline(config.in_dim, config.out_dim).param_counts().total
+    a = replace(config, expert_dim=1).param_counts().total
+    b = replace(config, expert_dim=2).param_counts().total - a
+    return replace(config, expert_dim=max(1, round(1 + (dense_total - a) / b)))
+
+
 PRESETS: dict[str, Callable[..., AdapterConfig]] = {
     "dense": dense_baseline,
     "moe-8c4": moe_adapter,
@@ -81,11 +92,16 @@ PRESETS: dict[str, Callable[..., AdapterConfig]] = {
     "moe-8c4-no-ebl": lambda in_dim=PAPER_IN_DIM, out_dim=PAPER_OUT_DIM, **kw: moe_adapter(
         in_dim, out_dim, aux_loss_weight=0.0, **kw
     ),
+    "moe-8c4-matched": lambda in_dim=PAPER_IN_DIM, out_dim=PAPER_OUT_DIM, **kw: matched_to_dense(
+        moe_adapter(in_dim, out_dim, **kw)
+    ),
 }
 """Name -> config factory. Table 1: dense, moe-8c4. Table 2: moe-16c4, moe-8c1, moe-4c2,
-moe-8c4-half-f, moe-8c4-double-f. Table 3: moe-8c4-no-ebl. Each MoE preset also in the parallel
-reading of Table 4, as `<name>-parallel` (experts d -> f -> D beside the always-on aggregation MLP:
-94.41M total / 70.81M active for moe-8c4-parallel at the paper's dims, the paper's own figures)."""
+moe-8c4-half-f, moe-8c4-double-f. Table 3: moe-8c4-no-ebl. Not in the paper: moe-8c4-matched,
+whose expert width makes its total equal the dense adapter's at the same dims (equal-size
+comparisons: f = 47 at d = 64, D = 128; f = 1151 at the paper's dims). Each MoE preset also in
+the parallel reading of Table 4, as `<name>-parallel` (experts d -> f -> D beside the always-on
+aggregation MLP: 94.41M total / 70.81M active for moe-8c4-parallel at the paper's dims, the paper's own figures)."""
 
 
 def _parallel(factory: Callable[..., MoEAdapterConfig]) -> Callable[..., MoEAdapterConfig]:

@@ -134,6 +134,7 @@ def test_nan_input_stays_in_its_token():
         ({"backend": "cuda"}, "backend must be one of"),
         ({"aux_loss_weight": float("nan")}, "aux_loss_weight"),
         ({"aggregation_dim": -1}, "aggregation_dim"),
+        ({"expert_init": "orthogonal"}, "expert_init must be one of"),
     ],
 )
 def test_config_rejects_bad_sizes(kwargs, match):
@@ -280,3 +281,24 @@ def test_parallel_layout_on_the_triton_kernels_matches_torch():
     assert_close(grads[1][0], grads[0][0], rtol=1e-10, atol=1e-12, name="y")
     for n, g in grads[0][1].items():
         assert_close(grads[1][1][n], g, rtol=1e-9, atol=1e-11, name=n)
+
+
+@pytest.mark.parametrize("layout", ["serial", "parallel"])
+def test_replicated_experts_start_as_one_mlp_whatever_the_routing(layout):
+    """expert_init="replicated": every expert copies expert 0, and since the top-k gates sum to 1
+    the routed sum is that one MLP's output: a different router changes nothing at init (up to
+    float64 rounding of the gate sum)."""
+    torch.manual_seed(0)
+    m = _adapter(layout=layout, aggregation_dim=9, expert_init="replicated")
+    assert all(torch.equal(w[e], w[0]) for w in (m.w1, m.w2) for e in range(m.config.num_experts))
+    x = torch.randn(3, 17, SMALL["in_dim"], dtype=torch.float64)
+    y = m(x)
+    before = m.last_topk_idx.clone()
+    with torch.no_grad():
+        m.router.weight.copy_(torch.randn_like(m.router.weight))
+    assert_close(m(x), y, atol=1e-12, rtol=1e-12)
+    assert not torch.equal(m.last_topk_idx, before)  # the routing did change
+    torch.manual_seed(0)
+    independent = _adapter(layout=layout, aggregation_dim=9)
+    assert not torch.equal(independent.w1[1], independent.w1[0])
+    assert torch.equal(independent.w1[0], m.w1[0])  # the same draw; only the copies differ

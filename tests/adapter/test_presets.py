@@ -1,5 +1,7 @@
 """Presets: parameter counts equal the formulas from Table 4's dims."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,6 +33,8 @@ EXPECTED.update({f"{k}-parallel": table4_moe(*_args, n=D) for k, _args in {
     "moe-8c4": (8, 4, 1280), "moe-16c4": (16, 4, 1280), "moe-8c1": (8, 1, 1280), "moe-4c2": (4, 2, 1280),
     "moe-8c4-half-f": (8, 4, 640), "moe-8c4-double-f": (8, 4, 2560), "moe-8c4-no-ebl": (8, 4, 1280),
 }.items()})  # fmt: skip
+EXPECTED["moe-8c4-matched"] = table4_moe(8, 4, 1151)  # the width that equals dense's 94.38M
+EXPECTED["moe-8c4-matched-parallel"] = table4_moe(8, 4, 1279, n=D)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -57,3 +61,20 @@ def test_ablation_knobs():
     assert (small.expert_dim, small.aggregation_dim, small.backend) == (32, 256, "torch")
     with pytest.raises(ValueError, match="unknown preset 'moe-9c9'"):
         preset("moe-9c9")
+
+
+@pytest.mark.parametrize("layout", ["serial", "parallel"])
+@pytest.mark.parametrize("dims", [(64, 128), (2560, 2048), (96, 40), (7, 13)])
+def test_matched_preset_has_the_dense_total_nearest_any_width(dims, layout):
+    """moe-8c4-matched picks the expert width whose total is nearest dense's: one step of width
+    either way (8 experts x (d + n) parameters) is no nearer."""
+    name = "moe-8c4-matched" + ("-parallel" if layout == "parallel" else "")
+    cfg, dense = preset(name, *dims), preset("dense", *dims).param_counts().total
+    assert cfg.layout == layout
+    gap = abs(cfg.param_counts().total - dense)
+    step = cfg.num_experts * (cfg.in_dim + cfg.expert_out_dim)
+    assert gap <= step / 2
+    for f in (cfg.expert_dim - 1, cfg.expert_dim + 1):
+        if f >= 1:
+            assert abs(dataclasses.replace(cfg, expert_dim=f).param_counts().total - dense) >= gap
+    assert preset("moe-8c4-matched", 64, 128).expert_dim == 47  # the demo's dims: wider than f = 32
