@@ -61,7 +61,9 @@ def build_model(config: ModelConfig, seed: int = 0) -> AudioLLM:
         llm = load_llm(config.llm, tokenizer.vocab_size, config, seed)
         encoder = build_encoder(config.encoder)
         hidden = llm.get_input_embeddings().embedding_dim
-        overrides = {} if config.adapter == "dense" else {"backend": config.adapter_backend}
+        overrides = (
+            {} if config.adapter == "dense" else {"backend": config.adapter_backend, "expert_init": config.expert_init}
+        )
         adapter = build_adapter(preset(config.adapter, config.audio_dim, hidden, **overrides))
         frontend = FrontendConfig(
             audio_dim=config.audio_dim, semantic_codes=config.semantic_codes, use_continuous=config.use_continuous

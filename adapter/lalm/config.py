@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter._checks import check_field_types
+from adapter.moe import EXPERT_INITS
 from adapter.presets import PRESETS
 
 
@@ -38,6 +39,10 @@ class ModelConfig:
     semantic_codes: int = _f(0, "size of the k-means semantic codebook (discrete stream); 0 turns it off")
     use_continuous: bool = _f(True, "feed the fused continuous encoder features (off: discrete stream only)")
     adapter_backend: str = _f("auto", "MoE kernels: auto (Triton on CUDA), triton or torch")
+    expert_init: str = _f(
+        "independent",
+        "MoE presets: independent (each routed expert its own draw) or replicated (all start as one copy)",
+    )
     tiny_llm_hidden: int = _f(128, "hidden size of the 'tiny' LLM")
     tiny_llm_layers: int = _f(2, "decoder layers of the 'tiny' LLM")
 
@@ -45,6 +50,8 @@ class ModelConfig:
         check_field_types(self)
         if self.adapter not in PRESETS:
             raise ValueError(f"adapter must be one of {sorted(PRESETS)}, got {self.adapter!r}")
+        if self.expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
         for name in ("audio_dim", "tiny_llm_hidden", "tiny_llm_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -78,6 +85,7 @@ class TrainConfig:
     max_batch_tokens: int = _f(4096, "padded text positions (prompt + answer) per micro-batch")
     max_batch_size: int = _f(32, "examples per micro-batch")
     aux_lambda: float = _f(0.01, "lambda: weight of the adapters' balance loss (eq. 6); 0 turns it off")
+    router_lr_scale: float = _f(1.0, "the MoE routers' learning rate as a multiple of lr (e.g. 0.1: a slower router)")
     freeze_encoder: bool = _f(True, "keep the Whisper encoder frozen (its features are then computed once)")
     feature_cache: str = _f(
         "",
@@ -116,6 +124,8 @@ class TrainConfig:
             raise ValueError(
                 f"decay_fraction and min_lr_ratio must be in [0, 1], got {self.decay_fraction}, {self.min_lr_ratio}"
             )
+        if not (math.isfinite(self.router_lr_scale) and self.router_lr_scale > 0):
+            raise ValueError(f"router_lr_scale must be a positive finite number, got {self.router_lr_scale}")
         for name in ("aux_lambda", "grad_clip", "weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

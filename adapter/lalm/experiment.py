@@ -20,7 +20,7 @@ from adapter.lalm.config import ModelConfig, TrainConfig, _f, add_dataclass_args
 from adapter.lalm.corpus import SIZES, build_corpus
 from adapter.lalm.data import FeatureSource, read_manifest
 from adapter.lalm.evaluate import evaluate
-from adapter.lalm.train import load_trained, train
+from adapter.lalm.train import config_differences, load_trained, train
 from adapter.presets import PRESETS
 
 
@@ -43,6 +43,8 @@ class ExperimentConfig:
     llm_hidden: int = _f(128, "hidden size of the small random Qwen3")
     llm_layers: int = _f(2, "decoder layers of the small random Qwen3")
     aux_lambda: float = _f(0.01, "weight of the MoE balance loss (lambda, eq. 6)")
+    router_lr_scale: float = _f(1.0, "the MoE routers' learning rate as a multiple of --lr")
+    expert_init: str = _f("independent", "MoE experts' initialization: independent or replicated (one copy)")
     text_weight: int = _f(4, "repeats of the text-knowledge questions per epoch")
     seed: int = _f(0, "seed of corpus, weights and data order")
     checkpoints: int = _f(4, "evenly spaced checkpoints kept per run (the gradient analysis reads them)")
@@ -82,6 +84,7 @@ class ExperimentConfig:
                 tiny_llm_hidden=self.llm_hidden,
                 tiny_llm_layers=self.llm_layers,
                 adapter_backend=self.backend,
+                expert_init=self.expert_init,
             ),
             seed=self.seed,
             max_steps=self.steps,
@@ -91,6 +94,7 @@ class ExperimentConfig:
             max_batch_size=self.batch_size,
             max_batch_tokens=self.batch_size * 160,
             aux_lambda=self.aux_lambda,
+            router_lr_scale=self.router_lr_scale,
             eval_every=every,
             save_every=every,
             keep_checkpoints=self.checkpoints + 1,
@@ -108,14 +112,31 @@ def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, 
     """Train one adapter preset under `exp`, evaluate it on the test split; returns
     {"eval": evaluate(...), "summary": train summary, "log": log records, "seconds": training wall
     time, summed over resumed calls}.
-    The evaluation is also written to <out>/<preset>/eval.json."""
+    The evaluation is also written to <out>/<preset>/eval.json. With `exp.resume`, a run that had
+    finished and been evaluated before this call keeps its evaluation and its training time."""
     run_dir = Path(exp.out) / preset
+    done, timing = run_dir / "eval.json", run_dir / "train_seconds.json"
+    final = run_dir / "checkpoints" / f"step_{exp.steps:07d}"
+    finished = exp.resume and done.is_file() and final.is_dir()
+    if not exp.resume:  # a fresh run: an earlier run's evaluation must not outlive it
+        done.unlink(missing_ok=True)
+    cfg = exp.train_config(preset, manifests, run_dir)
+    if finished and timing.is_file():
+        diffs = config_differences(json.loads((run_dir / "config.json").read_text()), cfg)
+        if diffs:
+            raise ValueError(f"--resume: the finished run in {run_dir} was trained otherwise ({'; '.join(diffs)})")
+        print(f"{preset}: reusing the finished, evaluated run in {run_dir}", flush=True)
+        log = read_log(run_dir)
+        last = [r for r in log if "ntp" in r][-1]
+        final = {k: v for r in log if r.get("final") for k, v in r.items() if k != "final"}
+        summary = {**last, **final, "steps": last["step"], "skipped_total": last.get("skipped_total", 0)}
+        seconds = json.loads(timing.read_text())["seconds"]
+        return {"eval": json.loads(done.read_text()), "summary": summary, "log": log, "seconds": seconds}
     t0 = time.perf_counter()
-    summary = train(exp.train_config(preset, manifests, run_dir))
+    summary = train(cfg)
     seconds = time.perf_counter() - t0
     print(f"{preset}: at step {exp.steps}, {seconds:.0f} s in this call", flush=True)
     # Wall time summed over the calls that trained this run (a resumed run adds to its earlier time).
-    timing = run_dir / "train_seconds.json"
     if exp.resume and timing.is_file():
         seconds += json.loads(timing.read_text())["seconds"]
     timing.write_text(json.dumps({"seconds": seconds}))
@@ -123,7 +144,7 @@ def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, 
     cache = Path(manifests["train"]).parent / "features"
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder, cache_dir=cache)
     result = evaluate(model, read_manifest(manifests["test"]), source, seed=exp.seed)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+    done.write_text(json.dumps(result, indent=1))
     return {"eval": result, "summary": summary, "log": read_log(run_dir), "seconds": seconds}
 
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from adapter.lalm.build import build_model
-from adapter.lalm.config import TrainConfig, train_config_from_argv
+from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
 from adapter.lalm.data import (
     BatchStream,
     DataPosition,
@@ -93,6 +93,20 @@ def set_trainable(model: AudioLLM, cfg: TrainConfig) -> list[torch.nn.Parameter]
     for n, p in model.named_parameters():
         p.requires_grad_(n in names)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def param_groups(model: AudioLLM, params: list[torch.nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """One AdamW group for everything but the MoE routers, whose learning rate is lr x
+    router_lr_scale (the schedule's multiplier applies to both); a single group when the scale is
+    1, the layout of runs from before the option (their optimizer state then still loads)."""
+    if cfg.router_lr_scale == 1.0:
+        return [{"params": params}]
+    routers = {id(m.router.weight) for m in moe_adapters(model)}
+    groups = [
+        {"params": [p for p in params if id(p) not in routers]},
+        {"params": [p for p in params if id(p) in routers], "lr": cfg.lr * cfg.router_lr_scale},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def wsd_schedule(cfg: TrainConfig):
@@ -323,6 +337,9 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """'field: saved -> now' for every field of `cfg` outside RESUMABLE_CHANGES that differs from a
     run's saved config.json (model fields as model.<name>)."""
     now = dataclasses.asdict(cfg)
+    # A field the saved config lacks was added later; that run ran with its default.
+    saved = {**dataclasses.asdict(TrainConfig()), **saved}
+    saved["model"] = {**dataclasses.asdict(ModelConfig()), **(saved.get("model") or {})}
     diffs = []
     for name in sorted(set(now) | set(saved)):
         if name in RESUMABLE_CHANGES:
@@ -403,7 +420,9 @@ def train(cfg: TrainConfig) -> dict:
         model.encoder.eval()
         source.precompute(train_examples + val_examples, progress=cfg.progress and is_main)
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, params, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
     state = {"step": 0, "skipped": 0, "position": dataclasses.asdict(DataPosition())}
     if world > 1:
@@ -566,7 +585,9 @@ def checkpoint_steps(output_dir: str | Path) -> list[int]:
 
 def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) -> AudioLLM:
     """The model of a finished (or checkpointed) run: rebuilt from its config, trained weights
-    loaded from its latest checkpoint, or from the checkpoint of `step`."""
+    loaded from its latest checkpoint, or from the checkpoint of `step`. Step 0 is the run's
+    initialization: the weights its seed draws, with the semantic codebook the run fitted before
+    its first step (read from its latest checkpoint)."""
     out = Path(output_dir)
     cfg_path = out / "config.json"
     if not cfg_path.is_file():
@@ -578,7 +599,7 @@ def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) 
     model = build_model(cfg.model, seed=cfg.seed)
     if model.semantic is not None:
         model.semantic.fitted.fill_(True)
-    if step is None:
+    if step is None or step == 0:
         path = Checkpointer(out, 1).latest()
         if path is None:
             raise FileNotFoundError(f"no checkpoint under {out / 'checkpoints'}")
@@ -586,7 +607,11 @@ def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) 
         path = out / "checkpoints" / f"step_{step:07d}"
         if not path.is_dir():
             raise FileNotFoundError(f"no checkpoint of step {step} in {out}; it holds {checkpoint_steps(out)}")
-    load_trainable(model, path, trainable_names(model, cfg))
+    if step == 0:
+        if model.semantic is not None:
+            model.semantic.codebook.copy_(load_file(str(path / "model.safetensors"))["semantic.codebook"])
+    else:
+        load_trainable(model, path, trainable_names(model, cfg))
     return model.to(device).eval()
 
 

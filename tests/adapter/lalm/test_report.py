@@ -1,12 +1,14 @@
 """The ablation runner and the report: their arithmetic by hand, and one tiny run end to end."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from adapter.lalm import report
-from adapter.lalm.ablation import TABLE_2_3, describe
+from adapter.lalm.ablation import describe
+from adapter.lalm.experiment import train_and_evaluate
 from tests.adapter.lalm.conftest import TINY_EXPERIMENT
 
 
@@ -63,17 +65,28 @@ def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
     text = report.run_report(exp, out, num_batches=1, batch_size=3, step_size=1e-2)
     for section in ("## Tables 1-3", "## Figure 3", "## Figure 4", "## Figure 5", "## The paper's claims"):
         assert section in text, section
-    for preset in ("dense", *TABLE_2_3):
+    for preset in report.PRESETS:
         assert f"| {preset} |" in text, preset
     data = json.loads((out / "report.json").read_text())
     assert data["environment"]["device"].startswith("CPU") and data["experiment"]["steps"] == 4
     assert {"dense", "moe-8c4", "moe-8c4-no-ebl"} <= set(data["analysis"])
     assert [t["step"] for t in data["analysis"]["dense"]["cosine"]] == [2, 4]
-    assert len(data["claims"]) == 15 + 3 + 6 + 5  # Tables 1-3, Fig. 3, three pairs x 2 (Fig. 4), Fig. 5
+    # Tables 1-3 and the two equal-size readings of Table 1, Fig. 3, three pairs x 2 (Fig. 4), Fig. 5
+    assert len(data["claims"]) == 15 + 2 + 3 + 6 + 5
     for png in ("ablation.png", "heatmap.png", "cosine.png", "influence.png"):
         assert (out / png).stat().st_size > 5000, png
         assert f"({png})" in text
-    assert (out / "ablation.md").read_text().count("\n") == 2 + len(TABLE_2_3) + 1
+    assert (out / "ablation.md").read_text().count("\n") == 2 + len(report.PRESETS)
+    # Resumed, a finished and evaluated run is reused as it is: no training, no evaluation, the
+    # same time; one trained with other settings is refused by name.
+    run = tmp_path / "runs" / "dense"
+    before = {f: (run / f).read_bytes() for f in ("eval.json", "log.jsonl", "train_seconds.json")}
+    manifests = exp.build_corpus()
+    again = train_and_evaluate(dataclasses.replace(exp, resume=True), "dense", manifests)
+    assert {f: (run / f).read_bytes() for f in before} == before
+    assert again["eval"] == json.loads(before["eval.json"]) and again["summary"]["steps"] == 4
+    with pytest.raises(ValueError, match=r"trained otherwise \(lr: 0.002 -> 0.001\)"):
+        train_and_evaluate(dataclasses.replace(exp, resume=True, lr=1e-3), "dense", manifests)
 
 
 def test_ablation_cli(tmp_path, ci_corpus, capsys):

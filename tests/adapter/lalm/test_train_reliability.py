@@ -176,3 +176,34 @@ def test_an_empty_training_manifest_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"empty.jsonl' hold no examples"):
         train_mod.train(TrainConfig(train_manifest=str(empty), output_dir=str(tmp_path / "run"), progress=False))
     assert not (tmp_path / "run").exists()  # refused before the folder was made
+
+
+def test_router_lr_expert_init_step_zero_and_resuming_a_run_from_before_them(tmp_path, tone_corpus):
+    """router_lr_scale gives the routers their own AdamW group (lr x scale, the schedule on top);
+    expert_init reaches the adapter; load_trained(step=0) is the run's initialization; a run whose
+    config.json predates these fields (it ran with their defaults) still resumes."""
+    cfg = _cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=1, keep_checkpoints=3)
+    cfg.router_lr_scale = 0.1
+    cfg.model.expert_init = "replicated"
+    train_mod.train(cfg)
+    groups = torch.load(tmp_path / "checkpoints/step_0000002/optimizer.pt", weights_only=True)["param_groups"]
+    assert len(groups) == 2 and len(groups[1]["params"]) == 1  # the one MoE adapter's router
+    assert groups[0]["initial_lr"] == 3e-3 and groups[1]["initial_lr"] == pytest.approx(3e-4)  # peak lr
+    init, final = train_mod.load_trained(tmp_path, step=0), train_mod.load_trained(tmp_path)
+    fresh = train_mod.build_model(cfg.model, seed=cfg.seed)
+    for (name, p0), p1, pf in zip(init.named_parameters(), fresh.parameters(), final.parameters(), strict=True):
+        assert torch.equal(p0, p1), name
+        if name.startswith("adapter.") and "norm" not in name:
+            assert not torch.equal(p0, pf), f"{name} did not train"
+    assert all(torch.equal(init.adapter.w1[e], init.adapter.w1[0]) for e in range(8))
+    assert not torch.equal(final.adapter.w1[1], final.adapter.w1[0])  # the copies diverged
+    with pytest.raises(ValueError, match=r"router_lr_scale must be a positive"):
+        TrainConfig(train_manifest="x", router_lr_scale=0.0)
+    # An older run: its config.json lacks the new fields; resuming it with the defaults works.
+    old = tmp_path / "old"
+    train_mod.train(_cfg(old, tone_corpus, max_steps=2, eval_every=0, save_every=1))
+    assert len(torch.load(old / "checkpoints/step_0000002/optimizer.pt", weights_only=True)["param_groups"]) == 1
+    saved = json.loads((old / "config.json").read_text())
+    del saved["router_lr_scale"], saved["model"]["expert_init"]
+    (old / "config.json").write_text(json.dumps(saved))
+    assert train_mod.train(_cfg(old, tone_corpus, max_steps=2, eval_every=0, save_every=1, resume=True))["steps"] == 2
