@@ -18,7 +18,11 @@ import torch.nn.functional as F
 from adapter import DenseAdapter, MoEAdapter, preset
 from moe_kernels import MoEOutput, reference
 
-MOE_PROVIDERS = ("moe-triton", "moe-torch", "moe-eager-loop", "moe-grouped-mm")
+LAYOUT_PROVIDERS = ("moe-triton-parallel", "moe-torch-parallel")
+"""The parallel reading of Table 4 (preset moe-8c4-parallel: experts d -> f -> D beside the
+always-on aggregation MLP, the dense adapter's size) on our kernels and on the torch reference;
+the other MoE providers are the serial reading (moe-8c4)."""
+MOE_PROVIDERS = ("moe-triton", "moe-torch", "moe-eager-loop", "moe-grouped-mm", *LAYOUT_PROVIDERS)
 PROVIDERS = (*MOE_PROVIDERS, "dense")
 
 
@@ -79,7 +83,7 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> tuple[bool
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why provider `name` cannot run on `device` in `dtype`, or None (decided without building it)."""
-    if name == "moe-triton" and device.type != "cuda":
+    if name in ("moe-triton", "moe-triton-parallel") and device.type != "cuda":
         return "GPU only: on CPU the Triton kernels run in the interpreter, a test vehicle"
     if name == "moe-grouped-mm":
         ok, why = grouped_mm_available(device, dtype)
@@ -92,15 +96,16 @@ class Shapes:
     d: int  # adapter input width (paper 2560)
     D: int  # adapter output width (paper 2048)
 
-    def moe_config(self, backend: str):
-        return preset("moe-8c4", self.d, self.D, backend=backend)
+    def moe_config(self, backend: str, layout: str = "serial"):
+        return preset("moe-8c4" if layout == "serial" else "moe-8c4-parallel", self.d, self.D, backend=backend)
 
     def dense_config(self):
         return preset("dense", self.d, self.D)
 
 
 def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """{name: module or a reason it cannot run here}. All MoE providers share one set of weights."""
+    """{name: module or a reason it cannot run here}. The serial MoE providers share one set of
+    weights, the two parallel-layout ones another (their experts' output width differs)."""
     torch.manual_seed(seed)
     base = MoEAdapter(shapes.moe_config("torch")).to(device, dtype)
     out: dict[str, nn.Module | str] = {}
@@ -115,6 +120,15 @@ def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, se
             out[name] = why
             continue
         m = cls(shapes.moe_config(backend)).to(device, dtype)
+        m.load_state_dict(base.state_dict())
+        out[name] = m
+    torch.manual_seed(seed)
+    base = MoEAdapter(shapes.moe_config("torch", "parallel")).to(device, dtype)
+    for name, backend in zip(LAYOUT_PROVIDERS, ("triton", "torch"), strict=True):
+        if why := unavailable_reason(name, device, dtype):
+            out[name] = why
+            continue
+        m = MoEAdapter(shapes.moe_config(backend, "parallel")).to(device, dtype)
         m.load_state_dict(base.state_dict())
         out[name] = m
     torch.manual_seed(seed)

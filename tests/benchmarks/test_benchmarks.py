@@ -70,6 +70,25 @@ def test_providers_compute_the_same_adapter():
         assert torch.equal(m.expert_counts, moe[0].expert_counts)
 
 
+def test_layout_providers_are_the_two_readings_of_table_4():
+    """moe-torch-parallel is preset moe-8c4-parallel (experts d -> f -> D beside the aggregation
+    MLP), the dense adapter's size at the paper's dims; the serial providers are moe-8c4."""
+    mods = build_providers(Shapes(64, 48), torch.device("cpu"), torch.float32)
+    assert "GPU only" in mods["moe-triton-parallel"]
+    par, ser = mods["moe-torch-parallel"], mods["moe-torch"]
+    assert (par.config.layout, ser.config.layout) == ("parallel", "serial")
+    assert tuple(par.w2.shape) == (8, 32, 48) and tuple(ser.w2.shape) == (8, 32, 64)
+    x, u = make_tokens(300, 64, "cpu", torch.float32)
+    set_router([ser, par], u, x, "zipf")
+    assert par(x).shape == (300, 48) and ser(x).shape == (300, 48)
+    assert torch.equal(par.expert_counts, ser.expert_counts)  # one router, one LayerNorm: one routing
+    paper = Shapes(2560, 2048)
+    dense, parallel = paper.dense_config().param_counts(), paper.moe_config("torch", "parallel").param_counts()
+    assert abs(parallel.total - dense.total) / dense.total < 1e-3
+    flops = adapter_flops(par, 1000, "forward") / adapter_flops(mods["dense"], 1000, "forward")
+    assert flops < 1.0  # top-4 of 8 experts of width d/2 plus the shared MLP: less than dense's 8d
+
+
 def test_entry_point_writes_every_output(tmp_path):
     assert run.main(["--plan", "smoke", "--out", str(tmp_path), "--tag", "smoke", "--quiet"]) == 0
     rows = list(csv.DictReader((tmp_path / "smoke.csv").read_text().splitlines()))

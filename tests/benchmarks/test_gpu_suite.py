@@ -123,7 +123,7 @@ def test_gpu_timing_branch_builds_every_row(monkeypatch):
     """The CUDA-event timer and the peak-memory probe are stubs that run the step once; the Triton
     provider is built on CPU (its kernels run in the interpreter here)."""
     calls = []
-    peak_mb = dict(zip(PROVIDERS, (1.0, 3.0, 3.0, 2.5, 2.0), strict=True))  # probed in PROVIDERS order
+    peak_mb = dict(zip(PROVIDERS, (1.0, 3.0, 3.0, 2.5, 1.2, 2.8, 2.0), strict=True))  # probed in PROVIDERS order
 
     def time_gpu(fn, **_):
         fn()
@@ -140,6 +140,9 @@ def test_gpu_timing_branch_builds_every_row(monkeypatch):
         assert isinstance(mods["moe-triton"], str)  # not built on CPU by default
         mods["moe-triton"] = MoEAdapter(shapes.moe_config("triton")).to(device, dtype)
         mods["moe-triton"].load_state_dict(mods["moe-torch"].state_dict())
+        assert isinstance(mods["moe-triton-parallel"], str)
+        mods["moe-triton-parallel"] = MoEAdapter(shapes.moe_config("triton", "parallel")).to(device, dtype)
+        mods["moe-triton-parallel"].load_state_dict(mods["moe-torch-parallel"].state_dict())
         return {n: mods[n] for n in PROVIDERS}
 
     real_build = run.build_providers
