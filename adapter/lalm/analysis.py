@@ -28,7 +28,7 @@ from adapter.analysis import cosine_matrix, gradient_vector, influence_matrix
 from adapter.lalm.data import Batch, Example, FeatureSource, collate, read_manifest
 from adapter.lalm.evaluate import expert_rates
 from adapter.lalm.model import AudioLLM
-from adapter.lalm.train import checkpoint_steps, load_trained
+from adapter.lalm.train import checkpoint_steps, load_trained, run_features
 
 CATEGORIES = ("speech", "sound", "music")
 ANALYSES = ("heatmap", "cosine", "influence")
@@ -113,7 +113,7 @@ def analyze_run(
     from tqdm import tqdm
 
     model = load_trained(run)
-    source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
+    source = run_features(run, model)
     result: dict = {"run": str(run)}
     if "heatmap" in analyses:
         result["heatmap"] = expert_rates(model, [ex for ex in examples if ex.category in CATEGORIES], source)

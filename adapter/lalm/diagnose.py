@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from adapter.lalm.analysis import answer_loss
 from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
-from adapter.lalm.train import checkpoint_steps, load_trained
+from adapter.lalm.train import checkpoint_steps, load_trained, run_features
 
 PROBE_TASKS = ("instrument", "which sound", "gender", "direction", "mode", "background")
 SITES = ("input", "middle", "output")
@@ -267,8 +267,7 @@ def diagnose_run(run: Path, train: list[Example], test: list[Example], *, progre
     label, seed = _run_label(run)
     steps = [0, *checkpoint_steps(run)]
     final = load_trained(run)
-    cfg = json.loads((run / "config.json").read_text())
-    source = FeatureSource(final.encoder.dims.n_mels, encoder=final.encoder, cache_dir=cfg.get("feature_cache") or None)
+    source = run_features(run, final)
     probe_train = [ex for ex in train if ex.task in PROBE_TASKS and ex.audio is not None]
     probe_test = [ex for ex in test if ex.task in PROBE_TASKS and ex.audio is not None]
     routing_test = [ex for ex in test if ex.audio is not None]

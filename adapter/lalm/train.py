@@ -615,6 +615,14 @@ def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) 
     return model.to(device).eval()
 
 
+def run_features(output_dir: str | Path, model: AudioLLM) -> FeatureSource:
+    """Features as a run's model reads them (its frozen encoder), through the run's feature cache
+    where that folder exists (never a cache made anew relative to another working directory)."""
+    cfg = json.loads((Path(output_dir) / "config.json").read_text())
+    cache = Path(cfg.get("feature_cache") or "-")
+    return FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder, cache_dir=cache if cache.is_dir() else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = train_config_from_argv(argv, description=__doc__)
     if not cfg.train_manifest:
