@@ -76,3 +76,18 @@ def test_cli_refuses_a_folder_without_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diagnose.main([str(Path(tmp_path))])
     assert "not run folders" in capsys.readouterr().err
+
+
+def test_run_features_use_the_runs_cache_only_where_it_exists(tiny_runs, tmp_path, monkeypatch):
+    from adapter.lalm.train import load_trained, run_features
+
+    run = tiny_runs / "moe-8c4"
+    model = load_trained(run)
+    cache = json.loads((run / "config.json").read_text())["feature_cache"]
+    assert run_features(run, model).cache_dir.parent == Path(cache)  # <cache>/<encoder fingerprint>
+    saved = json.loads((run / "config.json").read_text())
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.json").write_text(json.dumps({**saved, "feature_cache": "no/such/folder"}))
+    monkeypatch.chdir(tmp_path)
+    assert run_features(moved, model).cache_dir is None and not (tmp_path / "no").exists()
