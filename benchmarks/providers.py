@@ -149,6 +149,24 @@ def adapter_flops(module: nn.Module, tokens: int, mode: str) -> float:
     return {"forward": 1, "backward": 2, "fwd+bwd": 3}[mode] * float(fwd)
 
 
+def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of what one forward saves for its backward, weights and the input excluded: the
+    activation memory a training step holds between forward and backward. Counted from the
+    autograd graph (each storage once), so it is the same on any device and needs no allocator."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(seen.values())
+
+
 def make_step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
     """A no-argument callable doing one `mode` step. backward re-runs the backward of one retained
     forward graph (gradients accumulate; the timers reset them)."""

@@ -28,6 +28,7 @@ ROW_FIELDS = (
     "pct_datasheet",
     "pct_measured_mm",
     "peak_mem_mb",
+    "saved_mb",
     "time_vs_dense",
     "mem_vs_dense",
     "load_max_over_mean",
@@ -209,31 +210,35 @@ def markdown(info, ceilings, plan, rows, kernel_rows, png_name, partial: str | N
         f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}"
         + (f", CUDA {info['cuda']}" if info.get("cuda") else ""),
         f"- git {info['git_sha']}, {info['date']}",
-        f"- adapter widths d = {plan.d}, D = {plan.D}; MoE preset moe-8c4 vs dense preset (Table 4 shapes"
+        f"- adapter widths d = {plan.d}, D = {plan.D}; MoE presets moe-8c4 (serial) and moe-8c4-parallel "
+        "(`-parallel` providers) vs the dense preset (Table 4 shapes"
         + (")" if plan.d == 2560 else f", scaled by {plan.d / 2560:g})"),
         "- measured ceilings: matmul "
         + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in ceilings["matmul_tflops"].items())
         + f"; copy {ceilings['copy_gbs']:.1f} GB/s",
         "",
         "Times are medians with the 20th-80th percentile band; TFLOP/s counts matrix products only "
-        "(benchmarks/providers.py); `x dense` is time relative to the dense adapter in the same case.",
+        "(benchmarks/providers.py); `x dense` is time relative to the dense adapter in the same case; "
+        "`peak MB` is the allocator's peak (CUDA only), `saved MB` what the forward saves for the "
+        "backward (weights and input excluded; from the autograd graph, so on any device; fwd+bwd rows).",
         "",
         "| provider | mode | T | routing | dtype | median ms | p20-p80 ms | Mtok/s | TFLOP/s | % peak | "
-        "peak MB | x dense | load max/mean |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak MB | saved MB | x dense | load max/mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.get("status") != "ok":
             lines.append(
                 f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['routing']} | {r['dtype']} | "
-                f"{r['status']} | | | | | | | |"
+                f"{r['status']} | | | | | | | | |"
             )
             continue
         pct = r.get("pct_datasheet") if r.get("pct_datasheet") is not None else r.get("pct_measured_mm")
         lines.append(
             f"| {r['provider']} | {r['mode']} | {r['tokens']} | {r['routing']} | {r['dtype']} | {r['median_ms']:.3f} "
             f"| {r['p20_ms']:.3f}-{r['p80_ms']:.3f} | {r['tokens_per_s'] / 1e6:.2f} | {r['tflops']:.2f} | "
-            f"{_fmt(pct, '.1f')} | {_fmt(r.get('peak_mem_mb'), '.1f')} | {_fmt(r.get('time_vs_dense'), '.2f')} | "
+            f"{_fmt(pct, '.1f')} | {_fmt(r.get('peak_mem_mb'), '.1f')} | {_fmt(r.get('saved_mb'), '.1f')} | "
+            f"{_fmt(r.get('time_vs_dense'), '.2f')} | "
             f"{_fmt(r.get('load_max_over_mean'), '.2f')} |"
         )
     lines.append("")

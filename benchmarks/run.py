@@ -27,6 +27,7 @@ from benchmarks.providers import (
     adapter_flops,
     build_providers,
     make_step,
+    saved_activation_bytes,
     unavailable_reason,
 )
 from benchmarks.routing_patterns import ROUTINGS, make_tokens, set_router
@@ -95,6 +96,8 @@ def _plan(name: str) -> Plan:
         cases = [Case("float32", "uniform", t, MODES) for t in (1024, 4096)]
         cases += [Case("float32", r, 4096, ("fwd+bwd",)) for r in ("zipf", "one")]
         return Plan(256, 192, cases)
+    if name == "layouts":  # paper shapes on a CPU: dense vs serial vs parallel, fwd+bwd, in minutes
+        return Plan(2560, 2048, [Case("float32", "uniform", 512, ("fwd+bwd",))])
     if name == "smoke":  # seconds: checks that the whole pipeline runs
         return Plan(
             64, 48, [Case("float32", "uniform", 256, ("forward", "fwd+bwd")), Case("float32", "one", 256, ("fwd+bwd",))]
@@ -215,6 +218,7 @@ def run_adapter_benchmarks(
                         if case.dtype in ceilings["matmul_tflops"]
                         else None,
                         peak_mem_mb=peaks[n] / 2**20 if n in peaks else None,
+                        saved_mb=saved_activation_bytes(m, x) / 2**20 if mode == "fwd+bwd" else None,
                         load_max_over_mean=_load_imbalance(m) if n in MOE_PROVIDERS else None,
                     )
                 rows.append(row)
@@ -245,10 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--plan",
-        choices=["gpu", "cpu", "smoke"],
+        choices=["gpu", "cpu", "layouts", "smoke"],
         default=None,
         help="what to measure: gpu = paper shapes, bf16 + fp32, T 1k..64k (default on CUDA); "
-        "cpu = paper shapes / 10, fp32 (default without CUDA); smoke = seconds, for tests",
+        "cpu = paper shapes / 10, fp32 (default without CUDA); layouts = paper shapes, fp32, T 512, "
+        "fwd+bwd (dense vs serial vs parallel MoE on a CPU, minutes); smoke = seconds, for tests",
     )
     p.add_argument(
         "--providers",

@@ -9,7 +9,14 @@ import torch
 
 from adapter import DenseAdapter, MoEAdapter, preset
 from benchmarks import report, run
-from benchmarks.providers import PROVIDERS, Shapes, adapter_flops, build_providers, make_step
+from benchmarks.providers import (
+    PROVIDERS,
+    Shapes,
+    adapter_flops,
+    build_providers,
+    make_step,
+    saved_activation_bytes,
+)
 from benchmarks.routing_patterns import make_tokens, set_router
 from benchmarks.timing import time_cpu_interleaved
 from tests.utils import max_rel_error
@@ -155,3 +162,18 @@ def test_entry_point_says_why_nothing_can_run(tmp_path, capsys, monkeypatch):
             run.main(["--plan", "smoke", "--out", str(tmp_path), *bad])
         assert "must" in capsys.readouterr().err
     assert time_cpu_interleaved({}) == {}
+
+
+def test_saved_activation_bytes_counts_what_the_backward_keeps():
+    """Dense adapter, fp32, T tokens: the backward keeps LN(x) (d), up's output and SiLU's output
+    (8d each), down's output (D) and two LayerNorms' per-token mean and rstd (4 floats): the count
+    must be exactly that (the input x and the weights are left out). It grows linearly with T."""
+    mods = build_providers(Shapes(64, 48), torch.device("cpu"), torch.float32)
+    for T in (100, 300):
+        x = torch.randn(T, 64, requires_grad=True)
+        assert saved_activation_bytes(mods["dense"], x) == 4 * T * (64 + 8 * 64 + 8 * 64 + 48 + 4)
+    x = torch.randn(300, 64, requires_grad=True)
+    serial, parallel = (saved_activation_bytes(mods[n], x) for n in ("moe-torch", "moe-torch-parallel"))
+    assert serial > 0 and parallel > 0
+    with torch.no_grad():
+        assert saved_activation_bytes(mods["dense"], x) == 0  # nothing is saved without a graph
