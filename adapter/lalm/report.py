@@ -30,14 +30,26 @@ from adapter.environment import environment
 from adapter.lalm.ablation import TABLE_2_3, ablation_table, run_ablation
 from adapter.lalm.analysis import CATEGORIES, analyze_run, write_figures
 from adapter.lalm.data import read_manifest
+from adapter.lalm.encoder import ENCODER_PRESETS, PRETRAINED_ENCODERS
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args
 
 PRESETS = ("dense", "moe-8c4-matched", "moe-8c4-parallel", *TABLE_2_3)
 """Dense, then the MoE adapter at dense's total size in both readings of Table 4 (serial with
 wider experts, parallel), then Table 2/3's presets as the paper sized them."""
+HEATMAPS = ("moe-8c4", "moe-8c4-no-ebl", "moe-8c4-parallel")
+"""Fig. 3 with and without the balance loss, and the recommended preset's routing."""
 
 
 # ------------------------------------------------------------------------------ comparisons
+
+
+def encoder_words(name: str) -> str:
+    """How the setup names an encoder: pretrained, random preset or a file."""
+    if name in PRETRAINED_ENCODERS:
+        return f"OpenAI's pretrained Whisper {name} encoder"
+    if name in ENCODER_PRESETS:
+        return f"random '{name}' Whisper encoder"
+    return f"Whisper encoder from {name}"
 
 
 def diff_se(a: float, b: float, n: int) -> tuple[float, float]:
@@ -254,7 +266,7 @@ def write_report(exp: ExperimentConfig, rows: list[dict], analysis: dict, info: 
         "## Setup",
         f"- Corpus `{exp.size}` (adapter.lalm.corpus: speech, music and sound, 12 tasks), seed {exp.seed}; "
         f"test split: {n_mmau} MMAU-style items and {n_know} spoken knowledge questions.",
-        f"- Model: random 'demo' Whisper encoder (frozen), d = {exp.audio_dim}, a {exp.llm_layers}-layer "
+        f"- Model: {encoder_words(exp.encoder)} (frozen), d = {exp.audio_dim}, a {exp.llm_layers}-layer "
         f"random Qwen3 of hidden {exp.llm_hidden} (trained), semantic codebook {exp.semantic_codes}.",
         f"- Every adapter: {exp.steps} steps of {exp.batch_size} examples, peak lr {exp.lr}, WSD, "
         f"balance-loss weight {exp.aux_lambda}, the same data order.",
@@ -277,7 +289,7 @@ def write_report(exp: ExperimentConfig, rows: list[dict], analysis: dict, info: 
         "![expert heatmaps](heatmap.png)",
         "",
     ]
-    for name in ("moe-8c4", "moe-8c4-no-ebl"):
+    for name in HEATMAPS:
         rates = analysis.get(name, {}).get("heatmap")
         if not rates:
             continue
@@ -370,7 +382,7 @@ def run_report(exp: ExperimentConfig, report_dir: Path, *, num_batches: int, bat
     analysis = {}
     for name in ("dense", "moe-8c4"):
         analysis[name] = analyze_run(out / name, val, analyses=("cosine", "influence"), **common)
-    for name in ("moe-8c4", "moe-8c4-no-ebl"):
+    for name in HEATMAPS:
         analysis.setdefault(name, {})["heatmap"] = analyze_run(out / name, test, analyses=("heatmap",), **common)[
             "heatmap"
         ]

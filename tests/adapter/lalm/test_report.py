@@ -59,17 +59,25 @@ def test_describe_counts_parameters_like_the_presets():
     assert (dense["experts"], dense["width"]) == (0, 512) and dense["params"] == dense["active"]
 
 
+def test_setup_names_the_encoder_that_ran():
+    assert report.encoder_words("tiny.en") == "OpenAI's pretrained Whisper tiny.en encoder"
+    assert report.encoder_words("random-base") == "random 'random-base' Whisper encoder"
+    assert report.encoder_words("ckpt/large.pt") == "Whisper encoder from ckpt/large.pt"
+
+
 def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
     exp = tiny_experiment(steps=4, checkpoints=2)
     out = tmp_path / "report"
     text = report.run_report(exp, out, num_batches=1, batch_size=3, step_size=1e-2)
     for section in ("## Tables 1-3", "## Figure 3", "## Figure 4", "## Figure 5", "## The paper's claims"):
         assert section in text, section
+    assert "Model: random 'demo' Whisper encoder (frozen)" in text
     for preset in report.PRESETS:
         assert f"| {preset} |" in text, preset
     data = json.loads((out / "report.json").read_text())
     assert data["environment"]["device"].startswith("CPU") and data["experiment"]["steps"] == 4
-    assert {"dense", "moe-8c4", "moe-8c4-no-ebl"} <= set(data["analysis"])
+    assert {"dense", "moe-8c4", "moe-8c4-no-ebl", "moe-8c4-parallel"} <= set(data["analysis"])
+    assert "**moe-8c4-parallel** (rows sum to k" in text
     assert [t["step"] for t in data["analysis"]["dense"]["cosine"]] == [2, 4]
     # Tables 1-3 and the two equal-size readings of Table 1, Fig. 3, three pairs x 2 (Fig. 4), Fig. 5
     assert len(data["claims"]) == 15 + 2 + 3 + 6 + 5
