@@ -435,13 +435,13 @@ def plot(results: list[dict], path: Path) -> bool:
     for i, (label, runs) in enumerate(by_label.items()):
         vals = [_mean([r["probes"]["final"].get(t, {}).get("output/mean") for r in runs]) or 0 for t in tasks]
         axes[0].bar([j + (i - (len(by_label) - 1) / 2) * width for j in range(len(tasks))], [100 * v for v in vals],
-                    width, label=label)  # fmt: skip
+                    width, label=label, color=f"C{i}")  # fmt: skip
         if runs[0]["routing"]:
             steps = runs[0]["steps"]
             axes[1].plot(steps, [_mean([r["routing"][k]["entropy"] for r in runs]) for k in range(len(steps))],
-                         marker="o", label=label)  # fmt: skip
+                         marker="o", label=label, color=f"C{i}")  # fmt: skip
             axes[2].plot(steps[1:], [_mean([r["routing"][k]["churn"] for r in runs]) for k in range(1, len(steps))],
-                         marker="o", label=label)  # fmt: skip
+                         marker="o", label=label, color=f"C{i}")  # fmt: skip
     axes[0].set_xticks(range(len(tasks)), tasks, fontsize=7)
     axes[0].set_ylabel("probe accuracy at the adapter output (%)")
     axes[0].set_title("linear probes after training (mean pooling)")
