@@ -98,10 +98,11 @@ PRESETS: dict[str, Callable[..., AdapterConfig]] = {
 }
 """Name -> config factory. Table 1: dense, moe-8c4. Table 2: moe-16c4, moe-8c1, moe-4c2,
 moe-8c4-half-f, moe-8c4-double-f. Table 3: moe-8c4-no-ebl. Not in the paper: moe-8c4-matched,
-whose expert width makes its total equal the dense adapter's at the same dims (equal-size
-comparisons: f = 47 at d = 64, D = 128; f = 1151 at the paper's dims). Each MoE preset also in
-the parallel reading of Table 4, as `<name>-parallel` (experts d -> f -> D beside the always-on
-aggregation MLP: 94.41M total / 70.81M active for moe-8c4-parallel at the paper's dims, the paper's own figures)."""
+whose expert width makes its total the nearest to the dense adapter's at the same dims
+(equal-size comparisons): f = 47 at d = 64, D = 128 (98,304 against 98,688 parameters); f = 1151
+at the paper's dims (94.37M against 94.38M). Each MoE preset also in the parallel reading of
+Table 4, as `<name>-parallel` (experts d -> f -> D beside the always-on aggregation MLP: 94.41M
+total / 70.81M active for moe-8c4-parallel at the paper's dims, the paper's own figures)."""
 
 
 def _parallel(factory: Callable[..., MoEAdapterConfig]) -> Callable[..., MoEAdapterConfig]:

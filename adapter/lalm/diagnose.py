@@ -330,9 +330,9 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         by_label[r["label"]].append(r)
     tasks = [t for t in PROBE_TASKS if any(t in r["probes"].get("final", {}) for r in results)]
-    seeds = sorted({r["seed"] for r in results})
+    seeds = "; ".join(f"{label}: seeds {sorted(r['seed'] for r in runs)}" for label, runs in by_label.items())
     lines = [
-        f"Means over seeds {seeds} (runs per row: see diagnose.json). Probe accuracy (%) on the test split; "
+        f"Means over each adapter's runs ({seeds}). Probe accuracy (%) on the test split; "
         "'mean' pools frames by their mean, 'halves' concatenates the first and second half's means.",
         "",
         "## Linear probes (information flow)",
