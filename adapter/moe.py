@@ -177,7 +177,8 @@ class MoEAdapter(nn.Module):
     def reset_expert_parameters(self) -> None:
         """nn.Linear's default init, per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); with
         expert_init "replicated" every routed expert then copies expert 0."""
-        for w in (self.w1, self.w2, getattr(self, "shared_w1", None), getattr(self, "shared_w2", None)):
+        # Draw order w1, shared_w1, w2, shared_w2: a seed gives the same weights as before expert_init.
+        for w in (self.w1, getattr(self, "shared_w1", None), self.w2, getattr(self, "shared_w2", None)):
             if w is not None:
                 w.uniform_(-(w.shape[1] ** -0.5), w.shape[1] ** -0.5)
         if self.config.expert_init == "replicated":

@@ -106,30 +106,25 @@ class Shapes:
 def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """{name: module or a reason it cannot run here}. The serial MoE providers share one set of
     weights, the two parallel-layout ones another (their experts' output width differs)."""
-    torch.manual_seed(seed)
-    base = MoEAdapter(shapes.moe_config("torch")).to(device, dtype)
+    bases = {}
+    for layout in ("serial", "parallel"):
+        torch.manual_seed(seed)
+        bases[layout] = MoEAdapter(shapes.moe_config("torch", layout)).to(device, dtype)
     out: dict[str, nn.Module | str] = {}
     classes = {
-        "moe-triton": (MoEAdapter, "triton"),
-        "moe-torch": (MoEAdapter, "torch"),
-        "moe-eager-loop": (EagerLoopMoE, "torch"),
-        "moe-grouped-mm": (GroupedMMMoE, "torch"),
+        "moe-triton": (MoEAdapter, "triton", "serial"),
+        "moe-torch": (MoEAdapter, "torch", "serial"),
+        "moe-eager-loop": (EagerLoopMoE, "torch", "serial"),
+        "moe-grouped-mm": (GroupedMMMoE, "torch", "serial"),
+        "moe-triton-parallel": (MoEAdapter, "triton", "parallel"),
+        "moe-torch-parallel": (MoEAdapter, "torch", "parallel"),
     }
-    for name, (cls, backend) in classes.items():
+    for name, (cls, backend, layout) in classes.items():
         if why := unavailable_reason(name, device, dtype):
             out[name] = why
             continue
-        m = cls(shapes.moe_config(backend)).to(device, dtype)
-        m.load_state_dict(base.state_dict())
-        out[name] = m
-    torch.manual_seed(seed)
-    base = MoEAdapter(shapes.moe_config("torch", "parallel")).to(device, dtype)
-    for name, backend in zip(LAYOUT_PROVIDERS, ("triton", "torch"), strict=True):
-        if why := unavailable_reason(name, device, dtype):
-            out[name] = why
-            continue
-        m = MoEAdapter(shapes.moe_config(backend, "parallel")).to(device, dtype)
-        m.load_state_dict(base.state_dict())
+        m = cls(shapes.moe_config(backend, layout)).to(device, dtype)
+        m.load_state_dict(bases[layout].state_dict())
         out[name] = m
     torch.manual_seed(seed)
     out["dense"] = DenseAdapter(shapes.dense_config()).to(device, dtype)

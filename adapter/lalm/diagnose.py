@@ -279,9 +279,8 @@ def diagnose_run(run: Path, train: list[Example], test: list[Example], *, progre
     previous = None
     for step in tqdm(steps, desc=f"diagnose {run}", disable=not progress):
         model = final if step == steps[-1] else load_trained(run, step=step)
-        state = {n: p.detach().clone() for n, p in model.named_parameters()}
         if step == 0:
-            init_state = state
+            init_state = {n: p.detach().clone() for n, p in model.named_parameters()}
             result["weight_norm"] = part_norms(model)
         if step in (0, steps[-1]):
             result["probes"]["init" if step == 0 else "final"] = probes(model, probe_train, probe_test, source)

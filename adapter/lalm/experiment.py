@@ -18,9 +18,9 @@ from pathlib import Path
 
 from adapter.lalm.config import ModelConfig, TrainConfig, _f, add_dataclass_args, dataclass_from_args
 from adapter.lalm.corpus import SIZES, build_corpus
-from adapter.lalm.data import FeatureSource, read_manifest
+from adapter.lalm.data import read_manifest
 from adapter.lalm.evaluate import evaluate
-from adapter.lalm.train import config_differences, load_trained, train
+from adapter.lalm.train import config_differences, load_trained, run_features, train
 from adapter.presets import PRESETS
 
 
@@ -141,9 +141,7 @@ def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, 
         seconds += json.loads(timing.read_text())["seconds"]
     timing.write_text(json.dumps({"seconds": seconds}))
     model = load_trained(run_dir)
-    cache = Path(manifests["train"]).parent / "features"
-    source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder, cache_dir=cache)
-    result = evaluate(model, read_manifest(manifests["test"]), source, seed=exp.seed)
+    result = evaluate(model, read_manifest(manifests["test"]), run_features(run_dir, model), seed=exp.seed)
     done.write_text(json.dumps(result, indent=1))
     return {"eval": result, "summary": summary, "log": read_log(run_dir), "seconds": seconds}
 
