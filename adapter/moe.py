@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import moe_kernels
 from adapter._checks import check_adapter_input, check_field_types, check_positive
+from adapter.distributed import global_balance_loss, group_size, local_probability_sums
 from adapter.stats import ParamCounts
 
 ACTIVATIONS = {
@@ -36,8 +37,10 @@ ACTIVATIONS = {
 """Nonlinearities the aggregation block may use (the paper's is SiLU; HF projectors often use GELU)."""
 
 LAYOUTS = ("serial", "parallel")
-EXPERT_INITS = ("independent", "replicated")
 """serial: experts d -> f -> d, then P (Table 4's text); parallel: experts d -> f -> D beside P (its numbers)."""
+EXPERT_INITS = ("independent", "replicated")
+BALANCE_SCOPES = ("local", "global")
+"""local: L_aux over one call's tokens; global: over every data-parallel rank's tokens (adapter/distributed.py)."""
 
 
 @dataclass(kw_only=True)
@@ -52,7 +55,10 @@ class MoEAdapterConfig:
     always-on P(z)); see the module docstring. expert_init "independent" draws every routed expert
     on its own; "replicated" starts them all as copies of one draw, so at initialization the
     routed sum is one MLP whatever the router picks (sparse-upcycling style; the experts then
-    diverge through the tokens each one receives).
+    diverge through the tokens each one receives). balance_scope "local" computes L_aux over the
+    tokens of one call; "global" over the tokens of every rank of a data-parallel run (counts and
+    probability sums all-reduced before eq. 10, adapter/distributed.py) when torch.distributed
+    runs and the module is in training mode: every rank must then call forward equally often.
 
     The paper's adapter is the default. Three options let it take the place of a projector of a
     different shape without changing what it computes at initialization (upcycling, adapter/swap.py):
@@ -77,6 +83,7 @@ class MoEAdapterConfig:
     activation: str = "silu"
     layout: str = "serial"
     expert_init: str = "independent"
+    balance_scope: str = "local"
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -110,6 +117,8 @@ class MoEAdapterConfig:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.expert_init not in EXPERT_INITS:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
 
     @property
     def expert_out_dim(self) -> int:
@@ -137,6 +146,8 @@ class MoEAdapter(nn.Module):
       aux_loss        differentiable scalar L_aux (eq. 10) of that call
       expert_counts   int32 (E,) tokens routed to each expert in that call
       last_topk_idx   int32 (N, k) experts chosen per flattened token (-1 for padding)
+    With balance_scope "global", aux_loss is that of the data-parallel group `balance_group`
+    (None: the default group) in training mode, and of this call's tokens in eval mode.
     A NaN in a real token's input makes that token's output and aux_loss NaN; the other tokens'
     outputs stay finite and equal their NaN-free values up to float rounding (the expert groups
     change size); the training loop skips non-finite steps.
@@ -166,12 +177,14 @@ class MoEAdapter(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self.last_topk_idx: torch.Tensor | None = None
+        self.balance_group = None
 
     def __getstate__(self) -> dict:
         """Copies (copy.deepcopy, AveragedModel / EMA, pickling) leave out the last forward's
-        statistics: aux_loss is a node of that forward's graph, which deepcopy cannot copy."""
+        statistics (aux_loss is a node of that forward's graph, which deepcopy cannot copy) and
+        the process group (a copy uses the default group)."""
         state = super().__getstate__()
-        return {**state, "aux_loss": None, "expert_counts": None, "last_topk_idx": None}
+        return {**state, "aux_loss": None, "expert_counts": None, "last_topk_idx": None, "balance_group": None}
 
     @torch.no_grad()
     def reset_expert_parameters(self) -> None:
@@ -200,16 +213,21 @@ class MoEAdapter(nn.Module):
         h_TD = out.h_TD
         if c.num_shared_experts:
             h_TD = h_TD + self._shared_experts(z_TD)
-        if c.layout == "parallel":  # the shared MLP reads z beside the experts
-            y_TD = self.norm_out(h_TD + self._projection(z_TD))
-        else:
-            y_TD = self.norm_out(self._projection(h_TD))
-        if mask_T is not None:
-            y_TD = torch.where(mask_T[:, None], y_TD, 0)
+        # parallel: the shared MLP reads z beside the experts; serial: P reads the experts' sum.
+        pre_TD = h_TD + self._projection(z_TD) if c.layout == "parallel" else self._projection(h_TD)
+        # The last op runs at x's shape: the output is no view (FSDP2 warns of views it returns).
+        y = self.norm_out(pre_TD.reshape(*lead, c.out_dim))
+        if mask is not None:
+            y = torch.where(mask[..., None], y, 0)
         self.aux_loss = out.aux_loss
+        if c.balance_scope == "global" and self.training and group_size(self.balance_group) > 1:
+            psum_E = local_probability_sums(out, z_TD, self.router.weight, c.balance_p)
+            num_real = (out.topk_idx_TK[:, 0] >= 0).sum() if out.topk_idx_TK.shape[0] else 0
+            # + 0 x the local loss: a rank without tokens still joins the router to the graph (zero grads).
+            self.aux_loss = global_balance_loss(psum_E, out.counts_E, num_real, self.balance_group) + 0 * out.aux_loss
         self.expert_counts = out.counts_E.detach()
         self.last_topk_idx = out.topk_idx_TK.detach()
-        return y_TD.reshape(*lead, c.out_dim)
+        return y
 
     def routed_experts(self, z_TD: torch.Tensor, mask_T: torch.Tensor | None) -> moe_kernels.MoEOutput:
         """Router, top-k, routed expert MLPs, weighted sum and balance loss (eq. 2-4, 8-10).
