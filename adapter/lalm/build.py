@@ -62,7 +62,13 @@ def build_model(config: ModelConfig, seed: int = 0) -> AudioLLM:
         encoder = build_encoder(config.encoder)
         hidden = llm.get_input_embeddings().embedding_dim
         overrides = (
-            {} if config.adapter == "dense" else {"backend": config.adapter_backend, "expert_init": config.expert_init}
+            {}
+            if config.adapter == "dense"
+            else {
+                "backend": config.adapter_backend,
+                "expert_init": config.expert_init,
+                "balance_scope": config.balance_scope,
+            }
         )
         adapter = build_adapter(preset(config.adapter, config.audio_dim, hidden, **overrides))
         frontend = FrontendConfig(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter._checks import check_field_types
-from adapter.moe import EXPERT_INITS
+from adapter.moe import BALANCE_SCOPES, EXPERT_INITS
 from adapter.presets import PRESETS
 
 
@@ -43,6 +43,11 @@ class ModelConfig:
         "independent",
         "MoE presets: independent (each routed expert its own draw) or replicated (all start as one copy)",
     )
+    balance_scope: str = _f(
+        "local",
+        "MoE presets: the balance loss over each process's micro-batch (local) or over the micro-batches "
+        "of all data-parallel processes together (global: counts and probability sums all-reduced)",
+    )
     tiny_llm_hidden: int = _f(128, "hidden size of the 'tiny' LLM")
     tiny_llm_layers: int = _f(2, "decoder layers of the 'tiny' LLM")
 
@@ -52,6 +57,8 @@ class ModelConfig:
             raise ValueError(f"adapter must be one of {sorted(PRESETS)}, got {self.adapter!r}")
         if self.expert_init not in EXPERT_INITS:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
         for name in ("audio_dim", "tiny_llm_hidden", "tiny_llm_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -81,7 +88,18 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1 (paper: 0.9)")
     beta2: float = _f(0.95, "AdamW beta2 (paper: 0.95)")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step on each process")
+    grad_accum: int = _f(
+        1,
+        "micro-batches per optimizer step on each process; a step consumes grad_accum x processes "
+        "micro-batches, which a --resume on another number of processes must keep (2 x 1 -> 1 x 2)",
+    )
+    fsdp: bool = _f(
+        False,
+        "shard parameters, gradients and AdamW state over the processes (FSDP2) and write sharded "
+        "checkpoints; choose it when the LLM's weights, gradients and optimizer state do not fit one GPU "
+        "(about 16 bytes per trained parameter: Qwen3-4B/8B on 80 GB). The default, DDP, keeps a full "
+        "copy on every process and is the faster choice when it fits (Qwen3-1.7B)",
+    )
     max_batch_tokens: int = _f(4096, "padded text positions (prompt + answer) per micro-batch")
     max_batch_size: int = _f(32, "examples per micro-batch")
     aux_lambda: float = _f(0.01, "lambda: weight of the adapters' balance loss (eq. 6); 0 turns it off")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from adapter.lalm.encoder import WhisperEncoder
 from adapter.lalm.semantic import SemanticTokenizer
@@ -123,6 +124,10 @@ class AudioLLM(nn.Module):
         else:
             self.semantic = self.semantic_embed = None
         self._adapter_takes_mask = len(inspect.signature(adapter.forward).parameters) >= 2
+        # Run the audio path on zero frames when a batch has no audio, so every data-parallel rank
+        # calls the adapter equally often (FSDP units all-gather in forward; a global balance loss
+        # all-reduces). Set by the training loop when it runs on several processes.
+        self.run_audio_path_always = False
 
     # ------------------------------------------------------------------ audio
     def encode_audio(self, mels: list[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -175,9 +180,14 @@ class AudioLLM(nn.Module):
     def forward(self, batch: Batch) -> LALMOutput:
         """Next-token loss on the answer tokens (labels != IGNORE) plus the adapters' balance loss."""
         audio_BFD = audio_mask = None
-        if bool((batch.input_ids_BL == self.tokenizer.audio_pad_id).any()):
+        has_audio = bool((batch.input_ids_BL == self.tokenizer.audio_pad_id).any())
+        if has_audio:
             feats, audio_mask = self.audio_inputs(batch)
             audio_BFD = self.embed_audio(feats, audio_mask)
+        elif self.run_audio_path_always:
+            B, dev = batch.input_ids_BL.shape[0], batch.input_ids_BL.device
+            empty_BFC = torch.zeros(B, 0, self.encoder.stacked_dim, device=dev)
+            no_audio_BFD = self.embed_audio(empty_BFC, torch.zeros(B, 0, dtype=torch.bool, device=dev))
         emb = self.input_embeddings(batch.input_ids_BL, audio_BFD, audio_mask)
         hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=batch.attention_mask_BL).last_hidden_state
         # Logits only where a label follows: (N, V) instead of (B, L, V).
@@ -185,18 +195,24 @@ class AudioLLM(nn.Module):
         keep = target != IGNORE
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
         ntp_sum = F.cross_entropy(logits, target[keep], reduction="sum")
-        if audio_BFD is None and torch.is_grad_enabled():
+        if not has_audio and torch.is_grad_enabled():
             ntp_sum = ntp_sum + self._audio_path_anchor()
-        aux = total_aux_loss(self.adapter) if audio_BFD is not None else None
+            if self.run_audio_path_always:
+                ntp_sum = ntp_sum + 0 * no_audio_BFD.sum()
+        aux = total_aux_loss(self.adapter) if has_audio else None
         return LALMOutput(ntp_sum, int(keep.sum()), aux)
 
     def _audio_path_anchor(self) -> torch.Tensor | float:
         """0 x the sum of every trainable audio-path parameter. A text-only batch never runs the
         encoder, fusion, semantic embeddings or adapter; this exact zero joins them to its graph so
         they still get a (zero) gradient, which DistributedDataParallel needs from every parameter
-        in every backward ("Expected to have finished reduction in the prior iteration")."""
+        in every backward ("Expected to have finished reduction in the prior iteration"). The
+        parameters of FSDP units other than the root (DTensors here) are left out: FSDP reduces a
+        missing gradient as zero (adapter/lalm/parallel.py)."""
         parts = (self.encoder, self.fusion, self.semantic_embed, self.adapter)
-        params = [p for m in parts if m is not None for p in m.parameters() if p.requires_grad]
+        params = [
+            p for m in parts if m is not None for p in m.parameters() if p.requires_grad and not isinstance(p, DTensor)
+        ]
         if not params:
             return 0.0
         return torch.stack([p.sum().float() for p in params]).sum() * 0.0

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
+from adapter.lalm import parallel
 from adapter.lalm.build import build_model
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
 from adapter.lalm.data import (
@@ -165,30 +167,48 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 
 class Checkpointer:
-    """checkpoints/step_NNNNNNN/ {model.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json}
-    and checkpoints/latest naming the newest; both replaced atomically."""
+    """checkpoints/step_NNNNNNN/ and checkpoints/latest naming the newest; both replaced atomically.
 
-    def __init__(self, root: Path, keep: int) -> None:
+    A step folder holds {model.safetensors, optimizer.pt, rng.pt} (one process or DDP: rank 0
+    writes) or, `sharded` (FSDP), dcp/ with every rank's shards and rng_<rank>.pt (every rank
+    writes, adapter/lalm/parallel.py); then scheduler.pt and state.json. It is assembled in a
+    temporary folder that only a complete save renames into place, so a crash (SIGKILL included)
+    at any instant leaves the last complete checkpoint the newest."""
+
+    def __init__(self, root: Path, keep: int, sharded: bool = False) -> None:
         self.root = root / "checkpoints"
         self.keep = keep
+        self.sharded = sharded
 
-    def save(self, step: int, model: AudioLLM, optimizer, scheduler, state: dict) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(
+        self, step: int, model: AudioLLM, optimizer, scheduler, state: dict, rank: int = 0, world: int = 1
+    ) -> Path:
+        """Every rank calls it (a collective when sharded)."""
         final = self.root / f"step_{step:07d}"
-        tmp = self.root / f".tmp_step_{step:07d}_{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(trainable_state(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        _fsync_write(tmp / "state.json", json.dumps(state, indent=1).encode())
-        if final.exists():  # the same step saved again (after a resume): identical content
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(self.root / "latest", final.name)
-        for old in sorted(self.root.glob("step_*"))[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        tmp = self.root / f".tmp_step_{step:07d}"
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier(world)
+        if self.sharded:
+            parallel.save_sharded(tmp, model, optimizer, _checkpoint_names(model, trained_now(model)))
+            torch.save(_rng_state(), tmp / f"rng_{rank}.pt")
+        elif rank == 0:
+            save_file(trainable_state(model), str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+        _barrier(world)
+        if rank == 0:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _fsync_write(tmp / "state.json", json.dumps(state, indent=1).encode())
+            if final.exists():  # the same step saved again (after a resume): identical content
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / "latest", final.name)
+            for old in sorted(self.root.glob("step_*"))[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(world)
         return final
 
     def latest(self) -> Path | None:
@@ -201,6 +221,15 @@ class Checkpointer:
         return done[-1] if done else None
 
 
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def trained_now(model: AudioLLM) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _checkpoint_names(model: AudioLLM, trained: set[str]) -> set[str]:
     semantic = {"semantic.codebook", "semantic.fitted"} if model.semantic is not None else set()
     return trained | semantic
@@ -210,13 +239,19 @@ def load_trainable(model: AudioLLM, path: Path, trained: set[str]) -> None:
     """Load a checkpoint's model.safetensors into a model built from the same ModelConfig. Strict:
     the file must hold exactly the `trained` parameters (and the semantic codebook), each of the
     model's shape; anything else names the run that does not match and the tensors that differ."""
-    file = path / "model.safetensors"
-    try:
-        tensors = load_file(str(file))
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint weights {file}: {exc}") from exc
     expected = _checkpoint_names(model, trained)
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if parallel.is_sharded(path):
+        file = path / parallel.DCP_DIR
+        held = parallel.sharded_model_names(path)
+        tensors = parallel.load_sharded_model(path, model, expected & held) if held == expected else {}
+    else:
+        file = path / "model.safetensors"
+        try:
+            tensors = load_file(str(file))
+        except Exception as exc:
+            raise ValueError(f"cannot read checkpoint weights {file}: {exc}") from exc
+        held = set(tensors)
+    missing, unexpected = sorted(expected - held), sorted(held - expected)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {file} does not match the model built from the run's config: "
@@ -234,11 +269,27 @@ def load_trainable(model: AudioLLM, path: Path, trained: set[str]) -> None:
     model.load_state_dict(tensors, strict=False)  # the frozen rest is rebuilt from the seed
 
 
-def load_checkpoint(path: Path, model: AudioLLM, optimizer, scheduler) -> dict:
-    load_trainable(model, path, {n for n, p in model.named_parameters() if p.requires_grad})
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+def load_checkpoint(path: Path, model: AudioLLM, optimizer, scheduler, rank: int = 0) -> dict:
+    """Resume state from a checkpoint of either format, written by any number of processes. A
+    rank without an RNG file of its own (more processes than wrote it) takes rank 0's; the
+    training loop draws no random numbers, so the losses do not depend on it."""
+    if parallel.is_sharded(path):
+        names = _checkpoint_names(model, trained_now(model))
+        held = parallel.sharded_model_names(path)
+        if held != names:
+            raise ValueError(
+                f"checkpoint {path} does not match the model built from the run's config: missing "
+                f"{sorted(names - held)[:5]}, unexpected {sorted(held - names)[:5]}"
+            )
+        parallel.load_sharded(path, model, optimizer, names)
+        rng = path / f"rng_{rank}.pt"
+        rng = rng if rng.is_file() else path / "rng_0.pt"
+    else:
+        load_trainable(model, path, trained_now(model))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        rng = path / "rng.pt"
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
+    _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
     return json.loads((path / "state.json").read_text())
 
 
@@ -355,8 +406,9 @@ def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     return diffs
 
 
-def _check_run_folder(cfg: TrainConfig, out_dir: Path, previous: Path | None) -> None:
-    """Refuse, before anything is written, a run that would mix with the one already in out_dir."""
+def _check_run_folder(cfg: TrainConfig, out_dir: Path, previous: Path | None, world: int = 1) -> None:
+    """Refuse, before anything is written, a run that would mix with the one already in out_dir.
+    A resume may change grad_accum when the micro-batches per step (grad_accum x processes) stay."""
     if previous is not None and not (cfg.resume or cfg.overwrite):
         raise ValueError(
             f"{out_dir} already holds a run ({previous.name}); pass --resume to continue it or "
@@ -364,7 +416,16 @@ def _check_run_folder(cfg: TrainConfig, out_dir: Path, previous: Path | None) ->
         )
     saved_cfg = out_dir / "config.json"
     if cfg.resume and previous is not None and saved_cfg.is_file():
-        diffs = config_differences(json.loads(saved_cfg.read_text()), cfg)
+        saved = json.loads(saved_cfg.read_text())
+        state = json.loads((previous / "state.json").read_text())
+        per_step = state.get("micro_batches_per_step", saved.get("grad_accum", 1) * world)
+        if per_step != cfg.grad_accum * world:
+            raise ValueError(
+                f"--resume: a step of the run in {out_dir} consumed {per_step} micro-batches; --grad-accum "
+                f"{cfg.grad_accum} on {world} process(es) gives {cfg.grad_accum * world}: pass "
+                f"--grad-accum {per_step // world}" + ("" if per_step % world == 0 else f" on a divisor of {per_step}")
+            )
+        diffs = [d for d in config_differences(saved, cfg) if not d.startswith("grad_accum:")]
         if diffs:
             raise ValueError(
                 f"--resume: the configuration differs from the run in {out_dir} ({'; '.join(diffs)}); "
@@ -390,9 +451,9 @@ def train(cfg: TrainConfig) -> dict:
     rank, world, device = distributed()
     out_dir = Path(cfg.output_dir)
     is_main = rank == 0
-    ckpt = Checkpointer(out_dir, cfg.keep_checkpoints)
+    ckpt = Checkpointer(out_dir, cfg.keep_checkpoints, sharded=cfg.fsdp)
     previous = ckpt.latest()
-    _check_run_folder(cfg, out_dir, previous)
+    _check_run_folder(cfg, out_dir, previous, world)
     train_examples = read_manifests(cfg.train_manifest)
     if not train_examples:
         raise ValueError(f"the training manifest(s) {cfg.train_manifest!r} hold no examples")
@@ -400,6 +461,9 @@ def train(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, seed=cfg.seed).to(device)
     params = set_trainable(model, cfg)
+    # Every rank runs the adapter on every micro-batch (zero frames when text-only): FSDP units
+    # and a global balance loss hold collectives in forward.
+    model.run_audio_path_always = world > 1
     # Everything is checked: only now does the run touch its folder.
     if world > 1:
         dist.barrier()
@@ -420,17 +484,27 @@ def train(cfg: TrainConfig) -> dict:
         model.encoder.eval()
         source.precompute(train_examples + val_examples, progress=cfg.progress and is_main)
 
+    sharded = cfg.fsdp and world > 1
+    if sharded:
+        parallel.shard_model(model, device, cfg.bf16)
+        params = [p for p in model.parameters() if p.requires_grad]  # now sharded DTensors
     optimizer = torch.optim.AdamW(
         param_groups(model, params, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
-    state = {"step": 0, "skipped": 0, "position": dataclasses.asdict(DataPosition())}
+    per_step = cfg.grad_accum * world
+    state = {
+        "step": 0,
+        "skipped": 0,
+        "position": dataclasses.asdict(DataPosition()),
+        "micro_batches_per_step": per_step,
+    }
     if world > 1:
         dist.barrier()
     if latest is not None:
         if model.semantic is not None:
             model.semantic.fitted.fill_(True)  # the codebook comes from the checkpoint
-        state = load_checkpoint(latest, model, optimizer, scheduler)
+        state = {**load_checkpoint(latest, model, optimizer, scheduler, rank), "micro_batches_per_step": per_step}
         if is_main:
             _truncate_log(out_dir / "log.jsonl", state["step"])
             print(f"resumed from {latest} at step {state['step']}", flush=True)
@@ -443,13 +517,13 @@ def train(cfg: TrainConfig) -> dict:
         max_batch_tokens=cfg.max_batch_tokens,
         max_batch_size=cfg.max_batch_size,
         seed=cfg.seed,
-        per_step=cfg.grad_accum * world,
+        per_step=per_step,
         rank=rank,
         world=world,
         position=DataPosition(**state["position"]),
     )
     net = model
-    if world > 1:
+    if world > 1 and not sharded:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     model.train()
     if cfg.freeze_encoder:
@@ -467,48 +541,63 @@ def train(cfg: TrainConfig) -> dict:
         file=sys.stdout,
     )
     audio_pad = model.tokenizer.audio_pad_id
+    global_scope = world > 1 and bool(adapters) and cfg.model.balance_scope == "global"
     while state["step"] < cfg.max_steps:
         t0 = time.perf_counter()
         micro = [collate(b, model.tokenizer, source).to(device) for b in stream.next_step()]
         counts = [
             sum(int((b.labels_BL[:, 1:] != -100).sum()) for b in micro),
             sum(int(b.attention_mask_BL.sum()) for b in micro),
-            sum(int(bool((b.input_ids_BL == audio_pad).any())) for b in micro),  # micro-batches with audio
+            *(int(bool((b.input_ids_BL == audio_pad).any())) for b in micro),  # which micro-batches hold audio
         ]
         counts = torch.tensor(counts, device=device)
         if world > 1:
             dist.all_reduce(counts)
-        n_answer, n_positions, n_audio = (int(c) for c in counts)
-        # The balance loss is a mean over the micro-batches that ran the adapters (all ranks), so
-        # lambda means the same whatever share of the step is text-only.
+        n_answer, n_positions = int(counts[0]), int(counts[1])
+        ranks_with_audio = [int(c) for c in counts[2:]]  # per micro-batch index, over the ranks
+        n_audio = sum(ranks_with_audio)
+        # The balance loss is a mean over the micro-batches that ran the adapters, so lambda means the
+        # same whatever share of the step is text-only. Local scope: one loss per (rank, micro-batch).
+        # Global scope: one per micro-batch index, over all ranks' tokens; each rank's copy carries R x
+        # its share of the gradient (adapter/distributed.py), hence the extra 1/R.
+        n_aux = sum(1 for c in ranks_with_audio if c) if global_scope else n_audio
+        aux_div = n_aux * world if global_scope else n_audio
         ntp_sum, aux_sum, raw_aux_sum = 0.0, 0.0, 0.0
         loads = [torch.zeros(a.config.num_experts, device=device) for a in adapters]
         for i, batch in enumerate(micro):
             _clear_adapter_stats(adapters)
-            sync = contextlib.nullcontext() if (world == 1 or i == len(micro) - 1) else net.no_sync()
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if (world == 1 or last or sharded) else net.no_sync()
+            if sharded:  # reduce-scatter the gradients once per step, after the last micro-batch
+                model.set_requires_gradient_sync(last)
             with sync, _autocast(device, cfg):
                 out = net(batch)
                 loss = out.ntp_sum / max(n_answer, 1)
                 if out.aux_loss is not None and cfg.aux_lambda:
-                    loss = loss + cfg.aux_lambda * out.aux_loss / n_audio
-                (loss * world).backward()  # DDP averages over ranks: undo it to get the step's sum
+                    loss = loss + cfg.aux_lambda * out.aux_loss / aux_div
+                (loss * world).backward()  # DDP and FSDP average over ranks: undo it to get the step's sum
             ntp_sum += float(out.ntp_sum.detach())
-            aux_sum += float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+            if out.aux_loss is None:  # text only: the adapter ran on zero frames, or not at all
+                continue
+            # A global loss is the same on every rank that holds audio: count it once in the log.
+            share = 1.0 / ranks_with_audio[i] if global_scope else 1.0
+            aux_sum += share * float(out.aux_loss.detach())
             for load, a in zip(loads, adapters, strict=True):
-                if a.expert_counts is not None:  # this micro-batch ran the adapter
-                    load += a.expert_counts.to(load)
-                    raw_aux_sum += float(a.aux_loss.detach())
+                load += a.expert_counts.to(load)
+                raw_aux_sum += share * float(a.aux_loss.detach())
         stats = torch.tensor([ntp_sum, aux_sum, raw_aux_sum], device=device, dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
             for load in loads:
                 dist.all_reduce(load)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         ntp = float(stats[0]) / max(n_answer, 1)
         # aux: the adapters' balance losses as they enter the loss (each times its aux_loss_weight);
         # aux_raw: unweighted L_aux (eq. 10), logged even when its weight is 0 ("w/o EBL").
-        aux = float(stats[1]) / n_audio if n_audio else 0.0
-        aux_raw = float(stats[2]) / n_audio if n_audio and adapters else None
+        aux = float(stats[1]) / n_aux if n_aux else 0.0
+        aux_raw = float(stats[2]) / n_aux if n_aux and adapters else None
         finite = (
             math.isfinite(ntp)
             and math.isfinite(aux)
@@ -543,7 +632,8 @@ def train(cfg: TrainConfig) -> dict:
         for k, load in enumerate(loads):  # null on a step whose micro-batches were all text-only
             total = load.sum()
             record[f"expert_load_{k}"] = [round(v, 4) for v in (load / total).tolist()] if total > 0 else None
-        if cfg.eval_every and step % cfg.eval_every == 0 and val_examples and is_main:
+        # FSDP: every rank takes part in every forward (each all-gathers), so every rank evaluates.
+        if cfg.eval_every and step % cfg.eval_every == 0 and val_examples and (is_main or sharded):
             record.update(evaluate_loss(model, val_examples, source, cfg, device))
         if is_main and (step % cfg.log_every == 0 or not finite or "val_loss" in record):
             with open(log_path, "a") as fh:
@@ -551,10 +641,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            if is_main:
-                ckpt.save(step, model, optimizer, scheduler, state)
-            if world > 1:
-                dist.barrier()
+            ckpt.save(step, model, optimizer, scheduler, state, rank, world)
         summary = record
     bar.close()
     if state["step"] and state["skipped"] == state["step"]:
@@ -563,16 +650,15 @@ def train(cfg: TrainConfig) -> dict:
             "loss or gradient): nothing was learned and no final checkpoint is written; check the "
             "inputs (audio, manifests) and --lr / --aux-lambda"
         )
-    if is_main:
-        final = {}
-        if val_examples:
-            final = evaluate_loss(model, val_examples, source, cfg, device)
+    final = {}
+    if val_examples and (is_main or sharded):
+        final = evaluate_loss(model, val_examples, source, cfg, device)
+        if is_main:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": state["step"], "final": True, **final}) + "\n")
-        ckpt.save(state["step"], model, optimizer, scheduler, state)
-        summary = {**summary, **final, "steps": state["step"], "skipped_total": state["skipped"]}
+    ckpt.save(state["step"], model, optimizer, scheduler, state, rank, world)
+    summary = {**summary, **final, "steps": state["step"], "skipped_total": state["skipped"]}
     if world > 1:
-        dist.barrier()
         dist.destroy_process_group()
     return summary
 

@@ -1,0 +1,156 @@
+"""--fsdp on 2 CPU processes (gloo): the losses of one process, sharded checkpoints that resume
+after SIGKILL and on another number of processes (2 -> 1, 1 -> 2), the non-finite-step skip on
+sharded gradients, and the balance loss over the global batch in the training loop."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapter.lalm import train as train_mod
+from adapter.lalm.config import ModelConfig, TrainConfig
+from tests.adapter.lalm.test_train import SMALL, _env, _log
+from tests.utils import assert_close
+
+STEPS = ["--max-steps", "6", "--save-every", "2", "--eval-every", "0"]
+
+
+def _cmd(out, corpus, nproc, *extra, module="adapter.lalm.train", fsdp=True):
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    args = ["--train-manifest", corpus[0], "--output-dir", str(out), *SMALL, *STEPS, *extra]
+    return [*launch, "-m", module, *args, "--fsdp" if fsdp else "--no-fsdp"]
+
+
+def _run(out, corpus, nproc, *extra, **kw):
+    proc = subprocess.run(
+        _cmd(out, corpus, nproc, *extra, **kw), env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _rows(out) -> list[dict]:
+    return [r for r in _log(out) if "ntp" in r]
+
+
+def _stopped_at(src: Path, dst: Path, step: int) -> Path:
+    """A copy of the run in `src` as it stood when its checkpoint of `step` was the newest."""
+    shutil.copytree(src, dst)
+    for ckpt in (dst / "checkpoints").glob("step_*"):
+        if int(ckpt.name.removeprefix("step_")) > step:
+            shutil.rmtree(ckpt)
+    (dst / "checkpoints" / "latest").write_text(f"step_{step:07d}")
+    return dst
+
+
+def _assert_same_run(a, b, rel=1e-5):
+    """Two runs over the same micro-batches grouped on different process counts: float32 sums in
+    another order, so equal to rounding (the DDP test's tolerance)."""
+    ra, rb = _rows(a), _rows(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, 7))
+    for x, y in zip(ra, rb, strict=True):
+        assert x["answer_tokens"] == y["answer_tokens"] and x["audio_batches"] == y["audio_batches"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=rel) and x["lr"] == y["lr"]
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, mixed_corpus):
+    """2 processes x 1 micro-batch and 1 process x 2 micro-batches, 6 steps, checkpoints at 2, 4, 6."""
+    root = tmp_path_factory.mktemp("fsdp")
+    corpus = (mixed_corpus[0], None)
+    _run(root / "two", corpus, 2, "--grad-accum", "1")
+    _run(root / "one", corpus, 1, "--grad-accum", "2")
+    return root, corpus
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_equals_one_process(fsdp_runs):
+    root, _ = fsdp_runs
+    _assert_same_run(root / "two", root / "one")
+    assert 1 in {r["audio_batches"] for r in _rows(root / "two")}  # a step with a text-only micro-batch
+    assert 0 in {r["audio_batches"] for r in _rows(root / "two")}  # and one where both ranks are text-only
+    ckpt = root / "two" / "checkpoints" / "step_0000006"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["dcp", "rng_0.pt", "rng_1.pt", "scheduler.pt", "state.json"]
+    # One process reads the shards of two (load_trained, evaluation): the weights of the 1-process run.
+    a, b = train_mod.load_trained(root / "two"), train_mod.load_trained(root / "one")
+    trained = train_mod.trainable_names(a, TrainConfig(model=ModelConfig()))
+    for (name, wa), (_, wb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        if name in trained:
+            assert_close(wa, wb, rtol=1e-4, atol=1e-6, name=name)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_on_another_number_of_processes(fsdp_runs, tmp_path):
+    root, corpus = fsdp_runs
+    two_to_one = _stopped_at(root / "two", tmp_path / "two-to-one", 4)
+    _run(two_to_one, corpus, 1, "--grad-accum", "2", "--resume")
+    _assert_same_run(two_to_one, root / "two")
+    one_to_two = _stopped_at(root / "one", tmp_path / "one-to-two", 4)
+    _run(one_to_two, corpus, 2, "--grad-accum", "1", "--resume")
+    _assert_same_run(one_to_two, root / "one")
+    # A resume that would change what a step consumes is refused before anything is written.
+    refused = _stopped_at(root / "two", tmp_path / "refused", 4)
+    cfg = TrainConfig(**{**json.loads((refused / "config.json").read_text()), "grad_accum": 1, "resume": True})
+    with pytest.raises(ValueError, match="consumed 2 micro-batches; --grad-accum 1 on 1 process.*--grad-accum 2"):
+        train_mod.train(cfg)
+
+
+@pytest.mark.slow
+def test_fsdp_sigkill_and_resume_gives_the_uninterrupted_losses(fsdp_runs, tmp_path):
+    root, corpus = fsdp_runs
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(killed, corpus, 2, "--grad-accum", "1"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # SIGKILL the launcher and both workers at once, as a lost node would
+    )
+    log = killed / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log.is_file() and sum(1 for _ in log.open()) >= 3):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(r["step"] for r in _rows(killed)) < 6
+    _run(killed, corpus, 2, "--grad-accum", "1", "--resume")
+    a, b = _rows(root / "two"), _rows(killed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    # The same processes redo the same computation from the checkpoint: identical numbers.
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+
+
+@pytest.mark.slow
+def test_fsdp_skips_a_step_that_is_not_finite_on_one_rank(mixed_corpus, tmp_path):
+    env = {**_env(), "POISON_RANK": "1", "POISON_CALL": "3"}
+    cmd = _cmd(tmp_path, (mixed_corpus[0], None), 2, "--grad-accum", "1", module="tests.adapter.lalm.poisoned_train")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [r["skipped"] for r in _rows(tmp_path)] == [False, False, True, False, False, False]
+    model = train_mod.load_trained(tmp_path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_global_balance_scope_under_ddp_and_fsdp(fsdp_runs, tmp_path):
+    """--balance-scope global trains under DDP and FSDP alike, text-only micro-batches included
+    (the value and gradient over the global batch are checked on the adapter itself in
+    tests/adapter/test_distributed.py), and its loss is not the local scope's."""
+    root, corpus = fsdp_runs
+    _run(tmp_path / "ddp", corpus, 2, "--grad-accum", "1", "--balance-scope", "global", fsdp=False)
+    _run(tmp_path / "fsdp", corpus, 2, "--grad-accum", "1", "--balance-scope", "global")
+    _assert_same_run(tmp_path / "ddp", tmp_path / "fsdp")
+    g, lo = _rows(tmp_path / "fsdp"), _rows(root / "two")
+    assert all(not r["skipped"] for r in g)
+    first = next(i for i, r in enumerate(g) if r["audio_batches"] == 2)  # both ranks route tokens
+    assert g[first]["aux"] != pytest.approx(lo[first]["aux"], rel=1e-4)
+    assert g[0]["ntp"] == lo[0]["ntp"]  # the first forward does not depend on the scope
