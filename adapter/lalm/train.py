@@ -1,4 +1,4 @@
-"""Train the reference LALM: `python -m adapter.lalm.train --help` (or under torchrun for DDP).
+"""Train the reference LALM: `python -m adapter.lalm.train --help` (or under torchrun: DDP, or FSDP2 with --fsdp).
 
 Loss (eq. 6): next-token cross-entropy on the answer tokens + lambda * the adapters' balance
 losses. One optimizer step consumes `grad_accum x world` micro-batches; every micro-batch's
@@ -6,18 +6,26 @@ cross-entropy is divided by the answer tokens of the whole step and its balance 
 of micro-batches that ran the adapters (text-only ones do not), so lambda means the same whatever
 the text/audio mix, and a step on R processes equals a step on one process that accumulates the
 same micro-batches (tests/adapter/lalm/test_train.py checks it with 2 processes on gloo, with
-text-only micro-batches on one rank). The log's `aux` is the unweighted L_aux (null on a step
+text-only micro-batches on one rank; test_train_fsdp.py the same under --fsdp). With
+--balance-scope global the balance loss of each micro-batch index is taken over all R ranks'
+tokens together (adapter/distributed.py). The log's `aux` is the unweighted L_aux (null on a step
 without audio), `aux_weighted` what entered the loss before lambda.
+
+Data parallelism: DDP (the default) keeps a full copy of the model and optimizer on every
+process; --fsdp shards them (adapter/lalm/parallel.py), reduces gradients once per step (not per
+micro-batch), and clips and checks for non-finite values on the norm over all shards.
 
 A run folder holds one run: a fresh run refuses a folder that holds one (unless --overwrite), a
 --resume refuses a configuration that differs from the saved one except in logging, evaluation
-and checkpoint cadence, and nothing is written before these checks pass. Loading is strict.
+and checkpoint cadence (and grad_accum where grad_accum x processes is unchanged), and nothing is
+written before these checks pass. Loading is strict.
 
-Checkpoints hold what trains (safetensors), the optimizer, the schedule, the data position and
-every RNG state; they are written to a temporary folder and renamed into place, so a run killed at
-any instant (SIGKILL included) resumes from its last checkpoint and continues with the same losses
-it would have logged uninterrupted. A step whose loss or gradient is not finite is skipped,
-counted and logged; it never reaches the weights.
+Checkpoints hold what trains (safetensors; with --fsdp, torch.distributed.checkpoint shards that
+any number of processes reads), the optimizer, the schedule, the data position and every RNG
+state; they are assembled in a temporary folder and renamed into place, so a run killed at any
+instant (SIGKILL included) resumes from its last checkpoint and continues with the same losses it
+would have logged uninterrupted, on the same or another number of processes. A step whose loss or
+gradient is not finite is skipped on every rank, counted and logged; it never reaches the weights.
 """
 
 from __future__ import annotations
@@ -694,7 +702,11 @@ def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) 
         if not path.is_dir():
             raise FileNotFoundError(f"no checkpoint of step {step} in {out}; it holds {checkpoint_steps(out)}")
     if step == 0:
-        if model.semantic is not None:
+        if model.semantic is not None and parallel.is_sharded(path):
+            model.semantic.codebook.copy_(
+                parallel.load_sharded_model(path, model, {"semantic.codebook"})["semantic.codebook"]
+            )
+        elif model.semantic is not None:
             model.semantic.codebook.copy_(load_file(str(path / "model.safetensors"))["semantic.codebook"])
     else:
         load_trainable(model, path, trainable_names(model, cfg))

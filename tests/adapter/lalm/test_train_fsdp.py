@@ -2,6 +2,7 @@
 after SIGKILL and on another number of processes (2 -> 1, 1 -> 2), the non-finite-step skip on
 sharded gradients, and the balance loss over the global batch in the training loop."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,10 +17,10 @@ import torch
 
 from adapter.lalm import train as train_mod
 from adapter.lalm.config import ModelConfig, TrainConfig
-from tests.adapter.lalm.test_train import SMALL, _env, _log
+from tests.adapter.lalm.test_train import SMALL, _cfg, _env, _log
 from tests.utils import assert_close
 
-STEPS = ["--max-steps", "6", "--save-every", "2", "--eval-every", "0"]
+STEPS = ["--max-steps", "6", "--save-every", "2", "--eval-every", "0", "--semantic-codes", "8"]
 
 
 def _cmd(out, corpus, nproc, *extra, module="adapter.lalm.train", fsdp=True):
@@ -86,6 +87,10 @@ def test_fsdp_on_two_processes_equals_one_process(fsdp_runs):
     for (name, wa), (_, wb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         if name in trained:
             assert_close(wa, wb, rtol=1e-4, atol=1e-6, name=name)
+    # Step 0, the initialization, takes the fitted semantic codebook from the shards too.
+    init = train_mod.load_trained(root / "two", step=0)
+    assert torch.equal(init.semantic.codebook, a.semantic.codebook)
+    assert not torch.equal(init.adapter.w1, a.adapter.w1)
 
 
 @pytest.mark.slow
@@ -154,3 +159,31 @@ def test_global_balance_scope_under_ddp_and_fsdp(fsdp_runs, tmp_path):
     first = next(i for i, r in enumerate(g) if r["audio_batches"] == 2)  # both ranks route tokens
     assert g[first]["aux"] != pytest.approx(lo[first]["aux"], rel=1e-4)
     assert g[0]["ntp"] == lo[0]["ntp"]  # the first forward does not depend on the scope
+
+
+def test_a_crash_inside_a_sharded_save_leaves_the_last_checkpoint(tmp_path, tone_corpus, monkeypatch):
+    """One process writes the sharded format too (fsdp without a process group); a save that dies
+    after some shards are written is never the checkpoint a resume reads."""
+    from adapter.lalm import parallel
+
+    real_save = parallel.dcp.save
+
+    def dying_save(state, *, checkpoint_id, **kw):
+        if "step_0000004" in str(checkpoint_id):
+            Path(checkpoint_id).mkdir(parents=True)
+            (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half a shard")
+            raise OSError("disk full (simulated)")
+        return real_save(state, checkpoint_id=checkpoint_id, **kw)
+
+    monkeypatch.setattr(parallel.dcp, "save", dying_save)
+    cfg = _cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2, fsdp=True)
+    with pytest.raises(OSError, match="disk full"):
+        train_mod.train(cfg)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002"]
+    assert (ckpts / "latest").read_text() == "step_0000002"
+    monkeypatch.setattr(parallel.dcp, "save", real_save)
+    summary = train_mod.train(dataclasses.replace(cfg, resume=True))
+    assert summary["steps"] == 6 and not list(ckpts.glob(".tmp_*"))
+    uninterrupted = train_mod.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
+    assert summary["loss"] == uninterrupted["loss"]  # the same computation from the step-2 checkpoint
