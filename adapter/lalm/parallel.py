@@ -3,8 +3,10 @@
 `--fsdp` (train.py) shards parameters, gradients and AdamW state across the data-parallel ranks
 with `torch.distributed.fsdp.fully_shard`: each LLM decoder layer is one unit, the adapter is one,
 and the root unit holds the rest that trains (embeddings, final norm, fusion, semantic
-embeddings, a trainable encoder). A frozen encoder is left out (`ignored_params`): its features
-are computed once before training and it never runs in a training step. On CUDA with --bf16 the
+embeddings, a trainable encoder). A trainable encoder is sharded in the root unit, not a unit of
+its own: a text-only micro-batch has no mel to run it on, and the root is gathered on every rank
+for every forward. A frozen encoder is left out (`ignored_params`): its features are computed
+once before training and it never runs in a training step. On CUDA with --bf16 the
 units compute in bf16 and reduce gradients in fp32 (MixedPrecisionPolicy).
 
 Units run on every rank for every micro-batch: a unit that all-gathers on one rank and not on

@@ -491,7 +491,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.freeze_encoder:
         model.encoder.eval()
         source.precompute(train_examples + val_examples, progress=cfg.progress and is_main)
-
+    if latest is None and model.semantic is not None:
+        fit_semantic(model, train_examples, source, cfg.seed)  # before sharding: it may run the encoder
     sharded = cfg.fsdp and world > 1
     if sharded:
         parallel.shard_model(model, device, cfg.bf16)
@@ -516,8 +517,6 @@ def train(cfg: TrainConfig) -> dict:
         if is_main:
             _truncate_log(out_dir / "log.jsonl", state["step"])
             print(f"resumed from {latest} at step {state['step']}", flush=True)
-    elif model.semantic is not None:
-        fit_semantic(model, train_examples, source, cfg.seed)
 
     stream = BatchStream(
         train_examples,
