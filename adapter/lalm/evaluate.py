@@ -7,7 +7,12 @@
   counts in the fail rate.
 - Modality gap: the same test questions given as text (the backbone's setting) and as audio;
   gap = audio accuracy - text accuracy (negative: audio is worse).
-Greedy decoding, fixed seeds. Results as JSON plus a printed table.
+- Log-likelihood scoring (`mmau_ll`, `voicebench.*_ll`), beside the generated answers: every
+  option of a question is scored by the summed log-probability of its answer tokens given the
+  prompt (teacher-forced, end of text included), and the most likely one is the model's choice
+  (ties: the first listed). It never fails to parse and does not depend on decoding.
+Greedy decoding, fixed seeds. Results as JSON plus a printed table; each prediction row holds the
+per-item correctness under both scorings (paired comparisons read them: adapter/lalm/paired.py).
 
     python -m adapter.lalm.evaluate --run runs/demo/moe --manifest data/corpus/test.jsonl
     python -m adapter.lalm.evaluate --run runs/demo/moe --audio my.flac --question "Which sound is this?"
@@ -16,6 +21,7 @@ Greedy decoding, fixed seeds. Results as JSON plus a printed table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import re
@@ -102,6 +108,50 @@ def generate_answers(
 
 
 @torch.no_grad()
+def option_logprobs(
+    model: AudioLLM,
+    examples: list[Example],
+    source: FeatureSource,
+    *,
+    text_questions: bool = False,
+    batch_size: int = 32,
+    device="cpu",
+) -> list[list[float]]:
+    """For each example, the summed log-probability of each of its choices as the answer
+    (AudioLLM.answer_logprobs), in the order of `ex.choices`."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    missing = [ex.id for ex in examples if not ex.choices]
+    if missing:
+        raise ValueError(f"log-likelihood scoring needs choices; examples {missing[:5]} have none")
+    model.eval()
+    pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
+    pairs.sort(key=lambda p: examples[p[0]].num_frames)  # similar lengths together
+    scores = [[0.0] * len(ex.choices) for ex in examples]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        exs = [dataclasses.replace(examples[i], answer=examples[i].choices[c]) for i, c in chunk]
+        batch = collate(exs, model.tokenizer, source, use_text_question=text_questions).to(device)
+        for (i, c), lp in zip(chunk, model.answer_logprobs(batch).tolist(), strict=True):
+            scores[i][c] = lp
+    return scores
+
+
+def loglik_choice(ex: Example, scores: list[float]) -> str:
+    """The most likely option (the first listed on a tie)."""
+    return ex.choices[max(range(len(scores)), key=lambda c: (scores[c], -c))]
+
+
+def _accuracy_table(per_task: dict[str, list[bool]], per_category: dict[str, list[bool]]) -> dict:
+    return {
+        "per_category": {c: sum(v) / len(v) for c, v in sorted(per_category.items())},
+        "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+        "overall": sum(sum(v) for v in per_category.values()) / max(1, sum(len(v) for v in per_category.values())),
+        "n": sum(len(v) for v in per_category.values()),
+    }
+
+
+@torch.no_grad()
 def expert_rates(
     model: AudioLLM, examples: list[Example], source: FeatureSource, device="cpu", batch_size: int = 32
 ) -> dict[str, list[float]]:
@@ -146,25 +196,28 @@ def evaluate(
     preds = generate_answers(
         model, examples, source, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
     )
+    lls = option_logprobs(model, examples, source, batch_size=batch_size, device=device)
     per_task: dict[str, list[bool]] = defaultdict(list)
     per_category: dict[str, list[bool]] = defaultdict(list)
+    per_task_ll: dict[str, list[bool]] = defaultdict(list)
+    per_category_ll: dict[str, list[bool]] = defaultdict(list)
     rows = []
     vb = [(p, ex) for p, ex in zip(preds, examples, strict=True) if ex.eval == "voicebench"]
-    for pred, ex in zip(preds, examples, strict=True):
+    for pred, ll, ex in zip(preds, lls, examples, strict=True):
         row = {"id": ex.id, "category": ex.category, "task": ex.task, "answer": ex.answer, "prediction": pred}
+        row["loglik_choice"] = loglik_choice(ex, ll)
+        row["correct_ll"] = row["loglik_choice"] == ex.answer
         if ex.eval == "mmau":
             ok = mmau_correct(pred, ex.choices, ex.answer)
             per_task[f"{ex.category}/{ex.task}"].append(ok)
             per_category[ex.category].append(ok)
+            per_task_ll[f"{ex.category}/{ex.task}"].append(row["correct_ll"])
+            per_category_ll[ex.category].append(row["correct_ll"])
             row["correct"] = ok
         rows.append(row)
     result: dict = {
-        "mmau": {
-            "per_category": {c: sum(v) / len(v) for c, v in sorted(per_category.items())},
-            "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
-            "overall": sum(sum(v) for v in per_category.values()) / max(1, sum(len(v) for v in per_category.values())),
-            "n": sum(len(v) for v in per_category.values()),
-        }
+        "mmau": _accuracy_table(per_task, per_category),
+        "mmau_ll": _accuracy_table(per_task_ll, per_category_ll),
     }
     if vb:
         audio_scores = voicebench_score([p for p, _ in vb], [ex.answer for _, ex in vb], seed)
@@ -179,11 +232,21 @@ def evaluate(
             device=device,
         )
         text_scores = voicebench_score(text_preds, [ex.answer for ex in text_ex], seed)
+        text_ll = option_logprobs(model, text_ex, source, text_questions=True, batch_size=batch_size, device=device)
+        audio_ll_ok = [r["correct_ll"] for r, ex in zip(rows, examples, strict=True) if ex.eval == "voicebench"]
+        text_ll_ok = [loglik_choice(ex, ll) == ex.answer for ex, ll in zip(text_ex, text_ll, strict=True)]
         result["voicebench"] = {
             "audio": audio_scores,
             "text": text_scores,
             "modality_gap": audio_scores["accuracy"] - text_scores["accuracy"],
+            "audio_ll": sum(audio_ll_ok) / len(audio_ll_ok),
+            "text_ll": sum(text_ll_ok) / len(text_ll_ok),
+            "modality_gap_ll": (sum(audio_ll_ok) - sum(text_ll_ok)) / len(text_ll_ok),
         }
+        for r, ok in zip(
+            [r for r, ex in zip(rows, examples, strict=True) if ex.eval == "voicebench"], text_ll_ok, strict=True
+        ):
+            r["correct_ll_text"] = ok
     result["expert_rates"] = expert_rates(model, examples, source, device)
     result["predictions"] = rows
     return result
@@ -202,6 +265,11 @@ def format_table(results: dict[str, dict]) -> str:
             + "".join(f"{100 * results[n]['mmau']['per_category'].get(c, float('nan')):{w}.1f}" for n in names)
         )
     lines.append(f"{'MMAU-style all':28s}" + "".join(f"{100 * results[n]['mmau']['overall']:{w}.1f}" for n in names))
+    if all("mmau_ll" in r for r in results.values()):  # evaluations from before log-likelihood scoring lack it
+        lines.append(
+            f"{'MMAU-style all, log-lik':28s}"
+            + "".join(f"{100 * results[n]['mmau_ll']['overall']:{w}.1f}" for n in names)
+        )
     if all("voicebench" in r for r in results.values()):
         for label, key in (("knowledge, text", "text"), ("knowledge, audio", "audio")):
             lines.append(

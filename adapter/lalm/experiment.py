@@ -30,6 +30,7 @@ class ExperimentConfig:
     corpus: str = _f("data/corpus-demo", "corpus folder (built once, then reused)")
     size: str = _f("demo", f"corpus size (items per task): {', '.join(sorted(SIZES))}")
     train_per_task: int = _f(0, "override the corpus size's training items per task (0: keep it)")
+    test_per_task: int = _f(0, "override the corpus size's test items per task (0: keep it)")
     steps: int = _f(1500, "optimizer steps per adapter (the same budget for all)")
     batch_size: int = _f(32, "examples per step")
     lr: float = _f(2e-3, "peak learning rate (Warmup-Stable-Decay)")
@@ -58,21 +59,27 @@ class ExperimentConfig:
         for name in ("steps", "batch_size", "text_weight", "checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.train_per_task < 0:
-            raise ValueError(f"train_per_task must be >= 0, got {self.train_per_task}")
+        for name in ("train_per_task", "test_per_task"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def build_corpus(self) -> dict[str, Path]:
         cfg = replace(SIZES[self.size], seed=self.seed)
         if self.train_per_task:
             cfg = replace(cfg, train_per_task=self.train_per_task)
+        if self.test_per_task:
+            cfg = replace(cfg, test_per_task=self.test_per_task)
         return build_corpus(self.corpus, cfg, progress=not self.quiet)
 
     def train_config(self, preset: str, manifests: dict[str, Path], run_dir: Path) -> TrainConfig:
+        """The run of `preset` on `manifests` (train, val; "text", when present, is added
+        `text_weight` times per epoch)."""
         if preset not in PRESETS:
             raise ValueError(f"unknown adapter preset {preset!r}; choose from {sorted(PRESETS)}")
         every = max(1, self.steps // self.checkpoints)
+        text = f",{manifests['text']}*{self.text_weight}" if "text" in manifests else ""
         return TrainConfig(
-            train_manifest=f"{manifests['train']},{manifests['text']}*{self.text_weight}",
+            train_manifest=f"{manifests['train']}{text}",
             val_manifest=str(manifests["val"]),
             output_dir=str(run_dir),
             feature_cache=str(Path(manifests["train"]).parent / "features"),
@@ -108,13 +115,13 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
 
 
-def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, Path]) -> dict:
-    """Train one adapter preset under `exp`, evaluate it on the test split; returns
+def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, Path], name: str = "") -> dict:
+    """Train one adapter preset under `exp` in <out>/<name or preset>, evaluate it on the test split; returns
     {"eval": evaluate(...), "summary": train summary, "log": log records, "seconds": training wall
     time, summed over resumed calls}.
-    The evaluation is also written to <out>/<preset>/eval.json. With `exp.resume`, a run that had
+    The evaluation is also written to the run folder's eval.json. With `exp.resume`, a run that had
     finished and been evaluated before this call keeps its evaluation and its training time."""
-    run_dir = Path(exp.out) / preset
+    run_dir = Path(exp.out) / (name or preset)
     done, timing = run_dir / "eval.json", run_dir / "train_seconds.json"
     final = run_dir / "checkpoints" / f"step_{exp.steps:07d}"
     finished = exp.resume and done.is_file() and final.is_dir()
@@ -125,7 +132,7 @@ def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, 
         diffs = config_differences(json.loads((run_dir / "config.json").read_text()), cfg)
         if diffs:
             raise ValueError(f"--resume: the finished run in {run_dir} was trained otherwise ({'; '.join(diffs)})")
-        print(f"{preset}: reusing the finished, evaluated run in {run_dir}", flush=True)
+        print(f"{name or preset}: reusing the finished, evaluated run in {run_dir}", flush=True)
         log = read_log(run_dir)
         last = [r for r in log if "ntp" in r][-1]
         final = {k: v for r in log if r.get("final") for k, v in r.items() if k != "final"}
@@ -135,7 +142,7 @@ def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, 
     t0 = time.perf_counter()
     summary = train(cfg)
     seconds = time.perf_counter() - t0
-    print(f"{preset}: at step {exp.steps}, {seconds:.0f} s in this call", flush=True)
+    print(f"{name or preset}: at step {exp.steps}, {seconds:.0f} s in this call", flush=True)
     # Wall time summed over the calls that trained this run (a resumed run adds to its earlier time).
     if exp.resume and timing.is_file():
         seconds += json.loads(timing.read_text())["seconds"]

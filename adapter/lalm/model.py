@@ -177,30 +177,44 @@ class AudioLLM(nn.Module):
             return emb
         return emb.masked_scatter(is_pad[..., None], audio_BFD[audio_mask_BF].to(emb.dtype))
 
-    def forward(self, batch: Batch) -> LALMOutput:
-        """Next-token loss on the answer tokens (labels != IGNORE) plus the adapters' balance loss."""
+    def _answer_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(logits (N, V) at the positions a label follows, keep_BL marking them, the audio path's
+        output or None on a batch without audio)."""
         audio_BFD = audio_mask = None
-        has_audio = bool((batch.input_ids_BL == self.tokenizer.audio_pad_id).any())
-        if has_audio:
+        if bool((batch.input_ids_BL == self.tokenizer.audio_pad_id).any()):
             feats, audio_mask = self.audio_inputs(batch)
             audio_BFD = self.embed_audio(feats, audio_mask)
         elif self.run_audio_path_always:
             B, dev = batch.input_ids_BL.shape[0], batch.input_ids_BL.device
             empty_BFC = torch.zeros(B, 0, self.encoder.stacked_dim, device=dev)
-            no_audio_BFD = self.embed_audio(empty_BFC, torch.zeros(B, 0, dtype=torch.bool, device=dev))
+            audio_BFD = self.embed_audio(empty_BFC, torch.zeros(B, 0, dtype=torch.bool, device=dev))
         emb = self.input_embeddings(batch.input_ids_BL, audio_BFD, audio_mask)
         hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=batch.attention_mask_BL).last_hidden_state
         # Logits only where a label follows: (N, V) instead of (B, L, V).
-        target = batch.labels_BL[:, 1:]
-        keep = target != IGNORE
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-        ntp_sum = F.cross_entropy(logits, target[keep], reduction="sum")
+        keep = batch.labels_BL[:, 1:] != IGNORE
+        return self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float(), keep, audio_BFD
+
+    def forward(self, batch: Batch) -> LALMOutput:
+        """Next-token loss on the answer tokens (labels != IGNORE) plus the adapters' balance loss."""
+        logits, keep, audio_BFD = self._answer_logits(batch)
+        ntp_sum = F.cross_entropy(logits, batch.labels_BL[:, 1:][keep], reduction="sum")
+        has_audio = audio_BFD is not None and audio_BFD.shape[1] > 0
         if not has_audio and torch.is_grad_enabled():
             ntp_sum = ntp_sum + self._audio_path_anchor()
-            if self.run_audio_path_always:
-                ntp_sum = ntp_sum + 0 * no_audio_BFD.sum()
+            if audio_BFD is not None:  # the audio path ran on zero frames (run_audio_path_always)
+                ntp_sum = ntp_sum + 0 * audio_BFD.sum()
         aux = total_aux_loss(self.adapter) if has_audio else None
         return LALMOutput(ntp_sum, int(keep.sum()), aux)
+
+    @torch.no_grad()
+    def answer_logprobs(self, batch: Batch) -> torch.Tensor:
+        """(B,) float64: each sample's summed log-probability of its answer tokens (labels !=
+        IGNORE, end of text included) given its prompt, teacher-forced. Scoring every option of a
+        multiple-choice question this way picks the one the model finds most likely."""
+        logits, keep, _ = self._answer_logits(batch)
+        logp = torch.log_softmax(logits.double(), dim=-1).gather(1, batch.labels_BL[:, 1:][keep][:, None])[:, 0]
+        rows = keep.nonzero()[:, 0]
+        return torch.zeros(keep.shape[0], dtype=torch.float64, device=logp.device).index_add(0, rows, logp)
 
     def _audio_path_anchor(self) -> torch.Tensor | float:
         """0 x the sum of every trainable audio-path parameter. A text-only batch never runs the

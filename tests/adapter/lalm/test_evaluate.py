@@ -1,5 +1,7 @@
 """Scorers on hand-made outputs with known scores, and the evaluation of a trained model."""
 
+import dataclasses
+
 import pytest
 
 from adapter.lalm.evaluate import mmau_correct, parse_letter, voicebench_score, words
@@ -82,3 +84,28 @@ def test_cli_refuses_bad_sizes_and_empty_manifests(tmp_path, capsys):
     with pytest.raises(SystemExit):
         corpus_main(["--out", str(tmp_path / "c"), "--workers", "0"])
     assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_log_likelihood_scoring_picks_the_most_likely_option(tone_corpus):
+    from adapter.lalm.build import build_model
+    from adapter.lalm.config import ModelConfig
+    from adapter.lalm.data import FeatureSource, collate, read_manifest
+    from adapter.lalm.evaluate import evaluate, loglik_choice, option_logprobs
+
+    model = build_model(
+        ModelConfig(encoder="demo", audio_dim=32, tiny_llm_hidden=64, adapter_backend="torch"), seed=0
+    ).eval()
+    source = FeatureSource(80, encoder=model.encoder)
+    exs = [dataclasses.replace(ex, choices=["high", "low", "in between"]) for ex in read_manifest(tone_corpus[1])[:4]]
+    scores = option_logprobs(model, exs, source, batch_size=5)  # 12 (example, option) pairs in 3 batches
+    for ex, row in zip(exs, scores, strict=True):
+        for choice, lp in zip(ex.choices, row, strict=True):
+            alone = collate([dataclasses.replace(ex, answer=choice)], model.tokenizer, source)
+            assert model.answer_logprobs(alone)[0].item() == pytest.approx(lp, rel=1e-4)
+    assert loglik_choice(exs[0], [-1.0, -0.5, -0.5]) == "low"  # a tie goes to the first listed
+    result = evaluate(model, exs, source)
+    picks = [r["loglik_choice"] for r in result["predictions"]]
+    assert picks == [loglik_choice(ex, row) for ex, row in zip(exs, scores, strict=True)]
+    assert result["mmau_ll"]["overall"] == sum(p == ex.answer for p, ex in zip(picks, exs, strict=True)) / 4
+    with pytest.raises(ValueError, match="needs choices"):
+        option_logprobs(model, [dataclasses.replace(exs[0], choices=[])], source)

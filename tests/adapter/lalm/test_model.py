@@ -1,6 +1,8 @@
 """AudioLLM: placeholder replacement, answer-only loss, the two streams, any adapter, local LLM
 directories, and greedy decoding."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -145,3 +147,15 @@ def test_greedy_generation_batched_equals_one_by_one(examples):
     text = _batch(model, examples[:2], with_answer=False, left_pad=True, use_text_question=True)
     assert (text.input_ids_BL == model.tokenizer.audio_pad_id).sum() == 0
     assert len(model.generate(text, max_new_tokens=3)) == 2
+
+
+def test_answer_logprobs_are_the_per_sample_answer_loss(examples):
+    model = _model().eval()
+    mixed = [examples[0], dataclasses.replace(examples[1], audio=None, num_samples=0), examples[2]]
+    batch = _batch(model, mixed)
+    lp = model.answer_logprobs(batch)
+    assert lp.dtype == torch.float64 and lp.shape == (3,) and (lp < 0).all()
+    # The batch's summed answer loss, in float32 against float64 here.
+    assert lp.sum().item() == pytest.approx(-model(batch).ntp_sum.item(), rel=1e-5)
+    for i, ex in enumerate(mixed):  # alone, without the others' padding: float rounding only
+        assert model.answer_logprobs(_batch(model, [ex]))[0].item() == pytest.approx(lp[i].item(), rel=1e-4)

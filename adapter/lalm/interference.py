@@ -1,0 +1,271 @@
+"""Interference between audio categories in one adapter: does training on speech, music and sound
+together cost a category the accuracy it reaches when the adapter is trained on it alone?
+
+    python -m adapter.lalm.interference --presets dense --seeds 0 1 2 --test-per-task 100
+
+The paper's argument for an MoE adapter rests on it: a dense adapter's categories pull its weights
+apart (gradient conflict), experts let them not. If a category is not worse jointly than alone,
+there is no interference for routing to remove, and no MoE gain can come from it.
+
+Design, per seed (each seed its own corpus) and preset:
+- one run on each category alone (its MMAU-style tasks) and one run on the three together;
+- every run passes over its training items the same number of times (--epochs): a category gets
+  the same training alone as inside the joint run, whose steps are the sum of the three;
+- text knowledge and the spoken-knowledge task are left out: they train the LLM's knowledge, not
+  the adapter's mapping of audio;
+- each run is evaluated on the test items of the categories it trained on, and alone - joint is
+  taken per category on the same items (paired), pooled over seeds (items resampled within each
+  seed: adapter/lalm/paired.py), under both scorings (generated answer; log-likelihood of each
+  option).
+
+Decision, fixed here before any run (RULE): a category shows interference when the 95% paired
+interval of alone - joint under log-likelihood scoring lies above 0, transfer (joint helps) when it
+lies below, neither otherwise. The generated-answer scoring is reported beside it.
+
+Runs land in <out>/seed-<s>/<preset>/<setting>/; with --resume a finished, evaluated run is reused
+(its configuration checked) and an interrupted one continues from its checkpoint. Writes
+<out>/interference.md, interference.json and interference.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
+from adapter.lalm.paired import PairedDiff, aligned, paired_difference
+from adapter.presets import PRESETS
+
+CATEGORIES = ("speech", "music", "sound")
+SETTINGS = (*CATEGORIES, "joint")
+PRIMARY = "correct_ll"  # log-likelihood scoring decides: it never fails to parse and does not depend on decoding
+SCORINGS = {"correct_ll": "log-likelihood", "correct": "generated answer"}
+RULE = (
+    "interference: the 95% paired interval of alone - joint (log-likelihood scoring) lies above 0; "
+    "transfer: it lies below 0; neither: it contains 0"
+)
+
+
+def category_manifests(manifests: dict[str, Path]) -> dict[str, dict[str, Path]]:
+    """{setting: {"train", "val", "test"}}: the corpus's MMAU-style items of each category, and of
+    all three ("joint"), written beside the corpus manifests (audio paths stay relative to them,
+    and the runs share the corpus's feature cache)."""
+    root = Path(manifests["train"]).parent
+    out: dict[str, dict[str, Path]] = {s: {} for s in SETTINGS}
+    for split in ("train", "val", "test"):
+        records = [json.loads(x) for x in Path(manifests[split]).read_text().splitlines() if x.strip()]
+        records = [r for r in records if r.get("eval", "mmau") == "mmau" and r.get("category") in CATEGORIES]
+        for setting in SETTINGS:
+            keep = [r for r in records if setting == "joint" or r["category"] == setting]
+            if not keep:
+                raise ValueError(f"{manifests[split]} holds no MMAU-style {setting} items")
+            path = root / f"interference-{setting}-{split}.jsonl"
+            text = "".join(json.dumps(r) + "\n" for r in keep)
+            if not path.is_file() or path.read_text() != text:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(text)
+                tmp.replace(path)
+            out[setting][split] = path
+    return out
+
+
+def steps_for(n_train: int, epochs: float, batch_size: int) -> int:
+    """Optimizer steps that pass over n_train items `epochs` times at batch_size per step."""
+    return max(1, math.ceil(epochs * n_train / batch_size))
+
+
+def run_interference(
+    exp: ExperimentConfig, presets: list[str], seeds: list[int], epochs: float
+) -> dict[int, dict[str, dict[str, dict]]]:
+    """{seed: {preset: {setting: {"eval", "steps", "seconds"}}}}, training what is not there yet."""
+    results: dict[int, dict[str, dict[str, dict]]] = {}
+    total = len(seeds) * len(presets) * len(SETTINGS)
+    done = 0
+    for seed in seeds:
+        base = dataclasses.replace(exp, seed=seed, corpus=str(Path(exp.corpus) / f"seed-{seed}"))
+        per_setting = category_manifests(base.build_corpus())
+        results[seed] = {}
+        for preset in presets:
+            results[seed][preset] = {}
+            for setting, manifests in per_setting.items():
+                n_train = sum(1 for x in manifests["train"].read_text().splitlines() if x.strip())
+                steps = steps_for(n_train, epochs, exp.batch_size)
+                run_exp = dataclasses.replace(base, steps=steps, out=str(Path(exp.out) / f"seed-{seed}" / preset))
+                done += 1
+                print(f"[{done}/{total}] seed {seed} {preset} {setting}: {n_train} items, {steps} steps", flush=True)
+                t0 = time.perf_counter()
+                out = train_and_evaluate(run_exp, preset, manifests, name=setting)
+                results[seed][preset][setting] = {
+                    "eval": out["eval"],
+                    "steps": steps,
+                    "seconds": out["seconds"],
+                    "wall": time.perf_counter() - t0,
+                }
+    return results
+
+
+def _diff(results, preset: str, category: str, key: str) -> PairedDiff:
+    a, b = [], []
+    for seed in sorted(results):
+        runs = results[seed][preset]
+        x, y = aligned(
+            runs[category]["eval"]["predictions"],
+            runs["joint"]["eval"]["predictions"],
+            key,
+            keep=lambda r: r["category"] == category,
+        )
+        a.append(x)
+        b.append(y)
+    return paired_difference(a, b)
+
+
+def verdict(d: PairedDiff) -> str:
+    return "interference" if d.low > 0 else ("transfer" if d.high < 0 else "neither")
+
+
+def summarize(results: dict, presets: list[str]) -> dict:
+    seeds = sorted(results)
+    out: dict = {"seeds": seeds, "rule": RULE, "presets": {}}
+    for p in presets:
+        rows = {}
+        for c in CATEGORIES:
+            row = {}
+            for key in SCORINGS:
+                d = _diff(results, p, c, key)
+                alone = [results[s][p][c]["eval"]["mmau_ll" if key == "correct_ll" else "mmau"] for s in seeds]
+                joint = [results[s][p]["joint"]["eval"]["mmau_ll" if key == "correct_ll" else "mmau"] for s in seeds]
+                row[key] = {
+                    **dataclasses.asdict(d),
+                    "alone": [a["per_category"][c] for a in alone],
+                    "joint": [j["per_category"][c] for j in joint],
+                    "verdict": verdict(d),
+                }
+            rows[c] = row
+        out["presets"][p] = {
+            "categories": rows,
+            "steps": {s: results[seeds[0]][p][s]["steps"] for s in SETTINGS},
+            "train_seconds": sum(results[s][p][x]["seconds"] for s in seeds for x in SETTINGS),
+        }
+    return out
+
+
+def markdown(summary: dict, exp: ExperimentConfig, epochs: float) -> str:
+    seeds = summary["seeds"]
+    lines = [
+        "# Interference between audio categories: each category alone vs all three jointly",
+        "",
+        f"Seeds {', '.join(map(str, seeds))} (each its own corpus); encoder {exp.encoder} (frozen), "
+        f"d = {exp.audio_dim}, small random Qwen3 ({exp.llm_layers} x {exp.llm_hidden}) trained with the adapter; "
+        f"{epochs:g} passes over each run's training items at {exp.batch_size} per step; MMAU-style tasks only "
+        "(no text, no spoken knowledge).",
+        "",
+        f"Rule, fixed before the runs: {summary['rule']}.",
+        "",
+        "alone - joint in accuracy points, pooled over seeds, with the 95% paired-bootstrap interval (items "
+        "resampled within seeds) and McNemar's exact p; per-seed accuracies alone / joint.",
+        "",
+    ]
+    for p, s in summary["presets"].items():
+        steps = ", ".join(f"{k} {v}" for k, v in s["steps"].items())
+        lines += [
+            f"## {p}",
+            "",
+            f"Steps per run: {steps}; training {s['train_seconds'] / 60:.1f} min over all its runs.",
+            "",
+            "| category | scoring | n | alone - joint | 95% interval | McNemar p | alone per seed | joint per seed "
+            "| verdict |",
+            "|---|---|---:|---:|---|---:|---|---|---|",
+        ]
+        for c, row in s["categories"].items():
+            for key, label in SCORINGS.items():
+                r = row[key]
+                lines.append(
+                    f"| {c} | {label} | {r['n']} | {100 * r['diff']:+.1f} | [{100 * r['low']:+.1f}, "
+                    f"{100 * r['high']:+.1f}] | {r['p_mcnemar']:.3g} | "
+                    f"{' / '.join(f'{100 * v:.1f}' for v in r['alone'])} | "
+                    f"{' / '.join(f'{100 * v:.1f}' for v in r['joint'])} | {r['verdict'] if key == PRIMARY else ''} |"
+                )
+        found = [c for c, row in s["categories"].items() if row[PRIMARY]["verdict"] == "interference"]
+        lines += [
+            "",
+            (
+                f"**{p}: interference in {', '.join(found)}** (log-likelihood scoring)."
+                if found
+                else f"**{p}: no category shows interference at this size** (log-likelihood scoring): "
+                "the joint run is not measurably worse than the category alone, so there is no "
+                "cost of sharing for experts to remove here."
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> bool:
+    """alone - joint per category and preset with its interval, one panel per scoring; False when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    presets = list(summary["presets"])
+    fig, axes = plt.subplots(1, len(SCORINGS), figsize=(5 * len(SCORINGS), 3.6), sharey=True)
+    width = 0.8 / len(presets)
+    for ax, (key, label) in zip(axes, SCORINGS.items(), strict=True):
+        for j, p in enumerate(presets):
+            rows = summary["presets"][p]["categories"]
+            xs = [i + (j - (len(presets) - 1) / 2) * width for i in range(len(CATEGORIES))]
+            mid = [100 * rows[c][key]["diff"] for c in CATEGORIES]
+            err = [
+                [100 * (rows[c][key]["diff"] - rows[c][key]["low"]) for c in CATEGORIES],
+                [100 * (rows[c][key]["high"] - rows[c][key]["diff"]) for c in CATEGORIES],
+            ]
+            ax.bar(xs, mid, width, yerr=err, capsize=3, label=p)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(CATEGORIES)), CATEGORIES)
+        ax.set_title(f"alone - joint, {label}")
+    axes[0].set_ylabel("accuracy points (95% paired interval)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m adapter.lalm.interference",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--presets", nargs="+", default=["dense"], help="adapter presets to measure (default: dense)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds, each with its own corpus")
+    p.add_argument("--epochs", type=float, default=20.0, help="passes over each run's training items (default: 20)")
+    add_experiment_args(p, out="runs/interference", corpus="data/corpus-interference", test_per_task=100)
+    args = p.parse_args(argv)
+    unknown = [x for x in args.presets if x not in PRESETS]
+    if unknown:
+        p.error(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")
+    if not args.epochs > 0:
+        p.error(f"--epochs must be > 0, got {args.epochs}")
+    exp = experiment_from_args(args)
+    results = run_interference(exp, args.presets, args.seeds, args.epochs)
+    summary = summarize(results, args.presets)
+    out = Path(exp.out)
+    (out / "interference.json").write_text(json.dumps({**summary, "epochs": args.epochs}, indent=1))
+    text = markdown(summary, exp, args.epochs)
+    (out / "interference.md").write_text(text + "\n")
+    plot(summary, out / "interference.png")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

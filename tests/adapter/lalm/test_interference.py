@@ -1,0 +1,82 @@
+"""The interference runner at CI size: each category alone and jointly with the same passes over
+its items, paired alone - joint per category, the fixed decision rule, resume, and the report."""
+
+import json
+
+import pytest
+
+from adapter.lalm import interference
+from adapter.lalm.data import read_manifest
+
+
+@pytest.mark.slow
+def test_alone_and_joint_runs_are_paired_per_category(tmp_path, tiny_experiment, ci_corpus, capsys):
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    (corpora / "seed-0").symlink_to(ci_corpus)  # the session's CI corpus serves as seed 0's
+    exp = tiny_experiment(corpus=str(corpora), out=str(tmp_path / "runs"))
+    manifests = interference.category_manifests(_corpus(ci_corpus))
+    tests = {s: read_manifest(m["test"]) for s, m in manifests.items()}
+    assert {ex.category for ex in tests["joint"]} == set(interference.CATEGORIES)
+    assert all(ex.eval == "mmau" for ex in tests["joint"])  # no spoken knowledge, no text
+    for c in interference.CATEGORIES:
+        assert {ex.category for ex in tests[c]} == {c}
+    assert sum(len(tests[c]) for c in interference.CATEGORIES) == len(tests["joint"])
+
+    results = interference.run_interference(exp, ["dense"], [0], epochs=2)
+    runs = results[0]["dense"]
+    steps = {s: runs[s]["steps"] for s in interference.SETTINGS}
+    n = {s: len(read_manifest(manifests[s]["train"])) for s in interference.SETTINGS}
+    assert steps == {s: interference.steps_for(n[s], 2, exp.batch_size) for s in interference.SETTINGS}
+    assert abs(steps["joint"] - sum(steps[c] for c in interference.CATEGORIES)) <= len(interference.CATEGORIES)
+    assert {r["category"] for r in runs["music"]["eval"]["predictions"]} == {"music"}
+
+    summary = interference.summarize(results, ["dense"])
+    for c in interference.CATEGORIES:
+        for key in interference.SCORINGS:
+            row = summary["presets"]["dense"]["categories"][c][key]
+            alone = [r[key] for r in runs[c]["eval"]["predictions"]]
+            joint = [r[key] for r in runs["joint"]["eval"]["predictions"] if r["category"] == c]
+            assert row["n"] == len(alone) and row["diff"] == pytest.approx((sum(alone) - sum(joint)) / len(alone))
+            assert row["low"] <= row["diff"] <= row["high"]
+            assert row["verdict"] == interference.verdict(
+                interference.PairedDiff(
+                    **{k: row[k] for k in ("diff", "low", "high", "p_mcnemar", "a_only", "b_only", "n")}
+                )
+            )
+    text = interference.markdown(summary, exp, 2)
+    assert interference.RULE in text and "## dense" in text
+
+    # The CLI on the same folders with --resume reuses every run and writes the report.
+    capsys.readouterr()
+    argv = ["--presets", "dense", "--seeds", "0", "--epochs", "2", "--resume", "--quiet"]
+    for k, v in {
+        "encoder": "demo",
+        "size": "ci",
+        "batch-size": 16,
+        "audio-dim": 32,
+        "semantic-codes": 8,
+        "llm-hidden": 64,
+        "llm-layers": 1,
+        "corpus": corpora,
+        "out": tmp_path / "runs",
+    }.items():
+        argv += [f"--{k}", str(v)]
+    assert interference.main(argv + ["--test-per-task", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing the finished, evaluated run") == len(interference.SETTINGS)
+    saved = json.loads((tmp_path / "runs" / "interference.json").read_text())
+    assert saved["presets"]["dense"]["categories"] == json.loads(json.dumps(summary["presets"]["dense"]["categories"]))
+    assert (tmp_path / "runs" / "interference.md").is_file()
+
+
+def _corpus(root):
+    return {s: root / f"{s}.jsonl" for s in ("train", "val", "test", "text")}
+
+
+def test_verdicts_follow_the_fixed_rule():
+    d = lambda lo, hi: interference.PairedDiff((lo + hi) / 2, lo, hi, 0.5, 1, 1, 10)  # noqa: E731
+    assert interference.verdict(d(0.01, 0.05)) == "interference"
+    assert interference.verdict(d(-0.05, -0.01)) == "transfer"
+    assert interference.verdict(d(-0.01, 0.05)) == "neither"
+    assert interference.steps_for(100, 2.5, 32) == 8 and interference.steps_for(1, 0.01, 32) == 1
