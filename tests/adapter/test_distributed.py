@@ -78,3 +78,58 @@ def test_global_scope_without_a_process_group_is_the_local_loss():
         MoEAdapterConfig(**cfg, balance_scope="world")
     with pytest.raises(ValueError, match=r"counts_E must have shape \(4,\)"):
         global_balance_loss(torch.zeros(4), torch.zeros(3), 0)
+
+
+class _StandIn(torch.nn.Module):
+    """What adapter.lalm.parallel.shard_model shards (llm, adapter, encoder), without the LALM's
+    audio packages, which the lent GPU machines lack."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg = Qwen3Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
+        self.llm = Qwen3ForCausalLM(cfg)
+        self.adapter = MoEAdapter(MoEAdapterConfig(in_dim=32, out_dim=64, expert_dim=16, backend="triton"))
+        self.encoder = torch.nn.Linear(8, 8).requires_grad_(False)
+
+    def forward(self, x):
+        return self.llm(inputs_embeds=self.adapter(x)).logits.float().logsumexp(-1).mean()
+
+
+@pytest.mark.gpu
+def test_lalm_sharding_computes_in_bf16_and_keeps_fp32_shards(tmp_path):
+    """--fsdp on CUDA: units compute in bf16, master weights and gradients stay fp32 (one rank)."""
+    import torch.distributed as dist
+
+    from adapter.lalm import parallel
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        device = torch.device("cuda", 0)
+        torch.manual_seed(0)
+        ref = _StandIn().to(device)
+        model = _StandIn().to(device)
+        model.load_state_dict(ref.state_dict())
+        x = torch.randn(2, 7, 32, device=device)
+        want = ref(x).item()
+        parallel.shard_model(model, device, bf16=True)
+        seen = []
+        model.adapter.register_forward_pre_hook(lambda m, args: seen.append(m.w1.dtype))
+        loss = model(x)
+        loss.backward()
+        assert seen == [torch.bfloat16]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+        assert model.encoder.weight.grad is None and not hasattr(model.encoder.weight, "placements")  # ignored
+        assert loss.item() == pytest.approx(want, rel=2e-2)  # bf16 compute: about 3 significant digits
+    finally:
+        dist.destroy_process_group()
