@@ -152,3 +152,10 @@ def three_way_check(ours, torch_lowp, ref64, *, atol, name):
     assert ours_err <= 2 * torch_err + atol, (
         f"{name}: max error vs float64 {ours_err:.3g} > 2 x torch's low-precision error {torch_err:.3g} + {atol}"
     )
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The command prefix that starts `nproc` processes on this machine (torch.distributed.run)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
+from adapter.lalm.plots import pyplot, save
 from adapter.presets import PRESETS, preset
 
 TABLE_2_3 = (
@@ -100,10 +101,7 @@ def ablation_table(rows: list[dict]) -> str:
 
 def plot_ablation(rows: list[dict], path: Path) -> None:
     """Grouped bars: MMAU-style accuracy per category and overall, and knowledge-as-audio, per preset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     cats = sorted({c for r in rows for c in r["mmau"] if c != "all"})
@@ -118,9 +116,7 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("adapters trained on the same data and budget")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def run_ablation(exp: ExperimentConfig, presets=TABLE_2_3) -> list[dict]:

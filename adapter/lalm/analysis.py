@@ -28,6 +28,7 @@ from adapter.analysis import cosine_matrix, gradient_vector, influence_matrix
 from adapter.lalm.data import Batch, Example, FeatureSource, collate, read_manifest
 from adapter.lalm.evaluate import expert_rates
 from adapter.lalm.model import AudioLLM
+from adapter.lalm.plots import pyplot, save
 from adapter.lalm.train import checkpoint_steps, load_trained, run_features
 
 CATEGORIES = ("speech", "sound", "music")
@@ -142,10 +143,7 @@ def _pairs(names: list[str]) -> list[tuple[int, int]]:
 
 def plot_heatmaps(rates: dict[str, dict[str, list[float]]], path: Path) -> None:
     """Fig. 3: one panel per model, categories x routed experts, rates annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 2.8), squeeze=False)
@@ -158,17 +156,12 @@ def plot_heatmaps(rates: dict[str, dict[str, list[float]]], path: Path) -> None:
         ax.set_xticks(range(mat.shape[1]), [f"e{e}" for e in range(mat.shape[1])])
         ax.set_title(f"{name}: expert activation rate")
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_cosine(tracks: dict[str, list[dict]], path: Path) -> None:
     """Fig. 4: pairwise gradient cosine per category pair over training steps, one panel per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(tracks), figsize=(5.5 * len(tracks), 3.6), squeeze=False, sharey=True)
     for ax, (name, track) in zip(axes[0], tracks.items(), strict=True):
@@ -181,17 +174,12 @@ def plot_cosine(tracks: dict[str, list[dict]], path: Path) -> None:
         ax.set_title(f"{name}: gradient cosine (eq. 11)")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("cosine similarity")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_influence(influence: dict[str, dict], path: Path) -> None:
     """Fig. 5: I_ij, the effect of a step on category j (columns) on category i (rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, axes = plt.subplots(1, len(influence), figsize=(4.6 * len(influence), 3.6), squeeze=False)
@@ -207,9 +195,7 @@ def plot_influence(influence: dict[str, dict], path: Path) -> None:
         ax.set_ylabel("loss of category i")
         ax.set_title(f"{name}: influence I_ij (eq. 12)")
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def write_figures(results: dict[str, dict], out: Path) -> list[Path]:

@@ -24,6 +24,7 @@ import torch
 
 from adapter.lalm.evaluate import format_table
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
+from adapter.lalm.plots import pyplot, save
 from adapter.presets import RECOMMENDED_MOE
 
 ADAPTERS = ("dense", RECOMMENDED_MOE)
@@ -58,10 +59,7 @@ def run_demo(exp: ExperimentConfig) -> dict:
 
 
 def plot(results: dict, logs: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     names = list(results)
@@ -99,9 +97,7 @@ def plot(results: dict, logs: dict, path: Path) -> None:
     axes[2].set_xlabel("step")
     axes[2].set_title("next-token loss on answers")
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main(argv=None) -> int:

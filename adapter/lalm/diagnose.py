@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from adapter.lalm.analysis import answer_loss
 from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
+from adapter.lalm.plots import pyplot, save
 from adapter.lalm.train import checkpoint_steps, load_trained, run_features
 
 PROBE_TASKS = ("instrument", "which sound", "gender", "direction", "mode", "background")
@@ -416,15 +417,8 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"plot {path.name} skipped: matplotlib is not installed")
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: list[dict], path: Path) -> None:
+    plt = pyplot()
     by_label: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         by_label[r["label"]].append(r)
@@ -451,10 +445,7 @@ def plot(results: list[dict], path: Path) -> bool:
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    save(fig, path)
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.paired import PairedDiff, aligned, paired_difference
+from adapter.lalm.plots import pyplot, save
 from adapter.presets import PRESETS
 
 CATEGORIES = ("speech", "music", "sound")
@@ -205,16 +206,9 @@ def markdown(summary: dict, exp: ExperimentConfig, epochs: float) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path) -> bool:
-    """alone - joint per category and preset with its interval, one panel per scoring; False when
-    matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+def plot(summary: dict, path: Path) -> None:
+    """alone - joint per category and preset with its interval, one panel per scoring."""
+    plt = pyplot()
     presets = list(summary["presets"])
     fig, axes = plt.subplots(1, len(SCORINGS), figsize=(5 * len(SCORINGS), 3.6), sharey=True)
     width = 0.8 / len(presets)
@@ -233,10 +227,7 @@ def plot(summary: dict, path: Path) -> bool:
         ax.set_title(f"alone - joint, {label}")
     axes[0].set_ylabel("accuracy points (95% paired interval)")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    save(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

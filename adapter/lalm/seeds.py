@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
+from adapter.lalm.plots import pyplot, save
 from adapter.presets import PRESETS
 
 
@@ -123,14 +124,8 @@ def markdown(summary: dict, baseline: str = "dense") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-    except ImportError:
-        print(f"plot {path.name} skipped: matplotlib is not installed")
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(summary: dict, path: Path) -> None:
+    plt = pyplot()
 
     presets = list(summary["presets"])
     fig, ax = plt.subplots(figsize=(1.8 * len(presets) + 2, 4))
@@ -143,10 +138,7 @@ def plot(summary: dict, path: Path) -> bool:
     ax.set_ylabel("MMAU-style accuracy (%)")
     ax.set_title(f"per seed (dots) and mean with 95% CI, seeds {summary['seeds']}")
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    save(fig, path)
 
 
 def main(argv=None) -> int:

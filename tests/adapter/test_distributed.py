@@ -4,7 +4,6 @@ FSDP2-wrapped transformers model exactly as the unsharded model does on the glob
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from adapter import MoEAdapter, MoEAdapterConfig
 from adapter.distributed import global_balance_loss
-from tests.utils import assert_close
+from tests.utils import assert_close, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,16 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "tests" / "adapter" / "dist_worker.py"),
-        str(out),
-    ]
+    cmd = [*torchrun(2), str(ROOT / "tests" / "adapter" / "dist_worker.py"), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

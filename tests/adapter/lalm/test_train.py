@@ -17,6 +17,7 @@ from adapter.lalm import train as train_mod
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
 from adapter.lalm.data import read_manifest
 from adapter.lalm.model import AudioLLM
+from tests.utils import torchrun
 
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = [
@@ -189,12 +190,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, mixed_corpus):
     )
     ddp = tmp_path / "ddp"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(2),
         "-m",
         "adapter.lalm.train",
         "--train-manifest",

@@ -18,7 +18,7 @@ import torch
 from adapter.lalm import train as train_mod
 from adapter.lalm.config import TrainConfig
 from tests.adapter.lalm.test_train import SMALL, _cfg, _env, _log
-from tests.utils import assert_close
+from tests.utils import assert_close, torchrun
 
 STEPS = ["--max-steps", "6", "--save-every", "2", "--eval-every", "0", "--semantic-codes", "8"]
 TRAINABLE_ENCODER = ["--no-freeze-encoder"]
@@ -27,7 +27,7 @@ TRAINABLE_ENCODER = ["--no-freeze-encoder"]
 def _cmd(out, corpus, nproc, *extra, module="adapter.lalm.train", fsdp=True):
     launch = [sys.executable]
     if nproc > 1:
-        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        launch = torchrun(nproc)
     args = ["--train-manifest", corpus[0], "--output-dir", str(out), *SMALL, *STEPS, *extra]
     return [*launch, "-m", module, *args, "--fsdp" if fsdp else "--no-fsdp"]
 
