@@ -40,6 +40,10 @@ LAYOUTS = ("serial", "parallel")
 """serial: experts d -> f -> d, then P (Table 4's text); parallel: experts d -> f -> D beside P (its numbers)."""
 EXPERT_INITS = ("independent", "replicated")
 BALANCE_SCOPES = ("local", "global")
+ROUTINGS = ("learned", "frozen", "label")
+"""learned: the router trains (the paper); frozen: it keeps its random initial weights (a buffer:
+sparsity without learned specialization); label: each token is routed among the experts its label
+owns (an oracle that routes by the true category)."""
 """local: L_aux over one call's tokens; global: over every data-parallel rank's tokens (adapter/distributed.py)."""
 
 
@@ -59,6 +63,11 @@ class MoEAdapterConfig:
     tokens of one call; "global" over the tokens of every rank of a data-parallel run (counts and
     probability sums all-reduced before eq. 10, adapter/distributed.py) when torch.distributed
     runs and the module is in training mode: every rank must then call forward equally often.
+    routing "learned" (the paper) trains the router; the two controls of a routing study: "frozen"
+    keeps the router at its random initial weights (a buffer, not a parameter), "label" routes each
+    token among the experts its label owns: label c of num_labels owns experts [c m, (c + 1) m)
+    with m = num_experts // num_labels (top_k <= m), and the router's softmax weighs the top_k of
+    them; forward then needs `labels`. Label routing runs the torch reference ops on any device.
 
     The paper's adapter is the default. Three options let it take the place of a projector of a
     different shape without changing what it computes at initialization (upcycling, adapter/swap.py):
@@ -84,6 +93,8 @@ class MoEAdapterConfig:
     layout: str = "serial"
     expert_init: str = "independent"
     balance_scope: str = "local"
+    routing: str = "learned"
+    num_labels: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -119,6 +130,17 @@ class MoEAdapterConfig:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
         if self.balance_scope not in BALANCE_SCOPES:
             raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.routing == "label":
+            if not isinstance(self.num_labels, int) or self.num_labels < 1:
+                raise ValueError(f"routing 'label' needs num_labels >= 1, got {self.num_labels!r}")
+            owned = self.num_experts // self.num_labels
+            if self.top_k > owned:
+                raise ValueError(
+                    f"routing 'label': each of the {self.num_labels} labels owns num_experts // num_labels = "
+                    f"{owned} experts, fewer than top_k={self.top_k}"
+                )
 
     @property
     def expert_out_dim(self) -> int:
@@ -174,6 +196,10 @@ class MoEAdapter(nn.Module):
         self.norm_out = nn.LayerNorm(c.out_dim, eps=c.norm_eps) if c.layer_norms else nn.Identity()
         self._act = ACTIVATIONS[c.activation]
         self.reset_expert_parameters()
+        if c.routing == "frozen":  # the same random draw as a learned router, never trained
+            weight = self.router.weight.detach()
+            del self.router.weight
+            self.router.register_buffer("weight", weight)
         self.aux_loss: torch.Tensor | None = None
         self.expert_counts: torch.Tensor | None = None
         self.last_topk_idx: torch.Tensor | None = None
@@ -198,9 +224,12 @@ class MoEAdapter(nn.Module):
             self.w1.copy_(self.w1[:1].expand_as(self.w1))
             self.w2.copy_(self.w2[:1].expand_as(self.w2))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         c = self.config
         check_adapter_input(x, mask, c.in_dim, self.w1, "MoEAdapter")
+        labels_T = self._check_labels(x, mask, labels)
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, c.in_dim)
         mask_T = None
@@ -209,7 +238,7 @@ class MoEAdapter(nn.Module):
             # Zero padded rows first: a NaN there would otherwise reach LayerNorm's weight grad.
             x_TD = torch.where(mask_T[:, None], x_TD, 0)
         z_TD = self.norm_in(x_TD)
-        out = self.routed_experts(z_TD, mask_T)
+        out = self.routed_experts(z_TD, mask_T) if labels_T is None else self._label_routed(z_TD, mask_T, labels_T)
         h_TD = out.h_TD
         if c.num_shared_experts:
             h_TD = h_TD + self._shared_experts(z_TD)
@@ -243,6 +272,43 @@ class MoEAdapter(nn.Module):
             balance_p=c.balance_p,
             backend=c.backend,
         )
+
+    def _check_labels(self, x, mask, labels) -> torch.Tensor | None:
+        """labels (x's leading shape, integer) flattened, checked against routing and num_labels."""
+        c = self.config
+        if c.routing != "label":
+            if labels is not None:
+                raise ValueError(f"labels are only read with routing='label'; this adapter's routing is {c.routing!r}")
+            return None
+        if labels is None:
+            raise ValueError("routing='label' routes by each token's label: pass labels (x's leading shape)")
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+        if tuple(labels.shape) != tuple(x.shape[:-1]) or labels.device != x.device:
+            raise ValueError(
+                f"labels {tuple(labels.shape)} on {labels.device} must have the input's leading shape "
+                f"{tuple(x.shape[:-1])} and device {x.device}"
+            )
+        labels_T = labels.reshape(-1)
+        real_T = mask.reshape(-1) if mask is not None else torch.ones_like(labels_T, dtype=torch.bool)
+        bad = real_T & ((labels_T < 0) | (labels_T >= c.num_labels))
+        if bool(bad.any()):
+            raise ValueError(f"labels of real tokens must be in [0, {c.num_labels}); got {labels_T[bad][:5].tolist()}")
+        return torch.where(real_T, labels_T, 0)  # padding is routed nowhere; any label keeps its logits finite
+
+    def _label_routed(self, z_TD: torch.Tensor, mask_T: torch.Tensor | None, labels_T: torch.Tensor):
+        """routed_experts with each token's choice restricted to the experts its label owns."""
+        c = self.config
+        ref = moe_kernels.reference
+        owned = c.num_experts // c.num_labels
+        logits_TE = self.router(z_TD)
+        owner_E = torch.arange(c.num_experts, device=z_TD.device) // owned
+        logits_TE = logits_TE.masked_fill(owner_E[None, :] != labels_T[:, None], float("-inf"))
+        idx_TK, weight_TK = ref.topk_route(logits_TE, c.top_k, mask_T)
+        perm = ref.permute(idx_TK, c.num_experts)
+        aux = ref.balance_loss(logits_TE, idx_TK, weight_TK, c.num_experts, c.balance_p)
+        h_TD = ref.combine(ref.expert_mlp(z_TD, self.w1, self.w2, perm, c.top_k), perm, weight_TK)
+        return moe_kernels.MoEOutput(h_TD, aux, perm.counts_E, idx_TK, weight_TK)
 
     def _projection(self, h_TD: torch.Tensor) -> torch.Tensor:
         """P: the aggregation block (LN -> Linear -> act -> Linear) or a Linear d -> D."""

@@ -13,7 +13,7 @@ import torch
 
 from adapter.lalm.config import ModelConfig
 from adapter.lalm.encoder import build_encoder
-from adapter.lalm.model import AudioLLM, FrontendConfig
+from adapter.lalm.model import AUDIO_CATEGORIES, AudioLLM, FrontendConfig
 from adapter.lalm.tokenizer import load_tokenizer
 from adapter.presets import build_adapter, preset
 
@@ -68,6 +68,8 @@ def build_model(config: ModelConfig, seed: int = 0) -> AudioLLM:
                 "backend": config.adapter_backend,
                 "expert_init": config.expert_init,
                 "balance_scope": config.balance_scope,
+                "routing": config.routing,
+                "num_labels": len(AUDIO_CATEGORIES) if config.routing == "label" else 0,
             }
         )
         adapter = build_adapter(preset(config.adapter, config.audio_dim, hidden, **overrides))

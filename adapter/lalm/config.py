@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapter._checks import check_field_types
-from adapter.moe import BALANCE_SCOPES, EXPERT_INITS
+from adapter.moe import BALANCE_SCOPES, EXPERT_INITS, ROUTINGS
 from adapter.presets import PRESETS
 
 
@@ -48,6 +48,11 @@ class ModelConfig:
         "MoE presets: the balance loss over each process's micro-batch (local) or over the micro-batches "
         "of all data-parallel processes together (global: counts and probability sums all-reduced)",
     )
+    routing: str = _f(
+        "learned",
+        "MoE presets: learned (the router trains), frozen (it keeps its random initial weights) or label "
+        "(each audio category owns num_experts // 3 experts and routes among them: an upper-bound control)",
+    )
     tiny_llm_hidden: int = _f(128, "hidden size of the 'tiny' LLM")
     tiny_llm_layers: int = _f(2, "decoder layers of the 'tiny' LLM")
 
@@ -59,6 +64,8 @@ class ModelConfig:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
         if self.balance_scope not in BALANCE_SCOPES:
             raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         for name in ("audio_dim", "tiny_llm_hidden", "tiny_llm_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

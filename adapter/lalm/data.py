@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapter.lalm.audio import HOP_LENGTH, SAMPLE_RATE, audio_frames, load_audio, log_mel
-from adapter.lalm.model import IGNORE, Batch, pad_frames
+from adapter.lalm.model import AUDIO_CATEGORIES, IGNORE, Batch, pad_frames
 from adapter.serialization import atomic_write
 
 
@@ -270,7 +270,8 @@ def collate(
         ids[b, sl] = torch.tensor(s)
         lab[b, sl] = torch.tensor(y)
         attn[b, sl] = 1
-    batch = Batch(ids, attn, lab if with_answer else None)
+    categories = [AUDIO_CATEGORIES.index(ex.category) if ex.category in AUDIO_CATEGORIES else -1 for ex in examples]
+    batch = Batch(ids, attn, lab if with_answer else None, category_B=torch.tensor(categories, dtype=torch.long))
     if use_text_question or all(ex.audio is None for ex in examples):
         return batch
     if source.encoder is not None:

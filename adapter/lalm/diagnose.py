@@ -88,7 +88,7 @@ def capture(model: AudioLLM, examples: list[Example], source: FeatureSource, bat
             chunk = examples[start : start + batch_size]
             batch = collate(chunk, model.tokenizer, source, with_answer=False)
             feats, mask_BF = model.audio_inputs(batch)
-            model.embed_audio(feats, mask_BF)
+            model.embed_audio(feats, mask_BF, batch.category_B)
             B, Fr = mask_BF.shape
             for site in SITES:
                 if site in acts:

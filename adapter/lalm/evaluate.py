@@ -168,7 +168,7 @@ def expert_rates(
         chunk = audio_ex[start : start + batch_size]
         batch = collate(chunk, model.tokenizer, source, with_answer=False).to(device)
         feats, mask = model.audio_inputs(batch)
-        model.embed_audio(feats, mask)
+        model.embed_audio(feats, mask, batch.category_B)
         idx = adapter.last_topk_idx.reshape(mask.shape[0], mask.shape[1], -1).cpu()
         for b, ex in enumerate(chunk):
             sel = idx[b][mask[b].cpu()]
@@ -196,7 +196,11 @@ def evaluate(
     preds = generate_answers(
         model, examples, source, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
     )
-    lls = option_logprobs(model, examples, source, batch_size=batch_size, device=device)
+    with_choices = [i for i, ex in enumerate(examples) if ex.choices]  # open questions get no option scores
+    lls: list[list[float] | None] = [None] * len(examples)
+    scored = option_logprobs(model, [examples[i] for i in with_choices], source, batch_size=batch_size, device=device)
+    for i, row in zip(with_choices, scored, strict=True):
+        lls[i] = row
     per_task: dict[str, list[bool]] = defaultdict(list)
     per_category: dict[str, list[bool]] = defaultdict(list)
     per_task_ll: dict[str, list[bool]] = defaultdict(list)
@@ -205,15 +209,17 @@ def evaluate(
     vb = [(p, ex) for p, ex in zip(preds, examples, strict=True) if ex.eval == "voicebench"]
     for pred, ll, ex in zip(preds, lls, examples, strict=True):
         row = {"id": ex.id, "category": ex.category, "task": ex.task, "answer": ex.answer, "prediction": pred}
-        row["loglik_choice"] = loglik_choice(ex, ll)
-        row["correct_ll"] = row["loglik_choice"] == ex.answer
+        if ll is not None:
+            row["loglik_choice"] = loglik_choice(ex, ll)
+            row["correct_ll"] = row["loglik_choice"] == ex.answer
         if ex.eval == "mmau":
             ok = mmau_correct(pred, ex.choices, ex.answer)
             per_task[f"{ex.category}/{ex.task}"].append(ok)
             per_category[ex.category].append(ok)
-            per_task_ll[f"{ex.category}/{ex.task}"].append(row["correct_ll"])
-            per_category_ll[ex.category].append(row["correct_ll"])
             row["correct"] = ok
+            if ll is not None:
+                per_task_ll[f"{ex.category}/{ex.task}"].append(row["correct_ll"])
+                per_category_ll[ex.category].append(row["correct_ll"])
         rows.append(row)
     result: dict = {
         "mmau": _accuracy_table(per_task, per_category),
@@ -232,21 +238,23 @@ def evaluate(
             device=device,
         )
         text_scores = voicebench_score(text_preds, [ex.answer for ex in text_ex], seed)
-        text_ll = option_logprobs(model, text_ex, source, text_questions=True, batch_size=batch_size, device=device)
-        audio_ll_ok = [r["correct_ll"] for r, ex in zip(rows, examples, strict=True) if ex.eval == "voicebench"]
-        text_ll_ok = [loglik_choice(ex, ll) == ex.answer for ex, ll in zip(text_ex, text_ll, strict=True)]
         result["voicebench"] = {
             "audio": audio_scores,
             "text": text_scores,
             "modality_gap": audio_scores["accuracy"] - text_scores["accuracy"],
-            "audio_ll": sum(audio_ll_ok) / len(audio_ll_ok),
-            "text_ll": sum(text_ll_ok) / len(text_ll_ok),
-            "modality_gap_ll": (sum(audio_ll_ok) - sum(text_ll_ok)) / len(text_ll_ok),
         }
-        for r, ok in zip(
-            [r for r, ex in zip(rows, examples, strict=True) if ex.eval == "voicebench"], text_ll_ok, strict=True
-        ):
-            r["correct_ll_text"] = ok
+        if all(ex.choices for ex in text_ex):  # the letters as options, scored by likelihood too
+            vb_rows = [r for r, ex in zip(rows, examples, strict=True) if ex.eval == "voicebench"]
+            text_ll = option_logprobs(model, text_ex, source, text_questions=True, batch_size=batch_size, device=device)
+            audio_ok = [r["correct_ll"] for r in vb_rows]
+            text_ok = [loglik_choice(ex, ll) == ex.answer for ex, ll in zip(text_ex, text_ll, strict=True)]
+            for r, ok in zip(vb_rows, text_ok, strict=True):
+                r["correct_ll_text"] = ok
+            result["voicebench"].update(
+                audio_ll=sum(audio_ok) / len(audio_ok),
+                text_ll=sum(text_ok) / len(text_ok),
+                modality_gap_ll=(sum(audio_ok) - sum(text_ok)) / len(text_ok),
+            )
     result["expert_rates"] = expert_rates(model, examples, source, device)
     result["predictions"] = rows
     return result

@@ -58,13 +58,18 @@ class FeatureFusion(nn.Module):
         return self.norm_out(F.silu(self.proj(self.norm_in(x))))
 
 
+AUDIO_CATEGORIES = ("speech", "music", "sound")
+"""The corpus's audio categories; Batch.category_B indexes them (an adapter routed by label reads it)."""
+
+
 @dataclass
 class Batch:
     """A collated batch (data.collate): right-padded text, padded audio features.
 
     input_ids_BL, attention_mask_BL, labels_BL (IGNORE off the answer);
     audio_BFC stacked encoder features and audio_mask_BF, or mels (one (n_mels, T) per sample,
-    None for a text-only sample) when the encoder runs in the forward pass.
+    None for a text-only sample) when the encoder runs in the forward pass;
+    category_B each sample's index in AUDIO_CATEGORIES (-1: none).
     """
 
     input_ids_BL: torch.Tensor
@@ -73,6 +78,7 @@ class Batch:
     audio_BFC: torch.Tensor | None = None
     audio_mask_BF: torch.Tensor | None = None
     mels: list[torch.Tensor | None] | None = None
+    category_B: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -84,6 +90,7 @@ class Batch:
             mv(self.audio_BFC),
             mv(self.audio_mask_BF),
             mels,
+            mv(self.category_B),
         )
 
 
@@ -135,13 +142,20 @@ class AudioLLM(nn.Module):
         param = self.encoder.encoder.conv1.weight
         return [self.encoder(m) if m is not None else param.new_zeros(0, self.encoder.stacked_dim) for m in mels]
 
-    def embed_audio(self, audio_BFC: torch.Tensor, audio_mask_BF: torch.Tensor) -> torch.Tensor:
-        """(B, F, 4C) stacked features -> (B, F, D) LLM-space embeddings; padded frames are zero."""
+    def embed_audio(
+        self, audio_BFC: torch.Tensor, audio_mask_BF: torch.Tensor, category_B: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, F, 4C) stacked features -> (B, F, D) LLM-space embeddings; padded frames are zero.
+        An adapter routed by label (routing="label") reads each sample's category."""
         x = 0
         if self.fusion is not None:
             x = self.fusion(audio_BFC)
         if self.semantic is not None:
             x = x + self.semantic_embed(self.semantic(audio_BFC))
+        if getattr(getattr(self.adapter, "config", None), "routing", None) == "label":
+            if category_B is None:
+                raise ValueError("the adapter routes by category (routing='label'): pass the batch's category_B")
+            return self.adapter(x, audio_mask_BF, labels=category_B[:, None].expand(audio_mask_BF.shape))
         if self._adapter_takes_mask:
             return self.adapter(x, audio_mask_BF)
         return torch.where(audio_mask_BF[..., None], self.adapter(x), 0)
@@ -183,11 +197,12 @@ class AudioLLM(nn.Module):
         audio_BFD = audio_mask = None
         if bool((batch.input_ids_BL == self.tokenizer.audio_pad_id).any()):
             feats, audio_mask = self.audio_inputs(batch)
-            audio_BFD = self.embed_audio(feats, audio_mask)
+            audio_BFD = self.embed_audio(feats, audio_mask, batch.category_B)
         elif self.run_audio_path_always:
             B, dev = batch.input_ids_BL.shape[0], batch.input_ids_BL.device
             empty_BFC = torch.zeros(B, 0, self.encoder.stacked_dim, device=dev)
-            audio_BFD = self.embed_audio(empty_BFC, torch.zeros(B, 0, dtype=torch.bool, device=dev))
+            no_audio_BF = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+            audio_BFD = self.embed_audio(empty_BFC, no_audio_BF, torch.zeros(B, dtype=torch.long, device=dev))
         emb = self.input_embeddings(batch.input_ids_BL, audio_BFD, audio_mask)
         hidden = self.llm.get_decoder()(inputs_embeds=emb, attention_mask=batch.attention_mask_BL).last_hidden_state
         # Logits only where a label follows: (N, V) instead of (B, L, V).
@@ -237,7 +252,7 @@ class AudioLLM(nn.Module):
         audio_BFD = audio_mask = None
         if bool((batch.input_ids_BL == self.tokenizer.audio_pad_id).any()):
             feats, audio_mask = self.audio_inputs(batch)
-            audio_BFD = self.embed_audio(feats, audio_mask)
+            audio_BFD = self.embed_audio(feats, audio_mask, batch.category_B)
         emb = self.input_embeddings(batch.input_ids_BL, audio_BFD, audio_mask)
         # transformers' own generation loop (greedy, KV cache; position ids from the left-padded
         # attention mask). With inputs_embeds it returns the new tokens only; finished rows are

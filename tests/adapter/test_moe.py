@@ -302,3 +302,58 @@ def test_replicated_experts_start_as_one_mlp_whatever_the_routing(layout):
     independent = _adapter(layout=layout, aggregation_dim=9)
     assert not torch.equal(independent.w1[1], independent.w1[0])
     assert torch.equal(independent.w1[0], m.w1[0])  # the same draw; only the copies differ
+
+
+def test_frozen_routing_keeps_the_initial_random_router():
+    torch.manual_seed(3)
+    learned = MoEAdapter(MoEAdapterConfig(**SMALL, backend="torch"))
+    torch.manual_seed(3)
+    frozen = MoEAdapter(MoEAdapterConfig(**SMALL, backend="torch", routing="frozen"))
+    assert "router.weight" not in dict(frozen.named_parameters()) and "router.weight" in frozen.state_dict()
+    assert torch.equal(frozen.router.weight, learned.router.weight)  # the same draw, never trained
+    x = torch.randn(3, 4, 12)
+    assert torch.equal(frozen(x), learned(x))  # same weights, same computation
+    before = frozen.router.weight.clone()
+    opt = torch.optim.SGD(frozen.parameters(), lr=0.5)
+    (frozen(x).square().mean() + frozen.aux_loss).backward()
+    opt.step()
+    assert torch.equal(frozen.router.weight, before) and not torch.equal(frozen.w1, learned.w1)
+
+
+def test_label_routing_routes_each_token_among_its_labels_experts():
+    m = _adapter(num_experts=7, top_k=2, routing="label", num_labels=3)  # labels own experts 0-1, 2-3, 4-5
+    x = torch.randn(2, 6, 12, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 2, 1, 0, -1, -1]])
+    mask = labels >= 0
+    y = m(x, mask, labels=labels)
+    idx = m.last_topk_idx.reshape(2, 6, 2)
+    assert (idx[mask] // 2 == labels[mask][:, None]).all() and (idx[~mask] == -1).all()
+    # Every real token's output by hand: G = softmax over its label's two logits, then eq. 4-5.
+    z = m.norm_in(x.detach())
+    for b, t in mask.nonzero().tolist():
+        block = [2 * labels[b, t].item(), 2 * labels[b, t].item() + 1]
+        g = torch.softmax(m.router(z[b, t])[block], 0)
+        h = sum(g[i] * (torch.nn.functional.silu(z[b, t] @ m.w1[e]) @ m.w2[e]) for i, e in enumerate(block))
+        assert_close(y[b, t], m.norm_out(m.proj(h)), rtol=1e-10, atol=1e-12, name=f"token {b, t}")
+    assert (y[~mask] == 0).all()
+    (y.square().sum() + m.aux_loss).backward()
+    assert m.router.weight.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+
+
+def test_label_routing_errors_name_the_problem():
+    with pytest.raises(ValueError, match="owns num_experts // num_labels = 1 experts, fewer than top_k=2"):
+        MoEAdapterConfig(**SMALL, routing="label", num_labels=3)
+    with pytest.raises(ValueError, match="needs num_labels >= 1"):
+        MoEAdapterConfig(**SMALL, routing="label")
+    m = _adapter(num_experts=6, routing="label", num_labels=3)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="pass labels"):
+        m(x)
+    with pytest.raises(ValueError, match=r"labels of real tokens must be in \[0, 3\); got \[3\]"):
+        m(x, labels=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        m(x, labels=torch.zeros(4))
+    with pytest.raises(ValueError, match="leading shape"):
+        m(x, labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="only read with routing='label'"):
+        _adapter()(x, labels=torch.zeros(4, dtype=torch.long))

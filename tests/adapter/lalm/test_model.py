@@ -159,3 +159,20 @@ def test_answer_logprobs_are_the_per_sample_answer_loss(examples):
     assert lp.sum().item() == pytest.approx(-model(batch).ntp_sum.item(), rel=1e-5)
     for i, ex in enumerate(mixed):  # alone, without the others' padding: float rounding only
         assert model.answer_logprobs(_batch(model, [ex]))[0].item() == pytest.approx(lp[i].item(), rel=1e-4)
+
+
+def test_label_routed_adapter_reads_each_samples_category(examples, tone_corpus):
+    from adapter.lalm.evaluate import evaluate
+
+    model = _model(adapter="moe-8c1", routing="label")  # 8 experts: speech 0-1, music 2-3, sound 4-5
+    assert model.adapter.config.num_labels == 3
+    batch = _batch(model, examples)  # tone clips: category "sound"
+    assert batch.category_B.tolist() == [2] * len(examples)
+    model(batch)
+    chosen = model.adapter.last_topk_idx
+    assert set(chosen[chosen >= 0].tolist()) <= {4, 5}
+    result = evaluate(model, read_manifest(tone_corpus[1])[:3], FeatureSource(80, encoder=model.encoder))
+    assert set(result["expert_rates"]) == {"sound"} and sum(result["expert_rates"]["sound"][4:6]) == 1.0
+    unlabeled = [dataclasses.replace(ex, category="") for ex in examples[:2]]
+    with pytest.raises(ValueError, match=r"labels of real tokens must be in \[0, 3\)"):
+        model(_batch(model, unlabeled))
