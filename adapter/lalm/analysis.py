@@ -216,6 +216,19 @@ def write_figures(results: dict[str, dict], out: Path) -> list[Path]:
     return written
 
 
+def run_labels(runs: list[Path]) -> list[str]:
+    """Each run's folder name, or as many trailing path parts as make the names distinct
+    (runs/x/dense/joint and runs/x/moe/joint -> dense/joint, moe/joint)."""
+    resolved = [Path(r).resolve() for r in runs]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"a run is given twice: {[str(r) for r in runs]}")
+    for depth in range(1, max(len(r.parts) for r in resolved) + 1):
+        labels = ["/".join(r.parts[-depth:]) for r in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(r) for r in resolved]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m adapter.lalm.analysis",
@@ -238,7 +251,7 @@ def main(argv=None) -> int:
     examples = read_manifest(args.manifest)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {
-        run.name: analyze_run(
+        label: analyze_run(
             run,
             examples,
             analyses=args.what,
@@ -248,7 +261,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             progress=not args.quiet,
         )
-        for run in args.runs
+        for label, run in zip(run_labels(args.runs), args.runs, strict=True)
     }
     (args.out / "analysis.json").write_text(json.dumps(results, indent=1))
     for path in write_figures(results, args.out):

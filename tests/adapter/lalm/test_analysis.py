@@ -121,3 +121,13 @@ def test_cli_writes_json_and_figures(runs, labelled, tmp_path, capsys):
     assert "analysis.json" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         analysis.main(["--runs", str(tmp_path), "--manifest", str(labelled[1])])  # not a run folder
+
+
+def test_runs_with_the_same_folder_name_keep_apart(tmp_path):
+    from adapter.lalm.analysis import run_labels
+
+    a, b = tmp_path / "seed-0" / "dense" / "joint", tmp_path / "seed-0" / "moe" / "joint"
+    assert run_labels([a, b]) == ["dense/joint", "moe/joint"]  # not both "joint": one would overwrite the other
+    assert run_labels([tmp_path / "dense", tmp_path / "moe"]) == ["dense", "moe"]
+    with pytest.raises(ValueError, match="given twice"):
+        run_labels([a, a])
