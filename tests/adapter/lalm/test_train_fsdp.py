@@ -150,14 +150,18 @@ def test_fsdp_skips_a_step_that_is_not_finite_on_one_rank(mixed_corpus, tmp_path
 
 
 @pytest.mark.slow
-def test_global_balance_scope_under_ddp_and_fsdp(fsdp_runs, tmp_path):
+def test_global_balance_scope_under_ddp_and_fsdp(fsdp_runs, mixed_corpus, tmp_path):
     """--balance-scope global trains under DDP and FSDP alike, text-only micro-batches included
     (the value and gradient over the global batch are checked on the adapter itself in
     tests/adapter/test_distributed.py), and its loss is not the local scope's."""
     root, corpus = fsdp_runs
-    _run(tmp_path / "ddp", corpus, 2, "--grad-accum", "1", "--balance-scope", "global", fsdp=False)
-    _run(tmp_path / "fsdp", corpus, 2, "--grad-accum", "1", "--balance-scope", "global")
+    # With held-out evaluation every 3 steps: under FSDP every rank evaluates (each forward all-gathers).
+    val = ["--val-manifest", mixed_corpus[1], "--eval-every", "3"]
+    _run(tmp_path / "ddp", corpus, 2, "--grad-accum", "1", "--balance-scope", "global", *val, fsdp=False)
+    _run(tmp_path / "fsdp", corpus, 2, "--grad-accum", "1", "--balance-scope", "global", *val)
     _assert_same_run(tmp_path / "ddp", tmp_path / "fsdp")
+    evals = [[r["val_loss"] for r in _log(tmp_path / run) if "val_loss" in r] for run in ("ddp", "fsdp")]
+    assert len(evals[0]) == 3 and evals[1] == pytest.approx(evals[0], rel=1e-5)  # steps 3, 6 and the final one
     g, lo = _rows(tmp_path / "fsdp"), _rows(root / "two")
     assert all(not r["skipped"] for r in g)
     first = next(i for i, r in enumerate(g) if r["audio_batches"] == 2)  # both ranks route tokens
