@@ -18,6 +18,11 @@ Design, per seed (each seed its own corpus) and preset:
   seed: adapter/lalm/paired.py), under both scorings (generated answer; log-likelihood of each
   option).
 
+Control (--alone-steps joint): each category also trains alone for as many steps as the joint
+run, so the shared LLM, which trains with the adapter, gets the same number of updates alone and
+jointly (a category then passes over its own items about 3.7 times as often): whatever joint
+training still adds is not the LLM's longer training. These runs are <category>-equal-steps.
+
 Decision, fixed here before any run (RULE): a category shows interference when the 95% paired
 interval of alone - joint under log-likelihood scoring lies above 0, transfer (joint helps) when it
 lies below, neither otherwise. The generated-answer scoring is reported beside it.
@@ -44,6 +49,7 @@ from adapter.presets import PRESETS
 
 CATEGORIES = ("speech", "music", "sound")
 SETTINGS = (*CATEGORIES, "joint")
+EQUAL_STEPS = "equal-steps"  # suffix of the alone runs that train as many steps as the joint run
 PRIMARY = "correct_ll"  # log-likelihood scoring decides: it never fails to parse and does not depend on decoding
 SCORINGS = {"correct_ll": "log-likelihood", "correct": "generated answer"}
 RULE = (
@@ -81,24 +87,31 @@ def steps_for(n_train: int, epochs: float, batch_size: int) -> int:
 
 
 def run_interference(
-    exp: ExperimentConfig, presets: list[str], seeds: list[int], epochs: float
+    exp: ExperimentConfig, presets: list[str], seeds: list[int], epochs: float, equal_steps: bool = False
 ) -> dict[int, dict[str, dict[str, dict]]]:
-    """{seed: {preset: {setting: {"eval", "steps", "seconds"}}}}, training what is not there yet."""
+    """{seed: {preset: {setting: {"eval", "steps", "seconds"}}}}, training what is not there yet;
+    with equal_steps also the <category>-equal-steps runs (see the module docstring)."""
     results: dict[int, dict[str, dict[str, dict]]] = {}
-    total = len(seeds) * len(presets) * len(SETTINGS)
+    total = len(seeds) * len(presets) * (len(SETTINGS) + (len(CATEGORIES) if equal_steps else 0))
     done = 0
     for seed in seeds:
         base = dataclasses.replace(exp, seed=seed, corpus=str(Path(exp.corpus) / f"seed-{seed}"))
         per_setting = category_manifests(base.build_corpus())
+        n_train = {s: sum(1 for x in m["train"].read_text().splitlines() if x.strip()) for s, m in per_setting.items()}
+        runs = [(s, s, steps_for(n_train[s], epochs, exp.batch_size)) for s in SETTINGS]
+        if equal_steps:
+            joint_steps = steps_for(n_train["joint"], epochs, exp.batch_size)
+            runs += [(f"{c}-{EQUAL_STEPS}", c, joint_steps) for c in CATEGORIES]
         results[seed] = {}
         for preset in presets:
             results[seed][preset] = {}
-            for setting, manifests in per_setting.items():
-                n_train = sum(1 for x in manifests["train"].read_text().splitlines() if x.strip())
-                steps = steps_for(n_train, epochs, exp.batch_size)
+            for setting, data, steps in runs:
+                manifests = per_setting[data]
                 run_exp = dataclasses.replace(base, steps=steps, out=str(Path(exp.out) / f"seed-{seed}" / preset))
                 done += 1
-                print(f"[{done}/{total}] seed {seed} {preset} {setting}: {n_train} items, {steps} steps", flush=True)
+                print(
+                    f"[{done}/{total}] seed {seed} {preset} {setting}: {n_train[data]} items, {steps} steps", flush=True
+                )
                 t0 = time.perf_counter()
                 out = train_and_evaluate(run_exp, preset, manifests, name=setting)
                 results[seed][preset][setting] = {
@@ -110,12 +123,12 @@ def run_interference(
     return results
 
 
-def _diff(results, preset: str, category: str, key: str) -> PairedDiff:
+def _diff(results, preset: str, category: str, key: str, alone: str = "") -> PairedDiff:
     a, b = [], []
     for seed in sorted(results):
         runs = results[seed][preset]
         x, y = aligned(
-            runs[category]["eval"]["predictions"],
+            runs[alone or category]["eval"]["predictions"],
             runs["joint"]["eval"]["predictions"],
             key,
             keep=lambda r: r["category"] == category,
@@ -129,29 +142,38 @@ def verdict(d: PairedDiff) -> str:
     return "interference" if d.low > 0 else ("transfer" if d.high < 0 else "neither")
 
 
+def _rows(results: dict, p: str, seeds: list[int], suffix: str = "") -> dict:
+    """Per category and scoring: alone (the run <category><suffix>) - joint."""
+    rows = {}
+    for c in CATEGORIES:
+        alone_run, row = c + suffix, {}
+        for key in SCORINGS:
+            table = "mmau_ll" if key == "correct_ll" else "mmau"
+            d = _diff(results, p, c, key, alone_run)
+            row[key] = {
+                **dataclasses.asdict(d),
+                "alone": [results[s][p][alone_run]["eval"][table]["per_category"][c] for s in seeds],
+                "joint": [results[s][p]["joint"]["eval"][table]["per_category"][c] for s in seeds],
+                "verdict": verdict(d),
+            }
+        rows[c] = row
+    return rows
+
+
 def summarize(results: dict, presets: list[str]) -> dict:
+    """Per preset: alone - joint per category ("categories"), and with the equal-steps control
+    where every seed has it ("equal_steps")."""
     seeds = sorted(results)
     out: dict = {"seeds": seeds, "rule": RULE, "presets": {}}
     for p in presets:
-        rows = {}
-        for c in CATEGORIES:
-            row = {}
-            for key in SCORINGS:
-                d = _diff(results, p, c, key)
-                alone = [results[s][p][c]["eval"]["mmau_ll" if key == "correct_ll" else "mmau"] for s in seeds]
-                joint = [results[s][p]["joint"]["eval"]["mmau_ll" if key == "correct_ll" else "mmau"] for s in seeds]
-                row[key] = {
-                    **dataclasses.asdict(d),
-                    "alone": [a["per_category"][c] for a in alone],
-                    "joint": [j["per_category"][c] for j in joint],
-                    "verdict": verdict(d),
-                }
-            rows[c] = row
+        ran = set.intersection(*(set(results[s][p]) for s in seeds))
         out["presets"][p] = {
-            "categories": rows,
-            "steps": {s: results[seeds[0]][p][s]["steps"] for s in SETTINGS},
-            "train_seconds": sum(results[s][p][x]["seconds"] for s in seeds for x in SETTINGS),
+            "categories": _rows(results, p, seeds),
+            "steps": {s: run["steps"] for s, run in results[seeds[0]][p].items() if s in ran},
+            "train_seconds": sum(results[s][p][x]["seconds"] for s in seeds for x in ran),
         }
+        if all(f"{c}-{EQUAL_STEPS}" in ran for c in CATEGORIES):
+            out["presets"][p]["equal_steps"] = _rows(results, p, seeds, f"-{EQUAL_STEPS}")
     return out
 
 
@@ -178,19 +200,11 @@ def markdown(summary: dict, exp: ExperimentConfig, epochs: float) -> str:
             "",
             f"Steps per run: {steps}; training {s['train_seconds'] / 60:.1f} min over all its runs.",
             "",
-            "| category | scoring | n | alone - joint | 95% interval | McNemar p | alone per seed | joint per seed "
-            "| verdict |",
-            "|---|---|---:|---:|---|---:|---|---|---|",
+            *_table(s["categories"]),
         ]
-        for c, row in s["categories"].items():
-            for key, label in SCORINGS.items():
-                r = row[key]
-                lines.append(
-                    f"| {c} | {label} | {r['n']} | {100 * r['diff']:+.1f} | [{100 * r['low']:+.1f}, "
-                    f"{100 * r['high']:+.1f}] | {r['p_mcnemar']:.3g} | "
-                    f"{' / '.join(f'{100 * v:.1f}' for v in r['alone'])} | "
-                    f"{' / '.join(f'{100 * v:.1f}' for v in r['joint'])} | {r['verdict'] if key == PRIMARY else ''} |"
-                )
+        if "equal_steps" in s:
+            lines += ["", "Control: each category alone for the joint run's steps (the LLM as long trained):", ""]
+            lines += _table(s["equal_steps"])
         found = [c for c, row in s["categories"].items() if row[PRIMARY]["verdict"] == "interference"]
         lines += [
             "",
@@ -204,6 +218,24 @@ def markdown(summary: dict, exp: ExperimentConfig, epochs: float) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _table(rows: dict) -> list[str]:
+    lines = [
+        "| category | scoring | n | alone - joint | 95% interval | McNemar p | alone per seed | joint per seed "
+        "| verdict |",
+        "|---|---|---:|---:|---|---:|---|---|---|",
+    ]
+    for c, row in rows.items():
+        for key, label in SCORINGS.items():
+            r = row[key]
+            lines.append(
+                f"| {c} | {label} | {r['n']} | {100 * r['diff']:+.1f} | [{100 * r['low']:+.1f}, "
+                f"{100 * r['high']:+.1f}] | {r['p_mcnemar']:.3g} | "
+                f"{' / '.join(f'{100 * v:.1f}' for v in r['alone'])} | "
+                f"{' / '.join(f'{100 * v:.1f}' for v in r['joint'])} | {r['verdict'] if key == PRIMARY else ''} |"
+            )
+    return lines
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -239,6 +271,13 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="+", default=["dense"], help="adapter presets to measure (default: dense)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds, each with its own corpus")
     p.add_argument("--epochs", type=float, default=20.0, help="passes over each run's training items (default: 20)")
+    p.add_argument(
+        "--alone-steps",
+        choices=["passes", "joint"],
+        default="passes",
+        help="passes: alone runs pass over their items --epochs times (default); joint: also the control "
+        "runs that train each category alone for the joint run's steps",
+    )
     add_experiment_args(p, out="runs/interference", corpus="data/corpus-interference", test_per_task=100)
     args = p.parse_args(argv)
     unknown = [x for x in args.presets if x not in PRESETS]
@@ -247,7 +286,7 @@ def main(argv=None) -> int:
     if not args.epochs > 0:
         p.error(f"--epochs must be > 0, got {args.epochs}")
     exp = experiment_from_args(args)
-    results = run_interference(exp, args.presets, args.seeds, args.epochs)
+    results = run_interference(exp, args.presets, args.seeds, args.epochs, equal_steps=args.alone_steps == "joint")
     summary = summarize(results, args.presets)
     out = Path(exp.out)
     (out / "interference.json").write_text(json.dumps({**summary, "epochs": args.epochs}, indent=1))

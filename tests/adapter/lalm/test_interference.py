@@ -23,12 +23,16 @@ def test_alone_and_joint_runs_are_paired_per_category(tmp_path, tiny_experiment,
         assert {ex.category for ex in tests[c]} == {c}
     assert sum(len(tests[c]) for c in interference.CATEGORIES) == len(tests["joint"])
 
-    results = interference.run_interference(exp, ["dense"], [0], epochs=2)
+    results = interference.run_interference(exp, ["dense"], [0], epochs=2, equal_steps=True)
     runs = results[0]["dense"]
     steps = {s: runs[s]["steps"] for s in interference.SETTINGS}
     n = {s: len(read_manifest(manifests[s]["train"])) for s in interference.SETTINGS}
     assert steps == {s: interference.steps_for(n[s], 2, exp.batch_size) for s in interference.SETTINGS}
     assert abs(steps["joint"] - sum(steps[c] for c in interference.CATEGORIES)) <= len(interference.CATEGORIES)
+    for c in interference.CATEGORIES:  # the control: alone, as many steps as the joint run, on c's items only
+        control = runs[f"{c}-{interference.EQUAL_STEPS}"]
+        assert control["steps"] == steps["joint"]
+        assert {r["category"] for r in control["eval"]["predictions"]} == {c}
     assert {r["category"] for r in runs["music"]["eval"]["predictions"]} == {"music"}
 
     summary = interference.summarize(results, ["dense"])
@@ -44,12 +48,17 @@ def test_alone_and_joint_runs_are_paired_per_category(tmp_path, tiny_experiment,
                     **{k: row[k] for k in ("diff", "low", "high", "p_mcnemar", "a_only", "b_only", "n")}
                 )
             )
+    equal = summary["presets"]["dense"]["equal_steps"]
+    for c in interference.CATEGORIES:
+        alone = [r["correct_ll"] for r in runs[f"{c}-{interference.EQUAL_STEPS}"]["eval"]["predictions"]]
+        joint = [r["correct_ll"] for r in runs["joint"]["eval"]["predictions"] if r["category"] == c]
+        assert equal[c]["correct_ll"]["diff"] == pytest.approx((sum(alone) - sum(joint)) / len(alone))
     text = interference.markdown(summary, exp, 2)
-    assert interference.RULE in text and "## dense" in text
+    assert interference.RULE in text and "## dense" in text and "joint run's steps" in text
 
     # The CLI on the same folders with --resume reuses every run and writes the report.
     capsys.readouterr()
-    argv = ["--presets", "dense", "--seeds", "0", "--epochs", "2", "--resume", "--quiet"]
+    argv = ["--presets", "dense", "--seeds", "0", "--epochs", "2", "--alone-steps", "joint", "--resume", "--quiet"]
     for k, v in {
         "encoder": "demo",
         "size": "ci",
@@ -64,7 +73,7 @@ def test_alone_and_joint_runs_are_paired_per_category(tmp_path, tiny_experiment,
         argv += [f"--{k}", str(v)]
     assert interference.main(argv + ["--test-per-task", "0"]) == 0
     out = capsys.readouterr().out
-    assert out.count("reusing the finished, evaluated run") == len(interference.SETTINGS)
+    assert out.count("reusing the finished, evaluated run") == len(interference.SETTINGS) + len(interference.CATEGORIES)
     saved = json.loads((tmp_path / "runs" / "interference.json").read_text())
     assert saved["presets"]["dense"]["categories"] == json.loads(json.dumps(summary["presets"]["dense"]["categories"]))
     assert (tmp_path / "runs" / "interference.md").is_file()
