@@ -205,18 +205,20 @@ def markdown(summary: dict, exp: ExperimentConfig, epochs: float) -> str:
         if "equal_steps" in s:
             lines += ["", "Control: each category alone for the joint run's steps (the LLM as long trained):", ""]
             lines += _table(s["equal_steps"])
-        found = [c for c, row in s["categories"].items() if row[PRIMARY]["verdict"] == "interference"]
-        lines += [
-            "",
-            (
-                f"**{p}: interference in {', '.join(found)}** (log-likelihood scoring)."
-                if found
-                else f"**{p}: no category shows interference at this size** (log-likelihood scoring): "
-                "the joint run is not measurably worse than the category alone, so there is no "
-                "cost of sharing for experts to remove here."
-            ),
-            "",
-        ]
+        for label, rows in (("equal passes", s["categories"]), ("equal steps", s.get("equal_steps"))):
+            if rows is None:
+                continue
+            found = [c for c, row in rows.items() if row[PRIMARY]["verdict"] == "interference"]
+            lines += [
+                "",
+                (
+                    f"**{p}, alone with {label}: interference in {', '.join(found)}** (log-likelihood scoring)."
+                    if found
+                    else f"**{p}, alone with {label}: no category shows interference** (log-likelihood "
+                    "scoring): the joint run is not measurably worse than the category alone."
+                ),
+            ]
+        lines.append("")
     return "\n".join(lines)
 
 
