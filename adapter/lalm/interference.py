@@ -43,11 +43,12 @@ import time
 from pathlib import Path
 
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
+from adapter.lalm.model import AUDIO_CATEGORIES
 from adapter.lalm.paired import PairedDiff, aligned, paired_difference
 from adapter.lalm.plots import pyplot, save
 from adapter.presets import PRESETS
 
-CATEGORIES = ("speech", "music", "sound")
+CATEGORIES = AUDIO_CATEGORIES
 SETTINGS = (*CATEGORIES, "joint")
 EQUAL_STEPS = "equal-steps"  # suffix of the alone runs that train as many steps as the joint run
 PRIMARY = "correct_ll"  # log-likelihood scoring decides: it never fails to parse and does not depend on decoding
