@@ -5,15 +5,32 @@ generated offline, reproducible from a seed and cached on disk.
     speech    transcription  which two words are spoken (4 phrases)                mmau
     speech    gender         male / female                                         mmau
     speech    rate           slow / normal / fast                                  mmau
+    speech    voice pitch    high / low                                            mmau
+    speech    word count     how many words are spoken: 1 / 2 / 3 / 4 / 5          mmau
     speech    knowledge      a spoken 4-option question; answer with its letter    voicebench
+    speech    dictation      the spoken sentence, word for word (train/val only)   -
     music     mode           major / minor                                         mmau
     music     instrument     sine / square / sawtooth / plucked string             mmau
     music     direction      ascending / descending                                mmau
     music     note count     2 / 3 / 4 / 5 / 6                                     mmau
-    music     tempo          slow / medium / fast                                  mmau
+    music     tempo          slow / normal / fast                                  mmau
+    music     music pitch    high / low (melody register)                          mmau
     sound     which sound    rain / wind / siren / alarm / knocking / engine       mmau
     sound     knock count    1 / 2 / 3 / 4 / 5                                     mmau
+    sound     knock pace     slow / normal / fast                                  mmau
+    sound     sound pitch    high / low (a beeping tone)                           mmau
     sound     background     which sound is under the speech (same six)            mmau
+
+Three questions are asked of all three categories with the same answer words (SHARED_ANSWERS:
+"high or low", "slow, normal or fast", "how many"): one adapter must map different cues (a
+voice's pitch against its own range, a melody's register, a beep's frequency) to the same words,
+where categories can pull an adapter's weights in different directions. The content tasks
+(what is said, who says it, which instrument, which sound) are what a pretrained encoder carries.
+
+Every item also has a `caption`: its answer (or what is said) in a few words, the text an audio
+clip stands for ("low voice", "3 knocks", the spoken question). The frozen-backbone setting
+(adapter/lalm/backbone.py) trains the LLM on captions in place of audio before the adapter learns
+to stand in for them.
 
 Splits never share a sentence, a question or a seed: sentences and questions are assigned to a
 split by a hash of their text, and every synthetic item draws from its own (seed, split, task,
@@ -37,36 +54,58 @@ import soundfile as sf
 
 from adapter.lalm.audio import load_audio
 from adapter.lalm.corpus import music, sounds, speech
-from adapter.lalm.corpus.banks import phrase_bank, question_bank, sentence_bank
+from adapter.lalm.corpus.banks import NOUNS, phrase_bank, question_bank, sentence_bank
 from adapter.lalm.data import write_manifest
 
-VERSION = 6
+VERSION = 7
 QUESTIONS = 100  # distinct knowledge questions: few enough that the small LLM learns them all as text
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTION = {"train": 0.8, "val": 0.1, "test": 0.1}
 VOICEBENCH_INSTRUCTION = "Answer with the letter of the correct option (A, B, C or D)."
-TASKS = {  # task -> (category, question, choices or None when item-specific)
-    "transcription": ("speech", "Which words are spoken?", None),
-    "gender": ("speech", "Is the speaker male or female?", ["male", "female"]),
-    "rate": ("speech", "Is the speaker talking slowly, at a normal pace or fast?", ["slow", "normal", "fast"]),
-    "knowledge": ("speech", f"Listen to the question. {VOICEBENCH_INSTRUCTION}", ["A", "B", "C", "D"]),
-    "mode": ("music", "Is the chord major or minor?", ["major", "minor"]),
-    "instrument": ("music", "Which instrument plays?", list(music.TIMBRES)),
-    "direction": ("music", "Does the melody go up or down?", ["ascending", "descending"]),
-    "note count": ("music", "How many notes are played?", [str(n) for n in music.NOTE_COUNTS]),
-    "tempo": ("music", "Is the tempo slow, medium or fast?", list(music.TEMPO)),
-    "which sound": ("sound", "Which sound is this?", list(sounds.SOUNDS)),
-    "knock count": ("sound", "How many knocks are there?", [str(n) for n in sounds.KNOCK_COUNTS]),
-    "background": ("sound", "Which sound is in the background of the speech?", list(sounds.SOUNDS)),
+COUNTS = ["1", "2", "3", "4", "5"]
+TASKS = {  # task -> (category, question, choices or None when item-specific, caption of the answer)
+    "transcription": ("speech", "Which words are spoken?", None, "{}"),
+    "gender": ("speech", "Is the speaker male or female?", ["male", "female"], "{} voice"),
+    "rate": ("speech", "Is the speaker talking slowly, at a normal pace or fast?", list(speech.RATES), "{} speech"),
+    "voice pitch": ("speech", "Is the voice high or low?", ["high", "low"], "{} voice"),
+    "word count": ("speech", "How many words are spoken?", COUNTS, "{} words"),
+    "knowledge": ("speech", f"Listen to the question. {VOICEBENCH_INSTRUCTION}", ["A", "B", "C", "D"], "{}"),
+    "dictation": ("speech", "What is said?", [], "{}"),
+    "mode": ("music", "Is the chord major or minor?", ["major", "minor"], "{} chord"),
+    "instrument": ("music", "Which instrument plays?", list(music.TIMBRES), "{} melody"),
+    "direction": ("music", "Does the melody go up or down?", ["ascending", "descending"], "{} melody"),
+    "note count": ("music", "How many notes are played?", [str(n) for n in music.NOTE_COUNTS], "{} notes"),
+    "tempo": ("music", "Is the tempo slow, normal or fast?", list(music.TEMPO), "{} tempo"),
+    "music pitch": ("music", "Is the melody high or low?", list(music.REGISTERS), "{} melody"),
+    "which sound": ("sound", "Which sound is this?", list(sounds.SOUNDS), "{} sound"),
+    "knock count": ("sound", "How many knocks are there?", [str(n) for n in sounds.KNOCK_COUNTS], "{} knocks"),
+    "knock pace": ("sound", "Are the knocks slow, normal or fast?", list(sounds.KNOCK_PACE), "{} knocks"),
+    "sound pitch": ("sound", "Is the sound high or low?", list(sounds.BEEP_PITCH), "{} beeping"),
+    "background": ("sound", "Which sound is in the background of the speech?", list(sounds.SOUNDS), "speech over {}"),
 }
+SHARED_ANSWERS = {  # questions asked of more than one category with the same answer words
+    "high or low": ("voice pitch", "music pitch", "sound pitch"),
+    "slow, normal or fast": ("rate", "tempo", "knock pace"),
+    "how many": ("word count", "note count", "knock count"),
+}
+TRAIN_ONLY = ("dictation",)
+"""Tasks with no test items: dictation (say the spoken sentence back) aligns speech with the text
+the LLM reads (spoken questions must be read before they can be answered); it has no options to
+score."""
 MUSIC_GENERATORS = {
     "mode": music.chord_mode,
     "instrument": music.instrument,
     "direction": music.direction,
     "note count": music.note_count,
     "tempo": music.tempo,
+    "music pitch": music.register,
 }
-SOUND_GENERATORS = {"which sound": sounds.which_sound, "knock count": sounds.knock_count}
+SOUND_GENERATORS = {
+    "which sound": sounds.which_sound,
+    "knock count": sounds.knock_count,
+    "knock pace": sounds.knock_pace,
+    "sound pitch": sounds.beep_pitch,
+}
 
 
 @dataclass(kw_only=True)
@@ -82,7 +121,9 @@ class CorpusConfig:
         if min(self.train_per_task, self.val_per_task, self.test_per_task) < 1:
             raise ValueError(f"every split needs at least one item per task, got {asdict(self)}")
 
-    def per_task(self, split: str) -> int:
+    def per_task(self, split: str, task: str = "") -> int:
+        if split == "test" and task in TRAIN_ONLY:
+            return 0
         return {"train": self.train_per_task, "val": self.val_per_task, "test": self.test_per_task}[split]
 
 
@@ -132,7 +173,8 @@ class _Builder:
         name = f"{split}-{task.replace(' ', '_')}-{i:06d}"
         gender = ["male", "female"][i % 2] if task == "gender" else None
         rate = list(speech.RATES)[i % 3] if task == "rate" else None
-        voice = speech.random_voice(rng, gender=gender, rate=rate)
+        pitch = list(speech.PITCH_CLASSES)[i % 2] if task == "voice pitch" else None
+        voice = speech.random_voice(rng, gender=gender, rate=rate, pitch=pitch)
         choices = TASKS[task][2]
         text = ""
         if task == "knowledge":
@@ -147,9 +189,13 @@ class _Builder:
             choices = [said, *rng.sample(near, 3)]
             rng.shuffle(choices)
             answer = said
+        elif task == "word count":
+            answer = COUNTS[i % len(COUNTS)]
+            said = ", ".join(rng.sample(NOUNS, int(answer))) + "."
         else:
             said = rng.choice(self.sentences[split])
-            answer = voice.gender if task == "gender" else voice.rate_class
+            by_task = {"gender": voice.gender, "rate": voice.rate_class, "voice pitch": pitch, "dictation": said}
+            answer = by_task.get(task)
         wav = self.audio_dir / f"{name}.wav"
         speech.synthesize(said, voice, wav)
         audio = str(wav.relative_to(self.root))
@@ -158,7 +204,7 @@ class _Builder:
             mixed = sounds.mix_under(load_audio(wav), bg, nrng)
             wav.unlink()
             audio = self._write(name, mixed)
-        question = TASKS[task][1] if task == "knowledge" else _mc_question(TASKS[task][1], choices)
+        question = TASKS[task][1] if task in ("knowledge", "dictation") else _mc_question(TASKS[task][1], choices)
         return {
             "id": name,
             "audio": audio,
@@ -169,6 +215,7 @@ class _Builder:
             "answer": answer,
             "text": text,
             "spoken": said,
+            "caption": TASKS[task][3].format(said if task in ("knowledge", "dictation") else answer),
             "eval": "voicebench" if task == "knowledge" else "mmau",
             "voice": asdict(voice),
         }
@@ -188,13 +235,14 @@ class _Builder:
             "question": _mc_question(TASKS[task][1], choices),
             "choices": choices,
             "answer": answer,
+            "caption": TASKS[task][3].format(answer),
             "eval": "mmau",
         }
 
     def split_items(self, split: str, progress) -> list[dict]:
         jobs = []
         for task in TASKS:
-            for i in range(self.cfg.per_task(split)):
+            for i in range(self.cfg.per_task(split, task)):
                 is_speech = TASKS[task][0] == "speech" or task == "background"
                 jobs.append((self.speech_item if is_speech else self.synthetic_item, split, task, i))
         with ThreadPoolExecutor(self.workers) as pool:  # espeak-ng runs as subprocesses: threads suffice

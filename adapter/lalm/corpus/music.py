@@ -11,7 +11,10 @@ SR = 16000
 TIMBRES = ("sine", "square", "sawtooth", "plucked string")
 MAJOR, MINOR = (0, 4, 7), (0, 3, 7)
 MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11, 12)
-TEMPO = {"slow": (60, 80), "medium": (100, 120), "fast": (150, 180)}  # beats per minute
+TEMPO = {"slow": (60, 80), "normal": (100, 120), "fast": (150, 180)}  # beats per minute
+# Registers of the "high or low" melodies (MIDI): C2-D3 (65-147 Hz) and D5-E6 (587-1319 Hz), two
+# octaves apart so the answer never depends on a listener's idea of "middle".
+REGISTERS = {"low": (36, 50), "high": (74, 88)}
 NOTE_COUNTS = (2, 3, 4, 5, 6)
 
 
@@ -126,3 +129,12 @@ def tempo(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     notes = [int(rng.integers(57, 74)) for _ in range(8)]
     x = sequence(notes, [0.6 * beat] * 8, str(rng.choice(TIMBRES)), rng, gap=0.4 * beat)
     return _normalize(x, rng), cls
+
+
+def register(rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A short melody in the low or the high register (the "high or low" question music shares
+    with speech and sound)."""
+    cls = str(rng.choice(list(REGISTERS)))
+    lo, hi = REGISTERS[cls]
+    notes = [int(rng.integers(lo, hi + 1)) for _ in range(int(rng.integers(3, 6)))]
+    return _normalize(sequence(notes, [0.3] * len(notes), str(rng.choice(TIMBRES)), rng), rng), cls

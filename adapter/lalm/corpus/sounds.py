@@ -11,6 +11,12 @@ from scipy.signal import butter, sosfilt
 SR = 16000
 SOUNDS = ("rain", "wind", "siren", "alarm", "knocking", "engine")
 KNOCK_COUNTS = (1, 2, 3, 4, 5)
+KNOCK_GAP = (0.35, 0.6)  # seconds between knocks of the count and which-sound tasks
+# The "slow, normal or fast" knocking of the pace task (seconds between knocks), the same answer
+# words speech rate and music tempo use.
+KNOCK_PACE = {"slow": (0.8, 1.0), "normal": (0.4, 0.55), "fast": (0.14, 0.2)}
+# The "high or low" beeping of the pitch task (Hz): two octaves and more apart.
+BEEP_PITCH = {"low": (150.0, 350.0), "high": (1500.0, 3000.0)}
 
 
 def _filtered_noise(n: int, rng, kind: str, cutoff) -> np.ndarray:
@@ -51,8 +57,8 @@ def alarm(rng, dur: float) -> np.ndarray:
     return np.sign(np.sin(2 * np.pi * rng.uniform(2000, 3000) * t)) * on * 0.5
 
 
-def knocks(rng, count: int) -> np.ndarray:
-    gaps = rng.uniform(0.35, 0.6, count)
+def knocks(rng, count: int, gap: tuple[float, float] = KNOCK_GAP) -> np.ndarray:
+    gaps = rng.uniform(*gap, count)
     n = int((0.3 + gaps.sum() + 0.3) * SR)
     x = np.zeros(n)
     pos = 0.3
@@ -87,6 +93,22 @@ def which_sound(rng) -> tuple[np.ndarray, str]:
 def knock_count(rng) -> tuple[np.ndarray, str]:
     count = int(rng.choice(KNOCK_COUNTS))
     return _finish(knocks(rng, count), rng), str(count)
+
+
+def knock_pace(rng) -> tuple[np.ndarray, str]:
+    """Three to five knocks, slow, normal or fast."""
+    pace = str(rng.choice(list(KNOCK_PACE)))
+    return _finish(knocks(rng, int(rng.integers(3, 6)), KNOCK_PACE[pace]), rng), pace
+
+
+def beep_pitch(rng) -> tuple[np.ndarray, str]:
+    """A beeping tone, low or high: a sine with a few harmonics, on and off at a random rhythm."""
+    cls = str(rng.choice(list(BEEP_PITCH)))
+    f0 = rng.uniform(*BEEP_PITCH[cls])
+    t = np.arange(int(rng.uniform(1.2, 2.2) * SR)) / SR
+    on = (np.floor(t / rng.uniform(0.12, 0.35)) % 2) == 0
+    tone = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6.3)) / k**2 for k in (1, 2, 3))
+    return _finish(tone * on + rng.normal(0, 0.01, len(t)), rng), cls
 
 
 def mix_under(speech: np.ndarray, background: np.ndarray, rng, snr_db: tuple = (0.0, 10.0)) -> np.ndarray:

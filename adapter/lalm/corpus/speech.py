@@ -21,6 +21,10 @@ MALE = tuple(f"m{i}" for i in range(1, 8))
 FEMALE = tuple(f"f{i}" for i in range(1, 6))
 RATES = {"slow": (105, 125), "normal": (160, 180), "fast": (235, 260)}  # words per minute
 PITCH = (30, 70)  # espeak-ng pitch 0-99; this range keeps every male voice below every female one
+# The "high or low" voice task's espeak-ng pitch ranges. Measured with median_f0 (en-us, 170 wpm):
+# low 0-25 gives male 71-85 Hz and female 118-170 Hz, high 75-99 male 125-170 and female 240-330 Hz:
+# a high male voice and a low female one overlap, so the answer needs the voice's own range.
+PITCH_CLASSES = {"low": (0, 25), "high": (75, 99)}
 
 
 class SpeechSynthesisError(RuntimeError):
@@ -43,16 +47,17 @@ class Voice:
         return next(name for name, (lo, hi) in RATES.items() if lo <= self.rate_wpm <= hi)
 
 
-def random_voice(rng: random.Random, gender: str | None = None, rate: str | None = None) -> Voice:
+def random_voice(
+    rng: random.Random, gender: str | None = None, rate: str | None = None, pitch: str | None = None
+) -> Voice:
+    """A voice; gender, rate class and pitch class (PITCH_CLASSES; None: the middle range) fixed
+    when given."""
     gender = gender or rng.choice(["male", "female"])
     rate = rate or rng.choice(list(RATES))
     lo, hi = RATES[rate]
-    return Voice(
-        rng.choice(ACCENTS),
-        rng.choice(FEMALE if gender == "female" else MALE),
-        rng.randint(lo, hi),
-        rng.randint(*PITCH),
-    )
+    accent = rng.choice(ACCENTS)
+    variant = rng.choice(FEMALE if gender == "female" else MALE)
+    return Voice(accent, variant, rng.randint(lo, hi), rng.randint(*(PITCH_CLASSES[pitch] if pitch else PITCH)))
 
 
 def espeak_available() -> bool:

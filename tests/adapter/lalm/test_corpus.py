@@ -177,6 +177,37 @@ def test_knock_counts():
         assert onsets(x, thresh=0.3) == int(label)
 
 
+def test_knock_paces_and_beep_pitches_match_the_audio():
+    rng = np.random.default_rng(6)
+    for _ in range(N):
+        x, label = sounds.knock_pace(rng)
+        env = envelope(x)
+        rises = np.flatnonzero((env[1:] > 0.3 * env.max()) & (env[:-1] <= 0.3 * env.max())) * 0.01
+        lo, hi = sounds.KNOCK_PACE[label]
+        assert lo - 0.02 <= np.median(np.diff(rises)) <= hi + 0.02, (label, np.diff(rises))
+    seen = set()
+    for _ in range(N):
+        x, label = sounds.beep_pitch(rng)
+        seen.add(label)
+        mag, freq = spectrum(x)
+        lo, hi = sounds.BEEP_PITCH[label]
+        assert lo * 0.98 <= freq[np.argmax(mag)] <= hi * 1.02, (label, freq[np.argmax(mag)])
+    assert seen == {"low", "high"}
+
+
+def test_melody_registers_match_their_labels():
+    rng = np.random.default_rng(7)
+    seen = set()
+    for _ in range(N):
+        x, label = music.register(rng)
+        seen.add(label)
+        seg = int(0.3 * SR)
+        notes = [pitch(x[i + seg // 4 : i + 3 * seg // 4]) for i in range(0, len(x) - seg + 1, seg)]
+        lo, hi = music.REGISTERS[label]
+        assert all(lo <= n <= hi for n in notes), (label, notes)
+    assert seen == {"low", "high"}
+
+
 def test_mixing_keeps_the_speech_length_and_level():
     rng = np.random.default_rng(5)
     s = np.sin(np.linspace(0, 200, 16000)).astype(np.float32)
@@ -200,6 +231,20 @@ def test_espeak_voices_match_their_gender_and_rate_labels(tmp_path):
     assert min(durations["slow"]) > max(durations["normal"]) and min(durations["normal"]) > max(durations["fast"])
 
 
+def test_voice_pitch_classes_are_high_and_low_within_each_gender(tmp_path):
+    """The voice-pitch task's label holds within each gender (a low female voice may sit above a
+    high male one: the task asks about the voice's own range)."""
+    rng = random.Random(1)
+    f0 = {}
+    for i in range(16):
+        gender, cls = ["male", "female"][i % 2], list(speech.PITCH_CLASSES)[(i // 2) % 2]
+        voice = speech.random_voice(rng, gender=gender, pitch=cls)
+        path = speech.synthesize("The old painter visits the river.", voice, tmp_path / f"p{i}.wav")
+        f0.setdefault((gender, cls), []).append(speech.median_f0(load_audio(path), SR))
+    for gender in ("male", "female"):
+        assert max(f0[gender, "low"]) < min(f0[gender, "high"]), f0
+
+
 def test_banks_are_distinct_and_deterministic():
     assert len(set(phrase_bank())) == 400
     assert sentence_bank(50, 1) == sentence_bank(50, 1) and len(set(sentence_bank(50, 1))) == 50
@@ -218,20 +263,22 @@ def built(ci_corpus):
 def test_corpus_splits_share_no_text_or_seed(built):
     root, manifests = built
     recs = {s: [json.loads(line) for line in manifests[s].read_text().splitlines()] for s in SPLITS}
+    cfg = corpus_build.SIZES["ci"]
     for s in SPLITS:
-        assert len(recs[s]) == len(TASKS) * corpus_build.SIZES["ci"].per_task(s)
+        assert len(recs[s]) == sum(cfg.per_task(s, t) for t in TASKS)
         for r in recs[s]:
-            assert (
-                (root / r["audio"]).is_file()
-                and r["answer"] in r["choices"]
-                and r["category"]
-                in (
-                    "speech",
-                    "music",
-                    "sound",
-                )
-            )
-    spoken = {s: {r["spoken"] for r in recs[s] if r.get("spoken")} for s in SPLITS}
+            assert (root / r["audio"]).is_file() and r["category"] in ("speech", "music", "sound")
+            assert r["caption"] and (r["answer"] in r["choices"] or r["task"] in corpus_build.TRAIN_ONLY)
+            if r["task"] not in ("knowledge", "dictation", "transcription"):
+                assert r["caption"].startswith(r["answer"]) or r["caption"].endswith(r["answer"]), r
+    assert not [r for r in recs["test"] if r["task"] in corpus_build.TRAIN_ONLY]
+    dictation = [r for r in recs["train"] if r["task"] == "dictation"]
+    assert dictation and all(r["answer"] == r["spoken"] == r["caption"] for r in dictation)
+    counts = [r for r in recs["train"] if r["task"] == "word count"]
+    assert all(len(r["spoken"].split(", ")) == int(r["answer"]) for r in counts)
+    # Sentences, phrases and questions never cross splits (word-count lists, a few nouns, may:
+    # only their number is asked).
+    spoken = {s: {r["spoken"] for r in recs[s] if r.get("spoken") and r["task"] != "word count"} for s in SPLITS}
     assert not (spoken["train"] & spoken["test"]) and not (spoken["train"] & spoken["val"])
     assert not (spoken["val"] & spoken["test"])
     ids = [r["id"] for s in SPLITS for r in recs[s]]
