@@ -3,11 +3,14 @@
 A manifest is JSONL, one example per line:
     {"id": "...", "audio": "clips/x.wav" (relative to the manifest, or absolute; omit or null for
      a text-only example), "question": "...", "answer": "...", optional "category", "task",
-     "choices": [...], "text": the question as plain text for the modality-gap evaluation}
+     "choices": [...], "text": the question as plain text for the modality-gap evaluation,
+     "context": for a text-only example, text that stands where audio would (a caption)}
 
 Prompt layout (ids):  <|audio_start|> <|audio_pad|> x F <|audio_end|> "\\n{question}\\nAnswer:"  and the
 answer " {answer}" <eos>, where F = audio.audio_frames(samples): placeholders and frames always
-agree. Loss falls on the answer tokens only.
+agree. A text-only example with a context has the context's tokens between the audio markers
+(<|audio_start|> context <|audio_end|>), so a backbone can learn to read what audio will later
+stand for. Loss falls on the answer tokens only.
 
 Batches are formed by length (examples of similar size together, so little is padding), in an
 order that is a pure function of (seed, epoch): a run can resume at any batch, and R ranks take
@@ -43,6 +46,7 @@ class Example:
     task: str = ""
     choices: list[str] = field(default_factory=list)
     text: str = ""  # the question as plain text (modality-gap evaluation)
+    context: str = ""  # text-only examples: what stands between the audio markers instead of audio
     eval: str = "mmau"  # how answers are scored: "mmau" (choice text) or "voicebench" (a letter)
     num_samples: int = 0  # at 16 kHz, after resampling (0 for text-only)
     source: str = ""  # "manifest:line" it came from, for error messages
@@ -75,6 +79,7 @@ _FIELD_TYPES = {
     "category": (str,),
     "task": (str,),
     "text": (str,),
+    "context": (str,),
     "eval": (str,),
     "choices": (list,),
 }
@@ -126,9 +131,12 @@ def read_manifest(path: str | Path) -> list[Example]:
                 task=rec.get("task", ""),
                 choices=rec.get("choices", []),
                 text=rec.get("text", ""),
+                context=rec.get("context", ""),
                 eval=rec.get("eval", "mmau"),
                 source=f"{path}:{lineno}",
             )
+            if audio is not None and ex.context:
+                raise ValueError(f"{path}:{lineno}: an example has either audio or a context, not both")
             if audio is not None:
                 try:
                     ex.num_samples = _resampled_length(audio)
@@ -162,9 +170,14 @@ def write_manifest(path: str | Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-def prompt_ids(tokenizer, num_frames: int, question: str) -> list[int]:
-    audio = [tokenizer.audio_start_id, *([tokenizer.audio_pad_id] * num_frames), tokenizer.audio_end_id]
-    return (audio if num_frames else []) + tokenizer.encode(f"\n{question}\nAnswer:")
+def prompt_ids(tokenizer, num_frames: int, question: str, context: str = "") -> list[int]:
+    """The prompt: audio placeholders (num_frames > 0), or a context between the audio markers,
+    or neither, then the question."""
+    if num_frames and context:
+        raise ValueError("a prompt has audio frames or a context, not both")
+    inner = [tokenizer.audio_pad_id] * num_frames if num_frames else tokenizer.encode(context) if context else []
+    audio = [tokenizer.audio_start_id, *inner, tokenizer.audio_end_id] if inner else []
+    return audio + tokenizer.encode(f"\n{question}\nAnswer:")
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
@@ -257,7 +270,7 @@ def collate(
     for ex in examples:
         frames = 0 if use_text_question else ex.num_frames
         question = (ex.text or ex.question) if use_text_question else ex.question
-        p = prompt_ids(tokenizer, frames, question)
+        p = prompt_ids(tokenizer, frames, question, "" if frames else ex.context)
         a = answer_ids(tokenizer, ex.answer) if with_answer else []
         seqs.append(p + a)
         labels.append([IGNORE] * len(p) + a)
@@ -290,7 +303,7 @@ def length_batches(
     (prompt + answer) and `max_batch_size` examples each; order fixed by (seed, epoch)."""
     rng = random.Random(seed * 1_000_003 + epoch)
     sizes = [
-        len(prompt_ids(tokenizer, ex.num_frames, ex.question)) + len(answer_ids(tokenizer, ex.answer))
+        len(prompt_ids(tokenizer, ex.num_frames, ex.question, ex.context)) + len(answer_ids(tokenizer, ex.answer))
         for ex in examples
     ]
     order = list(range(len(examples)))
