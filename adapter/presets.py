@@ -61,11 +61,29 @@ def moe_adapter(
     )
 
 
-def matched_to_dense(config: MoEAdapterConfig) -> MoEAdapterConfig:
+def scale_widths(config: AdapterConfig, scale: float) -> AdapterConfig:
+    """`config` with every hidden width times `scale` (rounded, at least 1): the dense MLP's hidden
+    width; the MoE experts' f, the aggregation width A and the shared experts' width. In and out
+    widths (d, D), expert count and top-k stay. A capacity sweep scales every preset alike."""
+    if not scale > 0:
+        raise ValueError(f"width scale must be > 0, got {scale}")
+    w = lambda n: max(1, round(n * scale))  # noqa: E731
+    if isinstance(config, DenseAdapterConfig):
+        return replace(config, hidden_dim=w(config.hidden_dim))
+    return replace(
+        config,
+        expert_dim=w(config.expert_dim),
+        aggregation_dim=w(config.aggregation_dim) if config.aggregation_dim else 0,
+        shared_expert_dim=w(config.shared_expert_dim),
+    )
+
+
+def matched_to_dense(config: MoEAdapterConfig, width_scale: float = 1.0) -> MoEAdapterConfig:
     """`config` with the expert width f that brings its total parameters nearest the dense
     adapter's at the same dims (total = a + b*f is linear in f): MoE and dense compared at equal
-    size whatever d and D are (at d = 64, D = 128 the serial moe-8c4 has 84% of dense's size)."""
-    dense_total = dense_baseline(config.in_dim, config.out_dim).param_counts().total
+    size whatever d and D are (at d = 64, D = 128 the serial moe-8c4 has 84% of dense's size).
+    `width_scale`: the dense adapter it is matched to has its hidden width scaled so."""
+    dense_total = scale_widths(dense_baseline(config.in_dim, config.out_dim), width_scale).param_counts().total
     a = replace(config, expert_dim=1).param_counts().total
     b = replace(config, expert_dim=2).param_counts().total - a
     return replace(config, expert_dim=max(1, round(1 + (dense_total - a) / b)))
@@ -114,11 +132,20 @@ def _parallel(factory: Callable[..., MoEAdapterConfig]) -> Callable[..., MoEAdap
 PRESETS.update({f"{name}-parallel": _parallel(f) for name, f in list(PRESETS.items()) if name != "dense"})
 
 
-def preset(name: str, in_dim: int = PAPER_IN_DIM, out_dim: int = PAPER_OUT_DIM, **overrides) -> AdapterConfig:
-    """The config of a named preset; `overrides` go to MoEAdapterConfig (e.g. backend="torch")."""
+def preset(
+    name: str, in_dim: int = PAPER_IN_DIM, out_dim: int = PAPER_OUT_DIM, width_scale: float = 1.0, **overrides
+) -> AdapterConfig:
+    """The config of a named preset; `overrides` go to MoEAdapterConfig (e.g. backend="torch",
+    num_experts=12). `width_scale` multiplies its hidden widths (scale_widths); a `-matched` preset
+    then takes the expert width that matches the dense adapter scaled alike."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name](in_dim, out_dim, **overrides)
+    config = PRESETS[name](in_dim, out_dim, **overrides)
+    if width_scale != 1.0:
+        config = scale_widths(config, width_scale)
+        if "-matched" in name:  # re-match at the scaled size (matching sets f from the other widths)
+            config = matched_to_dense(config, width_scale)
+    return config
 
 
 def build_adapter(config: AdapterConfig) -> nn.Module:

@@ -70,9 +70,12 @@ def build_model(config: ModelConfig, seed: int = 0) -> AudioLLM:
                 "balance_scope": config.balance_scope,
                 "routing": config.routing,
                 "num_labels": len(AUDIO_CATEGORIES) if config.routing == "label" else 0,
+                **({"num_experts": config.num_experts} if config.num_experts else {}),
+                **({"top_k": config.top_k} if config.top_k else {}),
             }
         )
-        adapter = build_adapter(preset(config.adapter, config.audio_dim, hidden, **overrides))
+        adapter_config = preset(config.adapter, config.audio_dim, hidden, width_scale=config.adapter_width, **overrides)
+        adapter = build_adapter(adapter_config)
         frontend = FrontendConfig(
             audio_dim=config.audio_dim, semantic_codes=config.semantic_codes, use_continuous=config.use_continuous
         )

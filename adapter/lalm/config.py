@@ -53,6 +53,13 @@ class ModelConfig:
         "MoE presets: learned (the router trains), frozen (it keeps its random initial weights) or label "
         "(each audio category owns num_experts // 3 experts and routes among them: an upper-bound control)",
     )
+    adapter_width: float = _f(
+        1.0,
+        "multiplies the adapter preset's hidden widths (dense: 8d; MoE: f and the aggregation 4d); a "
+        "-matched MoE preset stays at the size of the dense adapter scaled alike (a capacity sweep)",
+    )
+    num_experts: int = _f(0, "MoE presets: routed experts E (0: the preset's)")
+    top_k: int = _f(0, "MoE presets: experts per token k (0: the preset's)")
     tiny_llm_hidden: int = _f(128, "hidden size of the 'tiny' LLM")
     tiny_llm_layers: int = _f(2, "decoder layers of the 'tiny' LLM")
 
@@ -69,6 +76,14 @@ class ModelConfig:
         for name in ("audio_dim", "tiny_llm_hidden", "tiny_llm_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.adapter_width) and self.adapter_width > 0):
+            raise ValueError(f"adapter_width must be a positive finite number, got {self.adapter_width}")
+        if self.num_experts < 0 or self.top_k < 0:
+            raise ValueError(
+                f"num_experts and top_k must be >= 0 (0: the preset's), got {self.num_experts}, {self.top_k}"
+            )
+        if self.adapter == "dense" and (self.num_experts or self.top_k):
+            raise ValueError("num_experts / top_k apply to MoE presets; the dense adapter has no experts")
         if self.semantic_codes < 0:
             raise ValueError(f"semantic_codes must be >= 0, got {self.semantic_codes}")
         if not self.use_continuous and not self.semantic_codes:

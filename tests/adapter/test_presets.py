@@ -78,3 +78,22 @@ def test_matched_preset_has_the_dense_total_nearest_any_width(dims, layout):
         if f >= 1:
             assert abs(dataclasses.replace(cfg, expert_dim=f).param_counts().total - dense) >= gap
     assert preset("moe-8c4-matched", 64, 128).expert_dim == 47  # the demo's dims: wider than f = 32
+
+
+@pytest.mark.parametrize("scale", [0.125, 0.5, 3.0])
+def test_width_scale_scales_hidden_widths_and_keeps_matched_presets_at_dense_size(scale):
+    """A capacity sweep scales every preset alike; a -matched MoE preset stays at the total of the
+    dense adapter scaled the same way (within half a step of expert width), whatever E is."""
+    d, D = 256, 128
+    dense = preset("dense", d, D, width_scale=scale)
+    assert dense.hidden_dim == round(8 * d * scale)
+    moe = preset("moe-8c4-parallel", d, D, width_scale=scale)
+    assert (moe.expert_dim, moe.aggregation_dim) == (round(d / 2 * scale), round(4 * d * scale))
+    for experts in (8, 12):
+        cfg = preset("moe-8c4-matched-parallel", d, D, width_scale=scale, num_experts=experts)
+        assert cfg.num_experts == experts and cfg.aggregation_dim == round(4 * d * scale)
+        step = cfg.num_experts * (cfg.in_dim + cfg.expert_out_dim)
+        assert abs(cfg.param_counts().total - dense.param_counts().total) <= step / 2
+    assert preset("moe-8c4", d, D, width_scale=1.0) == preset("moe-8c4", d, D)
+    with pytest.raises(ValueError, match="width scale must be > 0, got 0"):
+        preset("dense", d, D, width_scale=0)
