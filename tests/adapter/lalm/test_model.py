@@ -176,3 +176,51 @@ def test_label_routed_adapter_reads_each_samples_category(examples, tone_corpus)
     unlabeled = [dataclasses.replace(ex, category="") for ex in examples[:2]]
     with pytest.raises(ValueError, match=r"labels of real tokens must be in \[0, 3\)"):
         model(_batch(model, unlabeled))
+
+
+def test_model_config_sizes_the_adapter_it_builds():
+    """adapter_width, num_experts and top_k reach the built adapter; nonsense is refused."""
+    model = _model(adapter="moe-8c4-matched-parallel", adapter_width=0.5, num_experts=12, routing="label")
+    cfg = model.adapter.config
+    assert (cfg.num_experts, cfg.top_k, cfg.aggregation_dim, cfg.num_labels) == (12, 4, 64, 3)
+    dense = _model(adapter="dense", adapter_width=0.5).adapter
+    built = sum(p.numel() for p in model.adapter.parameters())
+    assert abs(built - sum(p.numel() for p in dense.parameters())) <= 12 * (32 + 64) / 2  # equal totals
+    assert _model(adapter="moe-8c4", top_k=2).adapter.config.top_k == 2
+    with pytest.raises(ValueError, match="the dense adapter has no experts"):
+        ModelConfig(adapter="dense", num_experts=4)
+    with pytest.raises(ValueError, match="adapter_width must be a positive finite number, got -1"):
+        ModelConfig(adapter_width=-1.0)
+
+
+def test_a_context_stands_between_the_audio_markers(tmp_path, tone_corpus):
+    """A text-only example's context sits where audio frames would: <|audio_start|> context
+    <|audio_end|>, then the question; length batching counts it; audio and a context together are
+    refused, naming the line."""
+    import json
+
+    from adapter.lalm.data import prompt_ids
+
+    model = _model()
+    tok = model.tokenizer
+    manifest = tmp_path / "m.jsonl"
+    rows = [
+        {"id": "c", "question": "Is the tone high or low?", "answer": "low", "context": "low tone"},
+        {"id": "q", "question": "Is the tone high or low?", "answer": "low"},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with_context, plain = read_manifest(manifest)
+    ids = prompt_ids(tok, 0, with_context.question, with_context.context)
+    ctx = tok.encode("low tone")
+    assert ids[: len(ctx) + 2] == [tok.audio_start_id, *ctx, tok.audio_end_id]
+    assert ids[len(ctx) + 2 :] == prompt_ids(tok, 0, plain.question)
+    batch = _batch(model, [with_context, plain])
+    assert batch.audio_BFC is None and batch.input_ids_BL[0, : len(ids)].tolist() == ids
+    assert model(batch).ntp_sum.isfinite()
+    with pytest.raises(ValueError, match="audio frames or a context, not both"):
+        prompt_ids(tok, 3, "q", "ctx")
+    bad = tmp_path / "bad.jsonl"
+    audio = str(tone_corpus[0].parent / "c0.wav")
+    bad.write_text(json.dumps({"id": "x", "question": "q", "audio": audio, "context": "a tone"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: an example has either audio or a context"):
+        read_manifest(bad)
