@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -115,8 +116,15 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
 
 
-def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, Path], name: str = "") -> dict:
-    """Train one adapter preset under `exp` in <out>/<name or preset>, evaluate it on the test split; returns
+def train_and_evaluate(
+    exp: ExperimentConfig,
+    preset: str,
+    manifests: dict[str, Path],
+    name: str = "",
+    adjust: Callable[[TrainConfig], TrainConfig] | None = None,
+) -> dict:
+    """Train one adapter preset under `exp` in <out>/<name or preset>, evaluate it on the test split
+    (`adjust` changes the run's TrainConfig, e.g. a frozen LLM or a wider adapter); returns
     {"eval": evaluate(...), "summary": train summary, "log": log records, "seconds": training wall
     time, summed over resumed calls}.
     The evaluation is also written to the run folder's eval.json. With `exp.resume`, a run that had
@@ -128,6 +136,8 @@ def train_and_evaluate(exp: ExperimentConfig, preset: str, manifests: dict[str, 
     if not exp.resume:  # a fresh run: an earlier run's evaluation must not outlive it
         done.unlink(missing_ok=True)
     cfg = exp.train_config(preset, manifests, run_dir)
+    if adjust is not None:
+        cfg = adjust(cfg)
     if finished and timing.is_file():
         diffs = config_differences(json.loads((run_dir / "config.json").read_text()), cfg)
         if diffs:

@@ -1,0 +1,104 @@
+"""The frozen-backbone setting and the capacity sweep at CI size: the text stage reads captions
+where audio will be, its LLM stays bit-for-bit frozen through every audio-stage run, variants are
+sized equally, paired differences follow the fixed rules, and --resume reuses every run."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adapter.lalm import backbone, capacity
+from adapter.lalm.data import read_manifest
+from adapter.lalm.model import AUDIO_CATEGORIES
+from adapter.lalm.train import load_trained
+
+
+def _corpus(root):
+    return {s: root / f"{s}.jsonl" for s in ("train", "val", "test", "text")}
+
+
+def test_captions_replace_the_audio_of_every_item(ci_corpus):
+    captions = backbone.caption_manifests(_corpus(ci_corpus))
+    for split in ("train", "val", "test"):
+        audio = read_manifest(ci_corpus / f"{split}.jsonl")
+        text = read_manifest(captions[split])
+        assert len(text) == len(audio) and all(ex.audio is None and ex.context for ex in text)
+        assert [(ex.question, ex.answer, ex.task) for ex in text] == [(ex.question, ex.answer, ex.task) for ex in audio]
+    with pytest.raises(ValueError, match="has no caption: rebuild the corpus"):
+        backbone.caption_records([{"id": "old", "question": "q"}])
+
+
+@pytest.mark.slow
+def test_sweep_trains_the_adapter_on_a_frozen_text_backbone(tmp_path, tiny_experiment, ci_corpus, capsys):
+    corpora = tmp_path / "corpora"
+    corpora.mkdir()
+    (corpora / "seed-0").symlink_to(ci_corpus)
+    exp = tiny_experiment(corpus=str(corpora), out=str(tmp_path / "runs"), steps=4, checkpoints=1)
+    variants = ("dense", "moe-label")
+    result = capacity.run_sweep(exp, [0], text_steps=4, widths=(0.25, 1.0), variants=variants)
+
+    seed_dir = tmp_path / "runs" / "seed-0"
+    llm = AutoModelForCausalLM.from_pretrained(seed_dir / "backbone" / "llm", local_files_only=True)
+    text_llm = load_trained(seed_dir / "backbone").llm.state_dict()
+    assert all(torch.equal(v, text_llm[k]) for k, v in llm.state_dict().items())  # the exported copy
+    for w in (0.25, 1.0):
+        dense_total = result["runs"][0][w]["dense"]["params"]["total"]
+        for v in variants:
+            run = seed_dir / f"w{w:g}" / v
+            model = load_trained(run)
+            # The audio stage never moves the LLM: its weights are the backbone's, loaded, not trained.
+            assert all(torch.equal(p, text_llm[k]) for k, p in model.llm.state_dict().items())
+            cfg = json.loads((run / "config.json").read_text())
+            assert cfg["freeze_llm"] and cfg["train_adapter"] and cfg["model"]["adapter_width"] == w
+            step = 12 * (32 + 64)  # one expert-width step at d = 32, D = 64
+            assert abs(result["runs"][0][w][v]["params"]["total"] - dense_total) <= step / 2
+        assert result["runs"][0][w]["moe-label"]["params"]["active"] < dense_total
+    rates = result["runs"][0][1.0]["moe-label"]["eval"]["expert_rates"]
+    for i, c in enumerate(AUDIO_CATEGORIES):  # label routing: category i on its own 4 experts, all 4 active
+        assert sum(rates[c][4 * i : 4 * i + 4]) == pytest.approx(4.0), rates
+
+    summary = capacity.summarize(result)
+    for w in (0.25, 1.0):
+        comp = summary["table"][w]["comparisons"]["moe-label - dense"]["all"]
+        a = [r["correct_ll"] for r in capacity.mmau_rows(result["runs"][0][w]["moe-label"]["eval"], None)]
+        b = [r["correct_ll"] for r in capacity.mmau_rows(result["runs"][0][w]["dense"]["eval"], None)]
+        assert comp["n"] == len(a) == len(b) and comp["diff"] == pytest.approx((sum(a) - sum(b)) / len(a))
+        assert comp["verdict"] == capacity.word(capacity.PairedDiff(**{k: comp[k] for k in comp if k != "verdict"}))
+    assert set(summary["bottleneck"]) == set(variants)
+    text = capacity.markdown(summary, exp, 4)
+    assert all(rule in text for rule in capacity.RULES.values()) and "## Findings" in text
+
+    capsys.readouterr()
+    argv = ["--seeds", "0", "--text-steps", "4", "--widths", "0.25", "1", "--variants", *variants, "--resume"]
+    for k, v in {
+        "encoder": "demo",
+        "size": "ci",
+        "batch-size": 16,
+        "audio-dim": 32,
+        "semantic-codes": 8,
+        "llm-hidden": 64,
+        "llm-layers": 1,
+        "text-weight": 1,
+        "steps": 4,
+        "checkpoints": 1,
+        "corpus": corpora,
+        "out": tmp_path / "runs",
+    }.items():
+        argv += [f"--{k}", str(v)]
+    assert capacity.main(argv + ["--quiet"]) == 0
+    assert capsys.readouterr().out.count("reusing the finished, evaluated run") == 1 + 2 * len(variants)
+    saved = json.loads((tmp_path / "runs" / "capacity.json").read_text())["summary"]
+    assert saved["table"]["1.0"]["comparisons"] == json.loads(json.dumps(summary["table"][1.0]["comparisons"]))
+    assert (tmp_path / "runs" / "capacity.png").is_file()
+
+
+def test_rule_words():
+    d = lambda lo, hi: capacity.PairedDiff((lo + hi) / 2, lo, hi, 0.5, 1, 1, 10)  # noqa: E731
+    assert [capacity.word(d(0.01, 0.05)), capacity.word(d(-0.05, -0.01)), capacity.word(d(-0.01, 0.05))] == [
+        "better",
+        "worse",
+        "tie",
+    ]
+    rates = {"speech": [1.0, 0.5], "music": [0.5, 0.5], "sound": [0.0, 1.0]}
+    assert capacity.max_specialization(rates) == pytest.approx(2.0)
