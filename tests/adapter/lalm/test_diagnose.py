@@ -65,7 +65,8 @@ def test_cli_measures_every_part_at_every_checkpoint(tiny_runs, tmp_path, capsys
     for x in routing:
         assert 0 < x["entropy"] <= 1 and len(x["gates"]) == 4
         assert x["gates"] == sorted(x["gates"], reverse=True) and sum(x["gates"]) == pytest.approx(1, abs=1e-5)
-    assert all(0 <= x["churn"] <= 1 and x["top1_churn"] <= x["churn"] for x in routing[1:])
+    # No order between the two: a token can keep its expert set while its first expert changes.
+    assert all(0 <= x["churn"] <= 1 and 0 <= x["top1_churn"] <= 1 for x in routing[1:])
     md = (out / "diagnose.md").read_text()
     assert "| moe-8c4 | final | middle |" in md and "| dense | init | input |" in md and "| moe-8c4 | 4 |" in md
     assert (out / "diagnose.png").stat().st_size > 1000
