@@ -36,8 +36,10 @@ def caption_records(records: list[dict]) -> list[dict]:
     for r in records:
         if not r.get("caption"):
             raise ValueError(f"item {r.get('id')!r} has no caption: rebuild the corpus (corpus version >= 7)")
-        keep = ("question", "choices", "answer", "category", "task", "eval")
-        out.append({"id": f"caption-{r['id']}", "audio": None, "context": r["caption"], **{k: r[k] for k in keep}})
+        # "text": the knowledge question as plain text (as text.jsonl has it), the backbone's own number
+        keep = ("question", "choices", "answer", "category", "task", "eval", "text")
+        twin = {k: r.get(k, "") for k in keep}
+        out.append({"id": f"caption-{r['id']}", "audio": None, "context": r["caption"], **twin})
     return out
 
 
