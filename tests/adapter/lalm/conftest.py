@@ -71,6 +71,14 @@ TINY_EXPERIMENT = dict(
 """The smallest ExperimentConfig settings the demo, ablation and report tests train with (seconds each)."""
 
 
+def tiny_experiment_argv(**extra) -> list[str]:
+    """TINY_EXPERIMENT, and `extra` fields, as an experiment runner's command-line flags."""
+    argv = []
+    for k, v in {**TINY_EXPERIMENT, **extra}.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv
+
+
 @pytest.fixture
 def tiny_experiment(tmp_path, ci_corpus):
     """ExperimentConfig(**TINY_EXPERIMENT) on the session corpus, writing under tmp_path/runs."""

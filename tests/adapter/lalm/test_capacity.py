@@ -12,6 +12,7 @@ from adapter.lalm import backbone, capacity
 from adapter.lalm.data import read_manifest
 from adapter.lalm.model import AUDIO_CATEGORIES
 from adapter.lalm.train import load_trained
+from tests.adapter.lalm.conftest import tiny_experiment_argv
 
 
 def _corpus(root):
@@ -71,21 +72,7 @@ def test_sweep_trains_the_adapter_on_a_frozen_text_backbone(tmp_path, tiny_exper
 
     capsys.readouterr()
     argv = ["--seeds", "0", "--text-steps", "4", "--widths", "0.25", "1", "--variants", *variants, "--resume"]
-    for k, v in {
-        "encoder": "demo",
-        "size": "ci",
-        "batch-size": 16,
-        "audio-dim": 32,
-        "semantic-codes": 8,
-        "llm-hidden": 64,
-        "llm-layers": 1,
-        "text-weight": 1,
-        "steps": 4,
-        "checkpoints": 1,
-        "corpus": corpora,
-        "out": tmp_path / "runs",
-    }.items():
-        argv += [f"--{k}", str(v)]
+    argv += tiny_experiment_argv(steps=4, checkpoints=1, corpus=corpora, out=tmp_path / "runs")
     assert capacity.main(argv + ["--quiet"]) == 0
     assert capsys.readouterr().out.count("reusing the finished, evaluated run") == 1 + 2 * len(variants)
     saved = json.loads((tmp_path / "runs" / "capacity.json").read_text())["summary"]

@@ -7,6 +7,7 @@ import pytest
 
 from adapter.lalm import interference
 from adapter.lalm.data import read_manifest
+from tests.adapter.lalm.conftest import tiny_experiment_argv
 
 
 @pytest.mark.slow
@@ -59,18 +60,7 @@ def test_alone_and_joint_runs_are_paired_per_category(tmp_path, tiny_experiment,
     # The CLI on the same folders with --resume reuses every run and writes the report.
     capsys.readouterr()
     argv = ["--presets", "dense", "--seeds", "0", "--epochs", "2", "--alone-steps", "joint", "--resume", "--quiet"]
-    for k, v in {
-        "encoder": "demo",
-        "size": "ci",
-        "batch-size": 16,
-        "audio-dim": 32,
-        "semantic-codes": 8,
-        "llm-hidden": 64,
-        "llm-layers": 1,
-        "corpus": corpora,
-        "out": tmp_path / "runs",
-    }.items():
-        argv += [f"--{k}", str(v)]
+    argv += tiny_experiment_argv(corpus=corpora, out=tmp_path / "runs")
     assert interference.main(argv + ["--test-per-task", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("reusing the finished, evaluated run") == len(interference.SETTINGS) + len(interference.CATEGORIES)
