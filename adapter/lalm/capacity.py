@@ -20,6 +20,11 @@ dictation included), and is evaluated on the test split:
 the same number of experts (k = 4 of 4) at the same total and active size as the other variants.
 Total parameters are counted on each run's built adapter and reported.
 
+The mechanism (paper eq. 11, 12; adapter/lalm/analysis.py) for dense and the learned MoE at every
+width: per-category gradient cosines of the adapter's parameters at each kept checkpoint and the
+gradient influence scores at the last, on validation batches (kept in each run's
+mechanism.json, so a --resume does not recompute them).
+
 Claims, decided by rules fixed here before any run (RULES): differences in MMAU-style accuracy
 under log-likelihood scoring, pooled over seeds, 95% paired-bootstrap intervals with items
 resampled within seeds (adapter/lalm/paired.py). Writes <out>/capacity.md, capacity.json and
@@ -65,7 +70,10 @@ RULES = {
     "difference rule",
     "specializes": "the learned router specializes when some expert's rate for one category is >= 1.5x its mean "
     "rate over the three categories (at every width and seed)",
+    "conflict": "an adapter's category gradients conflict at a width when their cosine at the last checkpoint, "
+    "averaged over category pairs and seeds, is below 0; dense conflicts more than MoE when its average is lower",
 }
+MECHANISM = ("dense", "moe")  # the variants whose gradients are analysed
 SHARED_TASKS = {t for tasks in SHARED_ANSWERS.values() for t in tasks}
 
 
@@ -95,12 +103,43 @@ def run_sweep(
                 print(f"[{done}/{total}] seed {seed} width {width:g} {variant}", flush=True)
                 adjust = frozen_llm(backbone["llm"], adapter_width=width, **changes)
                 result = train_and_evaluate(base, preset, audio, name=f"w{width:g}/{variant}", adjust=adjust)
+                run_dir = Path(base.out) / f"w{width:g}" / variant
                 out["runs"][seed][width][variant] = {
                     "eval": result["eval"],
-                    "params": adapter_params(Path(base.out) / f"w{width:g}" / variant),
+                    "params": adapter_params(run_dir),
                     "seconds": result["seconds"],
                 }
+                if variant in MECHANISM:
+                    out["runs"][seed][width][variant]["mechanism"] = mechanism(run_dir, manifests["val"], exp.quiet)
     return out
+
+
+def mechanism(run_dir: Path, val_manifest: Path, quiet: bool = False) -> dict:
+    """Gradient cosines at every kept checkpoint and influence scores at the last (analysis.py),
+    cached in the run folder beside the run's final checkpoint."""
+    from adapter.lalm.analysis import analyze_run
+    from adapter.lalm.data import read_manifest
+    from adapter.lalm.train import checkpoint_steps
+
+    path = run_dir / "mechanism.json"
+    last = checkpoint_steps(run_dir)[-1]
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("last_step") == last:
+            return cached
+    result = analyze_run(run_dir, read_manifest(val_manifest), analyses=("cosine", "influence"), progress=not quiet)
+    result = {"last_step": last, "cosine": result["cosine"], "influence": result["influence"]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    return result
+
+
+def mean_pair_cosine(track: list[dict]) -> float:
+    """Mean over category pairs of the last checkpoint's gradient cosine."""
+    names, cos = track[-1]["names"], track[-1]["cosine"]
+    pairs = [cos[i][j] for i in range(len(names)) for j in range(i + 1, len(names))]
+    return sum(pairs) / len(pairs)
 
 
 def adapter_params(run_dir: Path) -> dict:
@@ -217,6 +256,15 @@ def summarize(result: dict) -> dict:
     if "moe" in variants:
         ratios = [max_specialization(runs[s][w]["moe"]["eval"]["expert_rates"]) for s in seeds for w in widths]
         spec = {"ratios": ratios, "specializes": min(ratios) >= 1.5}
+    conflict = {}
+    for w in widths:
+        row = {}
+        for v in MECHANISM:
+            tracks = [runs[s][w][v].get("mechanism") for s in seeds if v in runs[s][w]]
+            if tracks and all(tracks):
+                row[v] = sum(mean_pair_cosine(t["cosine"]) for t in tracks) / len(tracks)
+        if row:
+            conflict[w] = row
     text = [result["backbone"][s]["eval"] for s in seeds]
     backbone = {
         "mmau_ll": sum(t["mmau_ll"]["overall"] for t in text) / len(text),
@@ -230,6 +278,7 @@ def summarize(result: dict) -> dict:
         "table": table,
         "bottleneck": bottleneck,
         "specialization": spec,
+        "conflict": conflict,
         "backbone": backbone,
     }
 
@@ -267,6 +316,14 @@ def sentences(summary: dict) -> list[str]:
             f"(largest expert rate ratio per run {min(spec['ratios']):.2f}-{max(spec['ratios']):.2f}; the rule asks "
             ">= 1.5 in every run)."
         )
+    for w, row in summary.get("conflict", {}).items():
+        if set(row) == set(MECHANISM):
+            d, m = row["dense"], row["moe"]
+            out.append(
+                f"Width {w:g}: dense's category gradients {'conflict' if d < 0 else 'do not conflict'} (mean cosine "
+                f"{d:+.3f}), MoE's {'conflict' if m < 0 else 'do not'} ({m:+.3f}): dense conflicts "
+                f"{'more' if d < m else 'no more'} than MoE."
+            )
     return out
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from adapter.lalm import backbone, capacity
 from adapter.lalm.data import read_manifest
 from adapter.lalm.model import AUDIO_CATEGORIES
-from adapter.lalm.train import load_trained
+from adapter.lalm.train import checkpoint_steps, load_trained
 from tests.adapter.lalm.conftest import tiny_experiment_argv
 
 
@@ -55,6 +55,9 @@ def test_sweep_trains_the_adapter_on_a_frozen_text_backbone(tmp_path, tiny_exper
             step = 12 * (32 + 64)  # one expert-width step at d = 32, D = 64
             assert abs(result["runs"][0][w][v]["params"]["total"] - dense_total) <= step / 2
         assert result["runs"][0][w]["moe-label"]["params"]["active"] < dense_total
+    mech = result["runs"][0][1.0]["dense"]["mechanism"]
+    assert [t["step"] for t in mech["cosine"]] == checkpoint_steps(seed_dir / "w1" / "dense")
+    assert mech["influence"]["names"] and "mechanism" not in result["runs"][0][1.0]["moe-label"]
     rates = result["runs"][0][1.0]["moe-label"]["eval"]["expert_rates"]
     for i, c in enumerate(AUDIO_CATEGORIES):  # label routing: category i on its own 4 experts, all 4 active
         assert sum(rates[c][4 * i : 4 * i + 4]) == pytest.approx(4.0), rates
@@ -89,3 +92,10 @@ def test_rule_words():
     ]
     rates = {"speech": [1.0, 0.5], "music": [0.5, 0.5], "sound": [0.0, 1.0]}
     assert capacity.max_specialization(rates) == pytest.approx(2.0)
+    track = [{"names": ["a", "b", "c"], "cosine": [[1, -0.2, 0.1], [-0.2, 1, -0.5], [0.1, -0.5, 1]]}]
+    assert capacity.mean_pair_cosine(track) == pytest.approx(-0.2)
+    summary = {"widths": [], "bottleneck": {}, "specialization": {}, "conflict": {0.5: {"dense": -0.2, "moe": 0.1}}}
+    assert capacity.sentences(summary) == [
+        "Width 0.5: dense's category gradients conflict (mean cosine -0.200), MoE's do not (+0.100): "
+        "dense conflicts more than MoE."
+    ]
