@@ -7,10 +7,16 @@ launch compiles (with exactly the argument specialization a GPU launch would get
 nvdisasm read the cubins. Nothing runs, so values are never read: this also shows the host path
 makes no data-dependent decisions.
 
-Per kernel it prints registers, local-memory (spill) bytes, shared memory, and the instruction
-mix that matters on Hopper: HGMMA (wgmma tensor cores), HMMA (older mma), LDGSTS (cp.async, with
-its width) and LDL/STL (spills). `--check` exits 1 when a kernel spills, or a 16-bit GEMM has no
-HGMMA, or (D and F multiples of 16) no 128-bit cp.async.
+Per kernel it prints registers, local-memory (spill) bytes, shared memory, blocks per SM (from
+registers, shared memory and threads), and the instruction mix that matters on Hopper: HGMMA
+(wgmma tensor cores), HMMA (older mma), LDGSTS (cp.async, with its width) and LDL/STL (spills).
+From the Triton IR after pipelining (TTGIR) it reads each GEMM's main loop (the scf.for holding
+the dot): stages in flight (the depth of its multi-buffered shared-memory operands, bounded by the
+loop's tightest async_wait: a wait for all copies leaves one in flight), whether the loop waits
+for its own wgmma to finish (warp_group_dot_wait with pendings = 0: a synchronous main loop), and
+whether it uses TMA. `--check` exits 1 when a kernel spills, or a 16-bit GEMM has no HGMMA, or
+(D and F multiples of 16) no 128-bit cp.async; `--check-pipeline` also when a GEMM keeps fewer
+than MIN_STAGES stages in flight or waits on its own wgmma.
 
     python -m benchmarks.inspect_sm90                      # paper shape, bf16
     python -m benchmarks.inspect_sm90 --tokens 512 --check # the small-T tile configs
@@ -53,6 +59,54 @@ SHOWN_CONSTEXPRS = (
     "BLOCK_T",
     "BLOCK_E",
 )
+
+
+MIN_STAGES = 3  # stages in flight a Hopper GEMM main loop needs to hide global-memory latency
+# Hopper (sm_90) per-SM limits: 64K 32-bit registers, allocated per warp in units of 256; 228 KB of
+# shared memory, of which the runtime reserves 1 KB per block; 2048 threads; 32 blocks.
+SM90 = {"registers": 65536, "reg_unit": 256, "shared": 228 * 1024, "reserved": 1024, "threads": 2048, "blocks": 32}
+
+
+def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Blocks of a kernel that fit on one Hopper SM at once (the occupancy limit of its resources)."""
+    per_warp = -(-registers * 32 // SM90["reg_unit"]) * SM90["reg_unit"]
+    by_regs = SM90["registers"] // (per_warp * num_warps) if registers else SM90["blocks"]
+    by_smem = SM90["shared"] // (shared_bytes + SM90["reserved"])
+    by_threads = SM90["threads"] // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, SM90["blocks"])
+
+
+def _main_loop(ttgir: str) -> str | None:
+    """The body of the innermost scf.for that holds a dot (wgmma or mma), from the TTGIR text."""
+    lines = ttgir.splitlines()
+    best = None
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = []
+        for nxt in lines[i + 1 :]:
+            if nxt.strip().startswith("}") and len(nxt) - len(nxt.lstrip()) == indent:
+                break
+            body.append(nxt)
+        text = "\n".join(body)
+        if re.search(r"ttng\.warp_group_dot |tt\.dot ", text) and (best is None or len(text) < len(best)):
+            best = text
+    return best
+
+
+def pipeline(ttgir: str) -> dict:
+    """Stages in flight, a synchronous wgmma wait and TMA use in a kernel's GEMM main loop."""
+    tma = len(re.findall(r"async_tma_copy|tt\.descriptor_load|ttng\.tensormap", ttgir))
+    loop = _main_loop(ttgir)
+    if loop is None:
+        return {"stages": 0, "wgmma_sync_wait": False, "tma": tma}
+    depths = [int(n) for n in re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
+    depth = max(depths, default=1)
+    waits = [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*\{num = (\d+)", loop)]
+    stages = min(depth, min(waits) + 1) if waits else depth
+    pendings = [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^\n]*\{pendings = (\d+)", loop)]
+    return {"stages": stages, "wgmma_sync_wait": 0 in pendings, "tma": tma}
 
 
 class _StubTarget:
@@ -104,6 +158,8 @@ def analyse(name: str, kernel, constexprs: dict) -> dict:
         "cp_async": ops["LDGSTS"],
         "cp_async_bits": max(ldgsts_widths) if ldgsts_widths else 0,
         "ldl_stl": ops["LDL"] + ops["STL"],
+        "blocks_per_sm": blocks_per_sm(int(usage.get("REG", 0)), kernel.metadata.num_warps, kernel.metadata.shared),
+        **pipeline(kernel.asm["ttgir"]),
     }
 
 
@@ -132,11 +188,17 @@ def compile_all(tokens: int, d: int, f: int, experts: int, top_k: int, dtype: to
     return seen
 
 
-def problems(rows: list[dict], dtype: torch.dtype, aligned: bool) -> list[str]:
-    """Spills anywhere; for 16-bit GEMMs no wgmma, or (widths multiples of 16) no 128-bit cp.async."""
+def problems(rows: list[dict], dtype: torch.dtype, aligned: bool, check_pipeline: bool = False) -> list[str]:
+    """Spills anywhere; for 16-bit GEMMs no wgmma, or (widths multiples of 16) no 128-bit cp.async;
+    with check_pipeline, GEMM main loops with fewer than MIN_STAGES stages or a synchronous wait."""
     found = []
     for r in rows:
         label = f"{r['kernel']} {r['config']}"
+        if check_pipeline and r["kernel"] in GEMM_KERNELS:
+            if r["stages"] < MIN_STAGES:
+                found.append(f"{label}: {r['stages']} stage(s) in flight in the main loop (< {MIN_STAGES})")
+            if r["wgmma_sync_wait"]:
+                found.append(f"{label}: the main loop waits for its own wgmma (pendings = 0)")
         if r["spill_bytes"] or r["ldl_stl"]:
             found.append(f"{label}: spills {r['spill_bytes']} B ({r['ldl_stl']} LDL/STL)")
         if r["kernel"] in GEMM_KERNELS and dtype != torch.float32:
@@ -158,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 to compile for (90 = Hopper)")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
     p.add_argument("--check", action="store_true", help="exit 1 on spills, or 16-bit GEMMs without wgmma/cp.async")
+    p.add_argument(
+        "--check-pipeline",
+        action="store_true",
+        help=f"with --check, also exit 1 when a GEMM main loop keeps < {MIN_STAGES} stages in flight or waits on its "
+        "own wgmma",
+    )
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     rows = compile_all(args.tokens, args.d, args.f, args.experts, args.top_k, dtype, args.arch)
@@ -165,18 +233,24 @@ def main(argv: list[str] | None = None) -> int:
         f"sm_{args.arch} compile of moe_ffn fwd+bwd, {args.dtype}, T={args.tokens} D={args.d} F={args.f} "
         f"E={args.experts} K={args.top_k} (triton {triton.__version__}, no GPU needed)"
     )
-    header = f"{'kernel':24s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'wgmma':>5s} {'cp.async':>8s}  config"
+    header = (
+        f"{'kernel':24s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'blk/SM':>6s} {'wgmma':>5s} {'cp.async':>8s} "
+        f"{'stages':>6s} {'sync':>4s} {'tma':>3s}  config"
+    )
     print(header)
     for r in rows:
         cp = f"{r['cp_async']}x{r['cp_async_bits']}b" if r["cp_async"] else "-"
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        gemm = r["kernel"] in GEMM_KERNELS
+        stages, sync = (str(r["stages"]), "yes" if r["wgmma_sync_wait"] else "no") if gemm else ("-", "-")
         print(
             f"{r['kernel']:24s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} "
-            f"{r['hgmma']:5d} {cp:>8s}  w{r['num_warps']} s{r['num_stages']} {cfg}"
+            f"{r['blocks_per_sm']:6d} {r['hgmma']:5d} {cp:>8s} {stages:>6s} {sync:>4s} {r['tma']:3d}  "
+            f"w{r['num_warps']} s{r['num_stages']} {cfg}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    found = problems(rows, dtype, aligned=args.d % 16 == 0 and args.f % 16 == 0)
+    found = problems(rows, dtype, aligned=args.d % 16 == 0 and args.f % 16 == 0, check_pipeline=args.check_pipeline)
     for line in found:
         print("PROBLEM:", line)
     return 1 if (args.check and found) else 0
