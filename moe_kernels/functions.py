@@ -60,15 +60,15 @@ class ExpertsFunction(torch.autograd.Function):
     def forward(ctx, z_TD, w1_EDF, w2_EFD, topk_weight_TK, counts_E, offsets_E1, sorted_pair_R, pair_row_TK, save_pre):
         perm = Permutation(counts_E, offsets_E1, sorted_pair_R, pair_row_TK)
         h, saved = grouped_gemm.experts_forward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm, save_pre=save_pre)
-        ctx.save_for_backward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, *perm, saved.act_RF, saved.pre_RF)
+        ctx.save_for_backward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, *perm, saved.gact_RF, saved.pre_RF)
         return h
 
     @staticmethod
     def backward(ctx, dh_TD):
         _no_double_backward()
-        z, w1, w2, weight, counts, offsets, sorted_pair, pair_row, act, pre = ctx.saved_tensors
+        z, w1, w2, weight, counts, offsets, sorted_pair, pair_row, gact, pre = ctx.saved_tensors
         perm = Permutation(counts, offsets, sorted_pair, pair_row)
-        saved = grouped_gemm.ExpertActivations(act, pre)
+        saved = grouped_gemm.ExpertActivations(gact, pre)
         grads = grouped_gemm.experts_backward(
             dh_TD, z, w1, w2, weight, perm, saved, needs=tuple(ctx.needs_input_grad[:4])
         )

@@ -7,16 +7,20 @@ Weights: W1 (E, D, F), W2 (E, F, N): N = D in the serial layout, the LLM width i
 
 Forward
   up    pre_RF = z[token(r)] @ W1[e]          A rows gathered from z by token: no (R, D) copy of z
-        act_RF = SiLU(pre_RF)                 epilogue; pre is kept only when a backward will run
-  down  y_PD[p] = G_p * (act_RF[r] @ W2[e])   epilogue scales by the routing weight and stores the
-                                              row at its pair id, so no two programs write a row
+        gact_RF = G_p * SiLU(pre_RF)          epilogue scales by the routing weight; pre is kept
+                                              only when a backward will run
+  down  y_PD[p] = gact_RF[r] @ W2[e]          epilogue stores the row at its pair id, so no two
+                                              programs write a row
   combine h_TD[t] = sum_s y_PD[t*K + s]       fixed order over s: no float atomics, same bits
 Backward (dh_TD given)
-  down-dX  g = dh[token(r)] @ W2[e]^T; dG_p = <g, act_r> (per N-tile partials, summed in a fixed
-           order); dpre_RF = G_p * g * SiLU'(pre)
+  down-dX  g = dh[token(r)] @ W2[e]^T; dG_p = <g, SiLU(pre_r)> (recomputed from pre; per N-tile
+           partials, summed in a fixed order); dpre_RF = G_p * g * SiLU'(pre)
   up-dX    dz_PD[p] = dpre_RF[r] @ W1[e]^T, then combine -> dz_TD
   dW1[e] = sum_{r in e} z[token(r)]^T dpre_r    one program per (expert, output tile) loops over
-  dW2[e] = sum_{r in e} act_r^T (G_p dh[token]) the expert's rows in order: no atomics
+  dW2[e] = sum_{r in e} gact_r^T dh[token(r)]   the expert's rows in order: no atomics
+The forward keeps G * act rather than act: dW2 is then a plain GEMM of two loaded tiles (scaling
+Y by G in registers each step made its main loop wait on its own wgmma: benchmarks/inspect_sm90),
+and the dSiLU epilogue reads pre alone (act = SiLU(pre) is recomputed).
 
 Inputs bf16, fp16 or fp32 (fp64 for tests), accumulation in fp32 (fp64 for fp64). fp32 operands
 use IEEE products unless torch allows TF32 for matmuls. Row indices are widened to int64 before
@@ -37,7 +41,7 @@ from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block
 
 # Epilogues of _grouped_mm_kernel.
-EPI_SILU = 0  # store act = SiLU(acc) (and pre = acc) at sorted rows
+EPI_SILU = 0  # store SiLU(acc) (times the routing weight if SCALE; and pre = acc) at sorted rows
 EPI_SCATTER = 1  # store acc (times the routing weight if SCALE) at the pair's row
 EPI_DSILU = 2  # backward through the routing weight and SiLU, plus d(weight) partials
 
@@ -69,8 +73,9 @@ def gemm_config(
         return GemmConfig(128, 64, 32, 8, 3) if aligned else GemmConfig(64, 64, 32, 8, 3)
     if not aligned:  # scalar loads pipeline through registers: 64x128x64 spilled 1080 B
         return GemmConfig(64, 64, 32, 8, 3)
-    # The dSiLU epilogue holds acc, act and pre tiles at once: at 128x128 it spills 192 B/thread,
-    # at 128x64 it fits in 148 registers.
+    # The dSiLU epilogue holds acc and pre tiles at once (act is recomputed from pre): at 128x128 it
+    # still spills 40 B/thread (192 B when it also loaded act), at 128x64 it fits in 145 registers
+    # (sm_90, Triton 3.9, 2026-12-02).
     block_n = 64 if epilogue == EPI_DSILU else 128
     if rows < 256 * num_experts:  # few rows per expert: halve M so fewer rows are padding
         return GemmConfig(64, block_n, 64, 4, 3)
@@ -101,7 +106,6 @@ def _grouped_mm_kernel(
     b_ptr,
     out_ptr,
     pre_ptr,
-    act_ptr,
     weight_ptr,
     dw_part_ptr,
     counts_ptr,
@@ -164,6 +168,8 @@ def _grouped_mm_kernel(
         if STORE_PRE:
             tl.store(pre_ptr + sorted_offs, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
         act = acc * tl.sigmoid(acc)
+        if SCALE:
+            act = act * tl.load(weight_ptr + pair, mask=m_in, other=0.0).to(ACC)[:, None]
         tl.store(out_ptr + sorted_offs, act.to(out_ptr.dtype.element_ty), mask=out_mask)
     elif EPILOGUE == 1:  # EPI_SCATTER
         if SCALE:
@@ -171,13 +177,14 @@ def _grouped_mm_kernel(
         pair_offs = pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
         tl.store(out_ptr + pair_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:  # EPI_DSILU: acc = dh[token] @ W2[e]^T, the gradient of the unweighted expert output
-        act = tl.load(act_ptr + sorted_offs, mask=out_mask, other=0.0).to(ACC)
         pre = tl.load(pre_ptr + sorted_offs, mask=out_mask, other=0.0).to(ACC)
-        # dG_p = <dh_t, W2 act_r>: this N tile's share, summed over tiles by _dweight_kernel.
-        tl.store(dw_part_ptr + offs_m.to(tl.int64) * num_n + pid_n, tl.sum(acc * act, axis=1), mask=m_in)
-        w = tl.load(weight_ptr + pair, mask=m_in, other=0.0).to(ACC)
         sig = tl.sigmoid(pre)
-        dpre = w[:, None] * acc * sig * (1.0 + pre * (1.0 - sig))
+        g_sig = acc * sig
+        # dG_p = <dh_t, W2 SiLU(pre_r)> = sum g * pre * sig: this N tile's share, summed over tiles by
+        # _dweight_kernel.
+        tl.store(dw_part_ptr + offs_m.to(tl.int64) * num_n + pid_n, tl.sum(g_sig * pre, axis=1), mask=m_in)
+        w = tl.load(weight_ptr + pair, mask=m_in, other=0.0).to(ACC)
+        dpre = w[:, None] * g_sig * (1.0 + pre * (1.0 - sig))
         tl.store(out_ptr + sorted_offs, dpre.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -370,7 +377,6 @@ def grouped_mm(
     out_dtype: torch.dtype,
     weight_TK: torch.Tensor | None = None,
     store_pre: bool = False,
-    act_RN: torch.Tensor | None = None,
     pre_RN: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch _grouped_mm_kernel: `a` rows (gathered by token or in sorted order) times b_E[e]
@@ -388,13 +394,13 @@ def grouped_mm(
     out = torch.empty(out_rows, N, dtype=out_dtype, device=dev)
     num_n = triton.cdiv(N, cfg.block_n)
     extra = None
-    pre = act = dw_part = out  # placeholders for pointers the epilogue does not touch
+    pre = dw_part = out  # placeholders for pointers the epilogue does not touch
     if epilogue == EPI_SILU and store_pre:
         pre = extra = torch.empty_like(out)
     if epilogue == EPI_DSILU:
-        act, pre = act_RN.contiguous(), pre_RN.contiguous()  # read at the output's (row-major) offsets
-        if act.shape != out.shape or pre.shape != out.shape:
-            raise ValueError(f"act/pre must be {tuple(out.shape)}, got {tuple(act.shape)}, {tuple(pre.shape)}")
+        pre = pre_RN.contiguous()  # read at the output's (row-major) offsets
+        if pre.shape != out.shape:
+            raise ValueError(f"pre must be {tuple(out.shape)}, got {tuple(pre.shape)}")
         dw_part = extra = torch.empty(out_rows, num_n, dtype=weight_TK.dtype, device=dev)
     weight = weight_TK if weight_TK is not None else out
     # Upper bound on M tiles: sum_e cdiv(c_e, BM) <= cdiv(R, BM) + E. Programs past the real
@@ -405,7 +411,6 @@ def grouped_mm(
         b_E,
         out,
         pre,
-        act,
         weight,
         dw_part,
         perm.counts_E,
@@ -542,9 +547,10 @@ def routing_weight_grad(dw_part_RJ: torch.Tensor, pair_row_TK: torch.Tensor) -> 
 
 
 class ExpertActivations(NamedTuple):
-    """What the expert forward leaves for the backward (sorted rows, z's dtype)."""
+    """What the expert forward leaves for the backward (sorted rows, z's dtype): G * SiLU(pre)
+    (dW2's left operand as is) and pre (the dSiLU epilogue recomputes SiLU from it)."""
 
-    act_RF: torch.Tensor
+    gact_RF: torch.Tensor
     pre_RF: torch.Tensor | None
 
 
@@ -563,21 +569,20 @@ def experts_forward(
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K
-    act, pre = grouped_mm(
-        z_TD, w1_EDF, perm, K, gather_a=True, epilogue=EPI_SILU, out_rows=R, out_dtype=z_TD.dtype, store_pre=save_pre
-    )
-    y_PD, _ = grouped_mm(
-        act,
-        w2_EFD,
+    gact, pre = grouped_mm(
+        z_TD,
+        w1_EDF,
         perm,
         K,
-        gather_a=False,
-        epilogue=EPI_SCATTER,
+        gather_a=True,
+        epilogue=EPI_SILU,
         out_rows=R,
         out_dtype=z_TD.dtype,
         weight_TK=topk_weight_TK,
+        store_pre=save_pre,
     )
-    return combine(y_PD, perm.pair_row_TK, z_TD.dtype), ExpertActivations(act, pre)
+    y_PD, _ = grouped_mm(gact, w2_EFD, perm, K, gather_a=False, epilogue=EPI_SCATTER, out_rows=R, out_dtype=z_TD.dtype)
+    return combine(y_PD, perm.pair_row_TK, z_TD.dtype), ExpertActivations(gact, pre)
 
 
 def experts_backward(
@@ -610,7 +615,6 @@ def experts_backward(
         out_rows=R,
         out_dtype=z_TD.dtype,
         weight_TK=topk_weight_TK,
-        act_RN=saved.act_RF,
         pre_RN=saved.pre_RF,
     )
     dz = dw1 = dw2 = dweight = None
@@ -631,14 +635,5 @@ def experts_backward(
     if need_w1:
         dw1 = grouped_wgrad(z_TD, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=w1_EDF.dtype)
     if need_w2:
-        dw2 = grouped_wgrad(
-            saved.act_RF,
-            dh_TD,
-            perm,
-            K,
-            gather_x=False,
-            gather_y=True,
-            out_dtype=w2_EFD.dtype,
-            weight_TK=topk_weight_TK,
-        )
+        dw2 = grouped_wgrad(saved.gact_RF, dh_TD, perm, K, gather_x=False, gather_y=True, out_dtype=w2_EFD.dtype)
     return dz, dw1, dw2, dweight

@@ -155,7 +155,7 @@ def test_permute_and_expert_ops_take_strided_arguments(dtype):
     dh = torch.randn(h.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     needs = (True, True, True, True)
     g = grouped_gemm.experts_backward(dh, x["z_TD"], x["w1_EDF"], x["w2_EFD"], weight, perm, saved, needs)
-    saved_strided = grouped_gemm.ExpertActivations(strided(saved_s.act_RF), strided(saved_s.pre_RF))
+    saved_strided = grouped_gemm.ExpertActivations(strided(saved_s.gact_RF), strided(saved_s.pre_RF))
     gs = grouped_gemm.experts_backward(strided(dh), *args[:4], strided_perm, saved_strided, needs)
     for a, b in zip(g, gs, strict=True):
         assert torch.equal(a, b)
