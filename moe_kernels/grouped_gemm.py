@@ -235,10 +235,15 @@ def _grouped_wgrad_kernel(
     offs_r = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
     # An expert with no rows skips the loop and stores zeros: its gradient is defined, never None.
+    # The rows' pair ids are loaded one step ahead and carried into the next step, so the gathered
+    # tile loads of a step depend on no load of the same step and the pipeliner can keep several
+    # steps of copies in flight.
+    pair_next = tl.load(sorted_pair_ptr + row_begin + offs_r, mask=offs_r < num_rows, other=0)
     for r0 in range(0, num_rows, BLOCK_K):
         r_in = offs_r < num_rows - r0
         rows = row_begin + r0 + offs_r
-        pair = tl.load(sorted_pair_ptr + rows, mask=r_in, other=0)
+        pair = pair_next
+        pair_next = tl.load(sorted_pair_ptr + rows + BLOCK_K, mask=offs_r < num_rows - r0 - BLOCK_K, other=0)
         tok = (pair // TOP_K).to(tl.int64)
         x_rows = tok if GATHER_X else rows.to(tl.int64)
         y_rows = tok if GATHER_Y else rows.to(tl.int64)
