@@ -54,7 +54,7 @@ class MoEAdapterConfig:
     in_dim d, out_dim D, expert_dim f, aggregation_dim A (0: a plain Linear d -> D),
     num_shared_experts S of width shared_expert_dim (default f), balance_p "topk" (p = G, eq. 8)
     or "softmax" (GShard). aux_loss_weight scales this adapter's term in `total_aux_loss` (0 turns
-    the balance loss off, the "w/o EBL" ablation). backend: "auto", "triton" or "torch".
+    the balance loss off, the "w/o EBL" ablation). backend: "auto", "triton", "torch" or "grouped_mm".
     layout "serial" (experts d -> f -> d, then P) or "parallel" (experts d -> f -> D summed with an
     always-on P(z)); see the module docstring. expert_init "independent" draws every routed expert
     on its own; "replicated" starts them all as copies of one draw, so at initialization the

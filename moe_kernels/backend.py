@@ -4,8 +4,14 @@
   run in Triton's interpreter, which needs TRITON_INTERPRET=1 in the environment *before* triton
   is imported (that is how CI tests the real kernels without a GPU).
 - "torch": the pure-PyTorch reference (`reference.py`), on any device.
-- "auto": "triton" on CUDA when triton imports and E <= MAX_TRITON_EXPERTS, else "torch". On CPU
-  "auto" is always "torch": the interpreter is a test vehicle, hundreds of times slower.
+- "grouped_mm": the Triton router and permutation with the expert GEMMs through torch._grouped_mm
+  (`grouped_mm_experts.py`); on CUDA bfloat16 on sm_90+, on CPU (interpreted router) fp32/16-bit.
+- "auto": on CUDA, the faster of "triton" and "grouped_mm" for the call's (GPU, dtype, shape
+  class), timed once (forward, and backward when gradients are needed) and remembered in a small
+  JSON file (AUTO_CACHE_ENV, default ~/.cache/moe_adapter/backend_choice.json); where grouped_mm
+  cannot run, "triton"; where triton cannot (E > MAX_TRITON_EXPERTS, not installed), "torch".
+  AUTO_PIN_ENV pins the choice. On CPU "auto" is always "torch": the interpreter is a test
+  vehicle, hundreds of times slower.
 """
 
 from __future__ import annotations
@@ -13,12 +19,22 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import json
+import logging
 import os
 import re
+import statistics
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "grouped_mm")
+AUTO_CANDIDATES = ("triton", "grouped_mm")
+AUTO_CACHE_ENV = "MOE_ADAPTER_BACKEND_CACHE"  # path of the JSON file that remembers auto's choices
+AUTO_PIN_ENV = "MOE_ADAPTER_AUTO_BACKEND"  # "triton" or "grouped_mm": auto runs it without timing
+AUTO_REPEATS = 5  # timed calls per candidate (after one warm-up); the median decides
+log = logging.getLogger("moe_kernels")
 
 # The router kernel holds a (tokens x experts) tile in registers; past 128 experts it spills.
 MAX_TRITON_EXPERTS = 128
@@ -64,7 +80,8 @@ def installed_interpreter_incompatibility() -> str | None:
 
 
 def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str:
-    """Return "triton" or "torch" for a request, or raise ValueError saying why it cannot run."""
+    """Return "triton", "torch" or "grouped_mm" for a request ("auto" on CUDA: "triton", which
+    `choose_auto` may trade for "grouped_mm" per call), or raise ValueError saying why it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -73,32 +90,149 @@ def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str
         use_triton = device.type == "cuda" and triton_available() and num_experts <= MAX_TRITON_EXPERTS
         return "triton" if use_triton else "torch"
     if not triton_available():
-        raise ValueError("backend='triton' but the triton package is not installed")
+        raise ValueError(f"backend={backend!r} but the triton package is not installed")
     if num_experts > MAX_TRITON_EXPERTS:
         raise ValueError(
-            f"backend='triton' supports at most {MAX_TRITON_EXPERTS} experts, got num_experts={num_experts}"
+            f"backend={backend!r} supports at most {MAX_TRITON_EXPERTS} experts (its router is a Triton kernel), "
+            f"got num_experts={num_experts}"
         )
     if device.type == "cuda":
-        return "triton"
+        return backend
     if device.type == "cpu":
         if not interpreter_requested():
             raise ValueError(
-                "backend='triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
+                f"backend={backend!r} on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "in the environment before triton is imported, or use backend='torch'"
             )
         if reason := installed_interpreter_incompatibility():
             raise ValueError(reason)
-        return "triton"
-    raise ValueError(f"backend='triton' runs on CUDA or (interpreted) CPU tensors, got device {device}")
+        return backend
+    raise ValueError(f"backend={backend!r} runs on CUDA or (interpreted) CPU tensors, got device {device}")
 
 
-def moe_ffn_implementation(backend: str, device: torch.device, num_experts: int):
-    """The moe_ffn that runs a request: reference.moe_ffn or the Triton functions.moe_ffn (which
-    imports triton, so only when chosen). Both take (z, router, w1, w2, top_k, mask, balance_p)."""
-    if resolve_backend(backend, device, num_experts) == "torch":
+def _implementation(name: str):
+    if name == "torch":
         from moe_kernels import reference
 
         return reference.moe_ffn
+    if name == "grouped_mm":
+        from moe_kernels import grouped_mm_experts
+
+        return grouped_mm_experts.moe_ffn
     from moe_kernels import functions
 
     return functions.moe_ffn
+
+
+def shape_class(args: tuple) -> str:
+    """The key auto's choice is remembered under: GPU, dtype, E, K, D, F, N, grad or not, and T
+    rounded up to a power of two (tile configs change with rows per expert, not with every T)."""
+    z_TD, _, w1_EDF, w2_EFD, top_k = args[:5]
+    T, D = z_TD.shape
+    E, _, F = w1_EDF.shape
+    dev = z_TD.device
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])
+    t_class = 1 << max(0, int(T - 1).bit_length())
+    dtype = str(z_TD.dtype).removeprefix("torch.")
+    return f"{gpu}|{dtype}|E{E}K{top_k}|D{D}F{F}N{w2_EFD.shape[2]}|T<={t_class}|{'fwd+bwd' if grad else 'fwd'}"
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get(AUTO_CACHE_ENV) or Path.home() / ".cache" / "moe_adapter" / "backend_choice.json")
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # missing or unreadable: time again (and rewrite it)
+    return data if isinstance(data, dict) else {}
+
+
+@functools.cache
+def _choices_this_process() -> dict:
+    return {}
+
+
+def choose_auto(key: str, candidates: dict[str, Callable[[], float]]) -> str:
+    """The candidate with the lowest time for `key`: pinned by AUTO_PIN_ENV, else remembered (this
+    process, then the cache file), else each timed once (`candidates[name]()` returns seconds) and
+    the choice written to the cache file (atomically) and logged. A candidate that raises is out."""
+    pin = os.environ.get(AUTO_PIN_ENV)
+    if pin:
+        if pin not in candidates:
+            raise ValueError(f"{AUTO_PIN_ENV}={pin!r}: choose one of {sorted(candidates)} for {key}")
+        return pin
+    memo = _choices_this_process()
+    if key in memo:
+        return memo[key]
+    path = _cache_path()
+    cached = _read_cache(path).get(key)
+    if isinstance(cached, dict) and cached.get("choice") in candidates:
+        memo[key] = cached["choice"]
+        return memo[key]
+    seconds = {}
+    for name, timed in candidates.items():
+        try:
+            seconds[name] = float(timed())
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is simply not chosen
+            log.warning("moe_kernels auto backend: %s failed for %s (%s)", name, key, exc)
+    if not seconds:
+        raise RuntimeError(f"auto backend: no candidate ran for {key}")
+    choice = min(seconds, key=seconds.get)
+    memo[key] = choice
+    data = _read_cache(path)
+    data[key] = {"choice": choice, "seconds": seconds}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("moe_kernels auto backend: cannot write %s (%s); the choice holds for this process", path, exc)
+    times = ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in sorted(seconds.items()))
+    log.info("moe_kernels auto backend for %s: %s (%s)", key, choice, times)
+    return choice
+
+
+def _cuda_seconds(fn, args: tuple) -> float:
+    """Median seconds of fn on fresh leaves of args (forward, and backward when grads are needed)."""
+    leaves = [t.detach().requires_grad_(t.requires_grad) for t in args[:4]]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
+
+    def step():
+        out = fn(*leaves, *args[4:])
+        if grad:
+            (out.h_TD.float().sum() + out.aux_loss.float()).backward()
+
+    step()
+    times = []
+    for _ in range(AUTO_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def moe_ffn_implementation(backend: str, device: torch.device, num_experts: int, args: tuple | None = None):
+    """The moe_ffn that runs a request: reference.moe_ffn, the Triton functions.moe_ffn or
+    grouped_mm_experts.moe_ffn (imported only when chosen). All take (z, router, w1, w2, top_k,
+    mask, balance_p). With `args` (that call's inputs), "auto" on CUDA picks between the Triton
+    and grouped_mm paths by timing (choose_auto)."""
+    name = resolve_backend(backend, device, num_experts)
+    if backend == "auto" and name == "triton" and args is not None:
+        from moe_kernels.grouped_mm_experts import grouped_mm_unavailable
+
+        if grouped_mm_unavailable(device, args[0].dtype) is None:
+            candidates = {c: functools.partial(_cuda_seconds, _implementation(c), args) for c in AUTO_CANDIDATES}
+            name = choose_auto(shape_class(args), candidates)
+    return _implementation(name)
+
+
+def auto_choices() -> dict:
+    """{shape class: backend} that "auto" chose (or read) in this process: what ran, for reports."""
+    return dict(_choices_this_process())

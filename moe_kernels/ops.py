@@ -117,4 +117,4 @@ def moe_ffn(
         args = (z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
         if torch.compiler.is_compiling():  # one opaque custom op, no graph break (custom_ops.py)
             return custom_ops.moe_ffn(*args, backend=backend)
-        return moe_ffn_implementation(backend, z_TD.device, w1_EDF.shape[0])(*args)
+        return moe_ffn_implementation(backend, z_TD.device, w1_EDF.shape[0], args)(*args)
