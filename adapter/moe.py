@@ -55,6 +55,9 @@ class MoEAdapterConfig:
     num_shared_experts S of width shared_expert_dim (default f), balance_p "topk" (p = G, eq. 8)
     or "softmax" (GShard). aux_loss_weight scales this adapter's term in `total_aux_loss` (0 turns
     the balance loss off, the "w/o EBL" ablation). backend: "auto", "triton", "torch" or "grouped_mm".
+    compile_recompute: under torch.compile, recompute the routed-expert forward in backward instead
+    of keeping its (T*K, f) activations (the Triton backend keeps them by default; the torch
+    backend always recomputes there).
     layout "serial" (experts d -> f -> d, then P) or "parallel" (experts d -> f -> D summed with an
     always-on P(z)); see the module docstring. expert_init "independent" draws every routed expert
     on its own; "replicated" starts them all as copies of one draw, so at initialization the
@@ -87,6 +90,7 @@ class MoEAdapterConfig:
     aux_loss_weight: float = 1.0
     norm_eps: float = 1e-5
     backend: str = "auto"
+    compile_recompute: bool = False
     layer_norms: bool = True
     bias: bool = False
     activation: str = "silu"
@@ -271,6 +275,7 @@ class MoEAdapter(nn.Module):
             token_mask_T=mask_T,
             balance_p=c.balance_p,
             backend=c.backend,
+            compile_recompute=c.compile_recompute,
         )
 
     def _check_labels(self, x, mask, labels) -> torch.Tensor | None:

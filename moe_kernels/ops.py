@@ -92,6 +92,7 @@ def moe_ffn(
     token_mask_T: torch.Tensor | None = None,
     balance_p: str = "topk",
     backend: str = "auto",
+    compile_recompute: bool = False,
 ) -> MoEOutput:
     """Routed experts of the MoE adapter: router, top-k, expert MLPs, weighted sum, balance loss.
 
@@ -102,7 +103,8 @@ def moe_ffn(
     makes that token's h and the aux loss NaN; other tokens' rows stay finite (equal to their
     NaN-free values up to rounding: the expert groups change size). Any strides are accepted.
     On the meta device only shapes are computed.
-    Under torch.compile the call becomes the custom op `moe_adapter::moe_ffn` (custom_ops.py).
+    Under torch.compile the call becomes a custom op (custom_ops.py); its backward reads saved
+    activations on the Triton backend, or recomputes the expert block with `compile_recompute`.
     """
     _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
     device_type = z_TD.device.type
@@ -116,5 +118,5 @@ def moe_ffn(
             return _empty_output(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k)
         args = (z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
         if torch.compiler.is_compiling():  # one opaque custom op, no graph break (custom_ops.py)
-            return custom_ops.moe_ffn(*args, backend=backend)
+            return custom_ops.moe_ffn(*args, backend=backend, recompute=compile_recompute)
         return moe_ffn_implementation(backend, z_TD.device, w1_EDF.shape[0], args)(*args)

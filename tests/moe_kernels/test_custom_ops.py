@@ -116,3 +116,48 @@ def test_gpu_compiled_triton_adapter_has_no_graph_break_and_captures_in_a_cuda_g
     assert torch.allclose(got.float(), want.float(), rtol=1e-2)
     for n, p in m.named_parameters():
         assert torch.allclose(p.grad.float(), want_grads[n].float(), rtol=5e-2, atol=5e-2), n
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck_saving_ops(masked):
+    """The Triton backend's compile path that keeps activations: schema, fakes and autograd."""
+    z, router, w1, w2 = make_moe_inputs(9, 16, 8, 4)
+    mask = torch.rand(9, generator=torch.Generator().manual_seed(3)) > 0.3 if masked else None
+    torch.library.opcheck(custom_ops.moe_ffn_saving_op, (z, router, w1, w2, mask, 2, "topk"))
+    with torch.no_grad():
+        saved = custom_ops.moe_ffn_saving_op(z, router, w1, w2, mask, 2, "softmax")
+    g = torch.Generator().manual_seed(4)
+    grads_out = (
+        torch.randn(9, 16, generator=g, dtype=z.dtype),
+        torch.tensor(0.3, dtype=z.dtype),
+        torch.randn(9, 2, generator=g, dtype=z.dtype),
+    )
+    args = (*(t.detach() for t in (z, router, w1, w2)), saved[2], saved[3], saved[4], *saved[5:])
+    torch.library.opcheck(custom_ops.moe_ffn_saved_backward_op, (*args, 2, "softmax", *grads_out))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_compiled_triton_backward_keeps_activations_unless_asked_to_recompute(recompute, monkeypatch):
+    """Under torch.compile the Triton backend's backward reads the forward's saved activations: the
+    expert forward runs once per step (twice with compile_recompute); gradients equal eager's."""
+    from moe_kernels import grouped_gemm
+
+    torch._dynamo.reset()
+    m = _adapter("triton", compile_recompute=recompute)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.25
+    step = _step(m)
+    want = step(x, mask)
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    calls = []
+    original = grouped_gemm.experts_forward
+    monkeypatch.setattr(grouped_gemm, "experts_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(x, mask)
+    forward_calls = len(calls)
+    got.backward()
+    assert forward_calls == 1 and len(calls) - forward_calls == (1 if recompute else 0)
+    assert_close(got, want, rtol=1e-12, name="loss")
+    for n, p in m.named_parameters():
+        assert_close(p.grad, want_grads[n], rtol=1e-10, atol=1e-12, name=n)
