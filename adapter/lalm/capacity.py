@@ -233,6 +233,7 @@ def summarize(result: dict) -> dict:
                 "per_category": {c: accuracy(runs, seeds, w, v, c) for c in AUDIO_CATEGORIES},
                 "shared": accuracy(runs, seeds, w, v, "shared"),
                 "knowledge_audio": [knowledge(x["eval"]) for x in per],
+                "knowledge_n": sum(x["eval"].get("voicebench", {}).get("audio", {}).get("n", 0) for x in per),
                 "n": sum(len(mmau_rows(x["eval"], None)) for x in per),
                 "seconds": sum(x["seconds"] for x in per),
             }
@@ -327,6 +328,13 @@ def sentences(summary: dict) -> list[str]:
     return out
 
 
+def _se(summary: dict, key: str) -> str:
+    """The binomial standard error at p = 0.5 over the items one variant pooled (smallest n)."""
+    ns = [r[key] for w in summary["widths"] for r in summary["table"][w]["variants"].values()]
+    n = min(ns) if ns else 0
+    return f"{100 * 0.5 / n**0.5:.1f} (n = {n})" if n else "-"
+
+
 def markdown(summary: dict, exp: ExperimentConfig, text_steps: int) -> str:
     seeds = summary["seeds"]
     bb = summary["backbone"]
@@ -347,6 +355,10 @@ def markdown(summary: dict, exp: ExperimentConfig, text_steps: int) -> str:
         f"Text-only backbone (captions in place of audio): MMAU-style {100 * bb['mmau_ll']:.1f}%, knowledge as text "
         f"{_mean(bb['knowledge_text_ll'])}% (the number each adapter's spoken-knowledge accuracy is measured "
         f"against); text stage {bb['seconds'] / 60:.1f} min over all seeds.",
+        "",
+        "Standard errors at these sizes (the largest possible, p = 0.5): MMAU-style "
+        f"{_se(summary, 'n')} points per variant and width; spoken knowledge {_se(summary, 'knowledge_n')} points "
+        "(the issue asks <= 1.5 and <= 3).",
         "",
         "## Findings",
         "",

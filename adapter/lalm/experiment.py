@@ -32,6 +32,12 @@ class ExperimentConfig:
     size: str = _f("demo", f"corpus size (items per task): {', '.join(sorted(SIZES))}")
     train_per_task: int = _f(0, "override the corpus size's training items per task (0: keep it)")
     test_per_task: int = _f(0, "override the corpus size's test items per task (0: keep it)")
+    questions: int = _f(
+        100,
+        "distinct knowledge questions (more than 100: the wide bank, and spoken-knowledge items take their "
+        "split's questions in turn); 1000 gives ~100 held-out test questions per seed",
+    )
+    knowledge_test: int = _f(0, "test items of the spoken-knowledge task (0: as every task)")
     steps: int = _f(1500, "optimizer steps per adapter (the same budget for all)")
     batch_size: int = _f(32, "examples per step")
     lr: float = _f(2e-3, "peak learning rate (Warmup-Stable-Decay)")
@@ -60,7 +66,7 @@ class ExperimentConfig:
         for name in ("steps", "batch_size", "text_weight", "checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("train_per_task", "test_per_task"):
+        for name in ("train_per_task", "test_per_task", "knowledge_test"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -70,6 +76,7 @@ class ExperimentConfig:
             cfg = replace(cfg, train_per_task=self.train_per_task)
         if self.test_per_task:
             cfg = replace(cfg, test_per_task=self.test_per_task)
+        cfg = replace(cfg, questions=self.questions, knowledge_test=self.knowledge_test)
         return build_corpus(self.corpus, cfg, progress=not self.quiet)
 
     def train_config(self, preset: str, manifests: dict[str, Path], run_dir: Path) -> TrainConfig:

@@ -214,10 +214,26 @@ def sentence_bank(n: int, seed: int) -> list[str]:
     return list(out)
 
 
-def question_bank(n: int, seed: int) -> list[MCQuestion]:
-    """n distinct four-option questions: arithmetic, size and speed comparisons, everyday facts."""
+def number_words(n: int) -> str:
+    """0-99 in words ("twenty four")."""
+    if not 0 <= n <= 99:
+        raise ValueError(f"number_words covers 0-99, got {n}")
+    if n <= 20:
+        return NUMBER_WORDS[n]
+    tens = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"][n // 10]
+    return tens if n % 10 == 0 else f"{tens} {NUMBER_WORDS[n % 10]}"
+
+
+def question_bank(n: int, seed: int, wide: bool = False) -> list[MCQuestion]:
+    """n distinct four-option questions: arithmetic, size and speed comparisons, everyday facts.
+
+    wide=False draws operands 0-10 and asks which is larger / faster (about 500 distinct questions;
+    the default corpus's 100 come from it, unchanged). wide=True draws operands 0-20 and also asks
+    which is smaller / slower (about 1,200): enough for a spoken-knowledge test split of ~100
+    distinct questions per seed."""
     rng = random.Random(seed)
     out: dict[str, MCQuestion] = {}
+    top = 20 if wide else 10
 
     def add(question: str, right: str, wrong: list[str]) -> None:
         if question in out or len(set(wrong) | {right}) < 4:
@@ -233,18 +249,21 @@ def question_bank(n: int, seed: int) -> list[MCQuestion]:
         attempts += 1
         kind = rng.random()
         if kind < 0.5:  # arithmetic on small numbers, answers as words
-            a, b = rng.randint(0, 10), rng.randint(0, 10)
+            a, b = rng.randint(0, top), rng.randint(0, top)
             if rng.random() < 0.5 or a < b:
-                q, r = f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", a + b
+                q, r = f"What is {number_words(a)} plus {number_words(b)}?", a + b
             else:
-                q, r = f"What is {NUMBER_WORDS[a]} minus {NUMBER_WORDS[b]}?", a - b
-            wrong = sorted({max(0, min(20, r + d)) for d in (-3, -2, -1, 1, 2, 3)} - {r})
-            add(q, NUMBER_WORDS[r], [NUMBER_WORDS[w] for w in wrong])
-        else:  # comparisons: which of two is larger / faster
+                q, r = f"What is {number_words(a)} minus {number_words(b)}?", a - b
+            wrong = sorted({max(0, min(2 * top, r + d)) for d in (-3, -2, -1, 1, 2, 3)} - {r})
+            add(q, number_words(r), [number_words(w) for w in wrong])
+        else:  # comparisons: which of two is larger / faster (wide: or smaller / slower)
             table, adj = (SIZES, "larger") if kind < 0.8 else (SPEEDS, "faster")
+            smaller = wide and rng.random() < 0.5
+            if smaller:
+                adj = {"larger": "smaller", "faster": "slower"}[adj]
             x, y = rng.sample(table, 2)
             others = [t for t, _ in table if t not in (x[0], y[0])]
-            right = x[0] if x[1] > y[1] else y[0]
+            right = x[0] if (x[1] > y[1]) != smaller else y[0]
             wrong_pair = y[0] if right == x[0] else x[0]
             question = f"Which is {adj}, {x[0]} or {y[0]}?"
             add(question, right, [wrong_pair, *rng.sample(others, 2)])

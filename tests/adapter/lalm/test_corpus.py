@@ -1,6 +1,7 @@
 """The corpus generators label what they generate: each label is checked against a measurement
 of the audio itself (pitch classes, pitch trajectories, onsets, harmonics, spectra, F0, duration)."""
 
+import dataclasses
 import json
 import random
 
@@ -299,3 +300,32 @@ def test_corpus_is_cached_and_reproducible(built, tmp_path):
     assert again["test"].read_text() == manifests["test"].read_text()  # same seed, same corpus
     with pytest.raises(ValueError, match="at least one item per task"):
         CorpusConfig(train_per_task=0)
+
+
+def test_wide_question_bank_and_held_out_knowledge_items(tmp_path):
+    """The default bank is the narrow one (operands <= 10, larger / faster only); the wide bank
+    holds 1,000 distinct questions; a wide corpus's test spoken-knowledge items ask distinct
+    held-out questions in turn; a corpus.json written before a config field existed still matches
+    a build with that field's default."""
+    narrow = question_bank(100, 0)
+    assert not any(w in q.question for q in narrow for w in ("smaller", "slower", "eleven", "twenty "))
+    wide = question_bank(1000, 0, wide=True)
+    assert len({q.question for q in wide}) == 1000 and any("smaller" in q.question for q in wide)
+    cfg = CorpusConfig(train_per_task=2, val_per_task=1, test_per_task=1, questions=300, knowledge_test=6)
+    assert cfg.per_task("test", "knowledge") == 6 and cfg.per_task("test", "gender") == 1
+    manifests = build_corpus(tmp_path / "wide", cfg, progress=False)
+    test = [json.loads(x) for x in manifests["test"].read_text().splitlines()]
+    asked = [r["spoken"] for r in test if r["task"] == "knowledge"]
+    assert len(asked) == 6 and len(set(asked)) == 6
+    text = [json.loads(x) for x in manifests["text"].read_text().splitlines()]
+    assert len(text) == 300 and set(asked) <= {r["question"].rsplit(" Answer with", 1)[0] for r in text}
+    meta = json.loads((tmp_path / "wide" / "corpus.json").read_text())
+    old = {"version": meta["version"], "config": {k: v for k, v in meta["config"].items() if k != "knowledge_test"}}
+    assert not corpus_build._same_build(old, meta)  # knowledge_test=6 is not the default
+    default = {"version": meta["version"], "config": dataclasses.asdict(CorpusConfig())}
+    before = {"train_per_task": 150, "val_per_task": 15, "test_per_task": 30, "seed": 0}  # a v7 corpus.json
+    legacy = {"version": meta["version"], "config": before}
+    assert corpus_build._same_build(legacy, default)
+    assert not corpus_build._same_build({**legacy, "version": 6}, default)
+    with pytest.raises(ValueError, match="questions must be >= 10"):
+        CorpusConfig(questions=5)
