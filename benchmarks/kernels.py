@@ -88,39 +88,16 @@ def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
     dh = torch.randn(T, d, device=device, dtype=dtype)
     weight, R = r.topk_weight_TK, T * K
     mm = grouped_gemm.grouped_mm
-    act, pre = mm(
-        z, w1, perm, K, gather_a=True, epilogue=grouped_gemm.EPI_SILU, out_rows=R, out_dtype=dtype, store_pre=True
-    )
-    dsilu = dict(epilogue=grouped_gemm.EPI_DSILU, out_rows=R, out_dtype=dtype, weight_TK=weight, act_RN=act, pre_RN=pre)
+    up = dict(epilogue=grouped_gemm.EPI_SILU, out_rows=R, out_dtype=dtype, weight_TK=weight, store_pre=True)
+    gact, pre = mm(z, w1, perm, K, gather_a=True, **up)  # what the forward keeps: G * SiLU(pre), pre
+    dsilu = dict(epilogue=grouped_gemm.EPI_DSILU, out_rows=R, out_dtype=dtype, weight_TK=weight, pre_RN=pre)
     dpre, _ = mm(dh, w2.transpose(1, 2), perm, K, gather_a=True, **dsilu)
     cases = [  # name, fn, (M, K, N) of the dense matmul with the same FLOPs
+        ("up: gather z, @W1, SiLU, x G", lambda: mm(z, w1, perm, K, gather_a=True, **up), (R, d, f)),
         (
-            "up: gather z, @W1, SiLU",
+            "down: G act @W2, scatter",
             lambda: mm(
-                z,
-                w1,
-                perm,
-                K,
-                gather_a=True,
-                epilogue=grouped_gemm.EPI_SILU,
-                out_rows=R,
-                out_dtype=dtype,
-                store_pre=True,
-            ),
-            (R, d, f),
-        ),
-        (
-            "down: @W2, x G, scatter",
-            lambda: mm(
-                act,
-                w2,
-                perm,
-                K,
-                gather_a=False,
-                epilogue=grouped_gemm.EPI_SCATTER,
-                out_rows=R,
-                out_dtype=dtype,
-                weight_TK=weight,
+                gact, w2, perm, K, gather_a=False, epilogue=grouped_gemm.EPI_SCATTER, out_rows=R, out_dtype=dtype
             ),
             (R, f, d),
         ),
@@ -145,10 +122,8 @@ def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
             (d, R, f),
         ),
         (
-            "dW2 = act^T (G dh)",
-            lambda: grouped_gemm.grouped_wgrad(
-                act, dh, perm, K, gather_x=False, gather_y=True, out_dtype=dtype, weight_TK=weight
-            ),
+            "dW2 = (G act)^T dh",
+            lambda: grouped_gemm.grouped_wgrad(gact, dh, perm, K, gather_x=False, gather_y=True, out_dtype=dtype),
             (f, R, d),
         ),
     ]
