@@ -45,6 +45,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from benchmarks.sm90_ir import MIN_STAGES, blocks_per_sm, pipeline  # noqa: E402
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GEMM_KERNELS = ("_grouped_mm_kernel", "_grouped_wgrad_kernel")
 SHOWN_CONSTEXPRS = (
@@ -59,54 +61,6 @@ SHOWN_CONSTEXPRS = (
     "BLOCK_T",
     "BLOCK_E",
 )
-
-
-MIN_STAGES = 3  # stages in flight a Hopper GEMM main loop needs to hide global-memory latency
-# Hopper (sm_90) per-SM limits: 64K 32-bit registers, allocated per warp in units of 256; 228 KB of
-# shared memory, of which the runtime reserves 1 KB per block; 2048 threads; 32 blocks.
-SM90 = {"registers": 65536, "reg_unit": 256, "shared": 228 * 1024, "reserved": 1024, "threads": 2048, "blocks": 32}
-
-
-def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
-    """Blocks of a kernel that fit on one Hopper SM at once (the occupancy limit of its resources)."""
-    per_warp = -(-registers * 32 // SM90["reg_unit"]) * SM90["reg_unit"]
-    by_regs = SM90["registers"] // (per_warp * num_warps) if registers else SM90["blocks"]
-    by_smem = SM90["shared"] // (shared_bytes + SM90["reserved"])
-    by_threads = SM90["threads"] // (32 * num_warps)
-    return min(by_regs, by_smem, by_threads, SM90["blocks"])
-
-
-def _main_loop(ttgir: str) -> str | None:
-    """The body of the innermost scf.for that holds a dot (wgmma or mma), from the TTGIR text."""
-    lines = ttgir.splitlines()
-    best = None
-    for i, line in enumerate(lines):
-        if "scf.for" not in line:
-            continue
-        indent = len(line) - len(line.lstrip())
-        body = []
-        for nxt in lines[i + 1 :]:
-            if nxt.strip().startswith("}") and len(nxt) - len(nxt.lstrip()) == indent:
-                break
-            body.append(nxt)
-        text = "\n".join(body)
-        if re.search(r"ttng\.warp_group_dot |tt\.dot ", text) and (best is None or len(text) < len(best)):
-            best = text
-    return best
-
-
-def pipeline(ttgir: str) -> dict:
-    """Stages in flight, a synchronous wgmma wait and TMA use in a kernel's GEMM main loop."""
-    tma = len(re.findall(r"async_tma_copy|tt\.descriptor_load|ttng\.tensormap", ttgir))
-    loop = _main_loop(ttgir)
-    if loop is None:
-        return {"stages": 0, "wgmma_sync_wait": False, "tma": tma}
-    depths = [int(n) for n in re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
-    depth = max(depths, default=1)
-    waits = [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*\{num = (\d+)", loop)]
-    stages = min(depth, min(waits) + 1) if waits else depth
-    pendings = [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^\n]*\{pendings = (\d+)", loop)]
-    return {"stages": stages, "wgmma_sync_wait": 0 in pendings, "tma": tma}
 
 
 class _StubTarget:

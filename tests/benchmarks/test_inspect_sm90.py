@@ -57,7 +57,7 @@ ASYNC_LOOP = """
 def test_pipeline_reader_on_hand_written_ir():
     """Three buffers and a wait that leaves two copy groups outstanding: 3 stages, asynchronous.
     A wait for every copy in the loop leaves one stage in flight; pendings = 0 waits on the wgmma."""
-    from benchmarks.inspect_sm90 import blocks_per_sm, pipeline
+    from benchmarks.sm90_ir import blocks_per_sm, pipeline
 
     assert pipeline(ASYNC_LOOP) == {"stages": 3, "wgmma_sync_wait": False, "tma": 0}
     sync = ASYNC_LOOP.replace("{num = 2 : i32}", "{num = 0 : i32}").replace("pendings = 1", "pendings = 0")
