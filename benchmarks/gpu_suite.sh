@@ -57,12 +57,22 @@ else
     [ "$tests_rc" -ge 124 ] && echo "gpu tests stopped at their ${TESTS_S}s limit (rc=$tests_rc)" | tee -a "$RES/gpu-tests.log"
 fi
 
-# 2. Benchmarks: kernel-level, then adapter providers (paper shapes, T 1k..64k, three routings).
+# 2a. The routed-expert block alone (issue 16's kernel targets: >= 3x the eager loop, faster than
+#     torch._grouped_mm), under its own small budget. A dry run skips it unless BLOCK_PLAN is set.
+BLOCK_S=${BLOCK_S:-100}
+block_rc=0
+if [ "${GPU_SUITE_DRY_RUN:-0}" != 1 ] || [ -n "${BLOCK_PLAN:-}" ]; then
+    timeout --kill-after=10 "$BLOCK_S" $PY -m benchmarks --plan "${BLOCK_PLAN:-gpu-block}" --level block --out "$RES" \
+        --quiet --no-kernels --budget-s "$(( BLOCK_S > 40 ? BLOCK_S - 30 : 10 ))" 2>&1 | tee "$RES/benchmarks-block.log"
+    block_rc=${PIPESTATUS[0]}
+fi
+
+# 2b. Benchmarks: kernel-level, then adapter providers (paper shapes, T 1k..64k, three routings).
 left=$(( SUITE_S - SECONDS ))
 budget=$(( left > 60 ? left - 60 : 0 ))  # never negative: with no time left every case is reported as not run
 timeout --kill-after=10 "$(( left > 10 ? left : 10 ))" $PY -m benchmarks --plan gpu --out "$RES" --quiet --budget-s "$budget" "$@" \
     2>&1 | tee "$RES/benchmarks.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu tests rc=$tests_rc ($tests_state), benchmarks rc=$bench_rc; results in $RES"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "gpu tests rc=$tests_rc ($tests_state), block benchmarks rc=$block_rc, benchmarks rc=$bench_rc; results in $RES"
+exit $(( tests_rc != 0 || bench_rc != 0 || block_rc != 0 ))

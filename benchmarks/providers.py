@@ -22,8 +22,41 @@ LAYOUT_PROVIDERS = ("moe-triton-parallel", "moe-torch-parallel")
 """The parallel reading of Table 4 (preset moe-8c4-parallel: experts d -> f -> D beside the
 always-on aggregation MLP, the dense adapter's size) on our kernels and on the torch reference;
 the other MoE providers are the serial reading (moe-8c4)."""
-MOE_PROVIDERS = ("moe-triton", "moe-torch", "moe-eager-loop", "moe-grouped-mm", *LAYOUT_PROVIDERS)
+MOE_PROVIDERS = ("moe-triton", "moe-torch", "moe-eager-loop", "moe-grouped-mm", *LAYOUT_PROVIDERS, "moe-gmm-backend")
 PROVIDERS = (*MOE_PROVIDERS, "dense")
+"""moe-grouped-mm: the routed experts in plain torch around torch._grouped_mm (a gathered copy of
+the rows, torch routing); moe-gmm-backend: our backend="grouped_mm" (Triton router and
+permutation, torch._grouped_mm experts)."""
+LEVELS = ("adapter", "block")
+"""What a provider's step runs: the whole adapter, or its routed-expert block alone (input
+LayerNorm, router, top-k, permutation, expert MLPs, weighted combine, balance loss: the part the
+kernels implement; the always-on aggregation MLP, a third of the adapter's FLOPs, is left out)."""
+
+
+class RoutedBlock(nn.Module):
+    """The routed-expert block of an MoE adapter as a module: x (T, d) -> h (T, n)."""
+
+    def __init__(self, adapter: MoEAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+        c = adapter.config
+        self.config = BlockConfig(c.in_dim, c.expert_out_dim, c.expert_dim, c.num_experts, c.top_k)
+        self.aux_loss = self.expert_counts = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z_TD = self.adapter.norm_in(x.reshape(-1, x.shape[-1]))
+        out = self.adapter.routed_experts(z_TD, None)
+        self.aux_loss, self.expert_counts = out.aux_loss, out.counts_E
+        return out.h_TD.reshape(*x.shape[:-1], -1)
+
+
+@dataclass
+class BlockConfig:
+    in_dim: int
+    out_dim: int  # the experts' output width n
+    expert_dim: int
+    num_experts: int
+    top_k: int
 
 
 class EagerLoopMoE(MoEAdapter):
@@ -83,8 +116,11 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> tuple[bool
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why provider `name` cannot run on `device` in `dtype`, or None (decided without building it)."""
-    if name in ("moe-triton", "moe-triton-parallel") and device.type != "cuda":
+    if name in ("moe-triton", "moe-triton-parallel", "moe-gmm-backend") and device.type != "cuda":
         return "GPU only: on CPU the Triton kernels run in the interpreter, a test vehicle"
+    if name == "moe-gmm-backend":
+        ok, why = grouped_mm_available(device, dtype)
+        return None if ok else why
     if name == "moe-grouped-mm":
         ok, why = grouped_mm_available(device, dtype)
         return None if ok else why
@@ -103,9 +139,12 @@ class Shapes:
         return preset("dense", self.d, self.D)
 
 
-def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, seed: int = 0, level: str = "adapter"):
     """{name: module or a reason it cannot run here}. The serial MoE providers share one set of
-    weights, the two parallel-layout ones another (their experts' output width differs)."""
+    weights, the two parallel-layout ones another (their experts' output width differs). At level
+    "block" each MoE provider is its routed-expert block (RoutedBlock) and dense is left out."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     bases = {}
     for layout in ("serial", "parallel"):
         torch.manual_seed(seed)
@@ -118,6 +157,7 @@ def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, se
         "moe-grouped-mm": (GroupedMMMoE, "torch", "serial"),
         "moe-triton-parallel": (MoEAdapter, "triton", "parallel"),
         "moe-torch-parallel": (MoEAdapter, "torch", "parallel"),
+        "moe-gmm-backend": (MoEAdapter, "grouped_mm", "serial"),
     }
     for name, (cls, backend, layout) in classes.items():
         if why := unavailable_reason(name, device, dtype):
@@ -125,7 +165,10 @@ def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, se
             continue
         m = cls(shapes.moe_config(backend, layout)).to(device, dtype)
         m.load_state_dict(bases[layout].state_dict())
-        out[name] = m
+        out[name] = RoutedBlock(m) if level == "block" else m
+    if level == "block":
+        out["dense"] = "the dense adapter has no routed block"
+        return out
     torch.manual_seed(seed)
     out["dense"] = DenseAdapter(shapes.dense_config()).to(device, dtype)
     return out
@@ -134,7 +177,9 @@ def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, se
 def adapter_flops(module: nn.Module, tokens: int, mode: str) -> float:
     """Matrix-product FLOPs of one call; mode: forward, backward or fwd+bwd."""
     c = module.config
-    if isinstance(module, DenseAdapter):
+    if isinstance(module, RoutedBlock):
+        fwd = 2 * tokens * (c.in_dim * c.num_experts + c.top_k * (c.in_dim + c.out_dim) * c.expert_dim)
+    elif isinstance(module, DenseAdapter):
         fwd = 2 * tokens * (c.in_dim * c.hidden_dim + c.hidden_dim * c.out_dim)
     else:
         d, f, n = c.in_dim, c.expert_dim, c.expert_out_dim

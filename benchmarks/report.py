@@ -101,8 +101,11 @@ def _find(rows, provider, mode, tokens, routing="uniform", dtype="bfloat16"):
 
 
 def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) -> list[str]:
-    """Issue 4's targets, judged only on rows that ran; a target with no measurement says so."""
-    out = ["targets (issue 4):"]
+    """Issue 4's and 16's targets, judged only on rows that ran; a target with no measurement says
+    so. Whole adapter: MoE / dense <= 0.85 and memory; routed block: >= 3x the eager loop and
+    faster than torch._grouped_mm."""
+    level = rows[0].get("level", "adapter") if rows else "adapter"
+    out = [f"targets (issues 4, 16; {'the routed-expert block alone' if level == 'block' else 'the whole adapter'}):"]
     if device_type == "cuda":
         big = sorted({r["tokens"] for r in rows if r["tokens"] >= 8192 and r["dtype"] == "bfloat16"})
         for t in big:
@@ -110,6 +113,10 @@ def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) ->
             dense = _find(rows, "dense", "fwd+bwd", t)
             loop = _find(rows, "moe-eager-loop", "fwd+bwd", t)
             gmm = _find(rows, "moe-grouped-mm", "fwd+bwd", t)
+            backend_gmm = _find(rows, "moe-gmm-backend", "fwd+bwd", t)
+            if ours and backend_gmm:
+                s = backend_gmm["median_ms"] / ours["median_ms"]
+                out.append(f"  T={t}: triton backend vs grouped_mm backend = {s:.2f}x (auto picks the faster)")
             if ours and dense:
                 ratio = ours["median_ms"] / dense["median_ms"]
                 out.append(
@@ -121,16 +128,17 @@ def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) ->
                     out.append(
                         f"  T={t}: peak memory MoE / dense = {m:.2f} (target <= 1.1): {'PASS' if m <= 1.1 else 'MISS'}"
                     )
+            # The speed-ups are targets of the routed block (issue 16): in the whole adapter the
+            # always-on aggregation MLP, the same in every provider, caps them near 1.8x.
+            judged = level == "block"
             if ours and loop:
                 s = loop["median_ms"] / ours["median_ms"]
-                out.append(
-                    f"  T={t}: speed-up over eager loop = {s:.2f}x (target >= 3): {'PASS' if s >= 3 else 'MISS'}"
-                )
+                verdict = ("PASS" if s >= 3 else "MISS") if judged else "judged on the block: --plan gpu-block"
+                out.append(f"  T={t}: speed-up over eager loop = {s:.2f}x (target >= 3): {verdict}")
             if ours and gmm:
                 s = gmm["median_ms"] / ours["median_ms"]
-                out.append(
-                    f"  T={t}: speed-up over torch._grouped_mm = {s:.2f}x (target > 1): {'PASS' if s > 1 else 'MISS'}"
-                )
+                verdict = ("PASS" if s > 1 else "MISS") if judged else "judged on the block: --plan gpu-block"
+                out.append(f"  T={t}: speed-up over torch._grouped_mm = {s:.2f}x (target > 1): {verdict}")
         for k in kernel_rows:
             if "vs_dense_matmul" in k:
                 v = k["vs_dense_matmul"]

@@ -21,6 +21,7 @@ import torch
 from adapter.environment import environment
 from benchmarks import report
 from benchmarks.providers import (
+    LEVELS,
     MOE_PROVIDERS,
     PROVIDERS,
     Shapes,
@@ -84,6 +85,7 @@ class Plan:
     D: int
     cases: list[Case] = field(default_factory=list)
     kernels: bool = False
+    level: str = "adapter"  # providers.LEVELS: the whole adapter, or the routed-expert block alone
 
 
 def _plan(name: str) -> Plan:
@@ -92,6 +94,10 @@ def _plan(name: str) -> Plan:
         cases += [Case("bfloat16", r, t, ("fwd+bwd",)) for r in ("zipf", "one") for t in (8192, 65536)]
         cases += [Case("float32", "uniform", t, ("fwd+bwd",)) for t in (1024, 8192)]
         return Plan(2560, 2048, cases, kernels=True)
+    if name == "gpu-block":  # the routed-expert block alone at paper shapes: the kernels' own targets
+        cases = [Case("bfloat16", "uniform", t, ("fwd+bwd",)) for t in (8192, 16384, 65536)]
+        cases += [Case("bfloat16", "zipf", 65536, ("fwd+bwd",))]
+        return Plan(2560, 2048, cases, level="block")
     if name == "cpu":  # paper shapes / 10, what a 2-core CPU finishes in a few minutes
         cases = [Case("float32", "uniform", t, MODES) for t in (1024, 4096)]
         cases += [Case("float32", r, 4096, ("fwd+bwd",)) for r in ("zipf", "one")]
@@ -127,6 +133,7 @@ def _row(name: str, mode: str, case: Case, plan: Plan) -> dict:
         "dtype": case.dtype,
         "d": plan.d,
         "D": plan.D,
+        "level": plan.level,
     }
 
 
@@ -164,10 +171,10 @@ def run_adapter_benchmarks(
         if case.dtype not in built:
             built.clear()  # one dtype's modules at a time
             gc.collect()
-            built[case.dtype] = build_providers(Shapes(plan.d, plan.D), device, dtype)
+            built[case.dtype] = build_providers(Shapes(plan.d, plan.D), device, dtype, level=plan.level)
         mods = {n: m for n, m in built[case.dtype].items() if n in providers}
         x, u = make_tokens(case.tokens, plan.d, device, dtype)
-        moe_mods = [m for n, m in mods.items() if n in MOE_PROVIDERS and not isinstance(m, str)]
+        moe_mods = [getattr(m, "adapter", m) for n, m in mods.items() if n in MOE_PROVIDERS and not isinstance(m, str)]
         if moe_mods:
             set_router(moe_mods, u, x, case.routing)
         x.requires_grad_(True)
@@ -249,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--plan",
-        choices=["gpu", "cpu", "layouts", "smoke"],
+        choices=["gpu", "gpu-block", "cpu", "layouts", "smoke"],
         default=None,
-        help="what to measure: gpu = paper shapes, bf16 + fp32, T 1k..64k (default on CUDA); "
+        help="what to measure: gpu = paper shapes, bf16 + fp32, T 1k..64k (default on CUDA); gpu-block = the "
+        "routed-expert block alone, bf16, fwd+bwd, T 8k..64k; "
         "cpu = paper shapes / 10, fp32 (default without CUDA); layouts = paper shapes, fp32, T 512, "
         "fwd+bwd (dense vs serial vs parallel MoE on a CPU, minutes); smoke = seconds, for tests",
     )
@@ -263,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         help="implementations to time (default: all)",
     )
     p.add_argument("--tokens", type=int, nargs="+", help="override the plan's token counts")
+    p.add_argument(
+        "--level",
+        choices=LEVELS,
+        default=None,
+        help="time the whole adapter or only its routed-expert block (router, permutation, experts, combine); "
+        "default: the plan's",
+    )
     p.add_argument("--routing", choices=ROUTINGS, nargs="+", help="keep only these routing patterns")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level benchmarks (GPU)")
     p.add_argument(
@@ -289,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = _plan(args.plan or ("gpu" if device.type == "cuda" else "cpu"))
+    if args.level:
+        plan.level = args.level
     if args.tokens:
         seen, cases = set(), []
         for c in plan.cases:
@@ -304,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.cases = [c for c in plan.cases if c.dtype == "float32"]  # CPU bf16 GEMMs are not representative
 
     info = environment(device)
+    # A block-level run writes beside the adapter-level one, not over it.
+    tag = args.tag if plan.level == "adapter" else f"{args.tag or report._stem(info, None)}-{plan.level}"
     print(f"device: {info['device']} ({info['device_detail']}); torch {info['torch']}, triton {info['triton']}")
     unavailable = unavailable_providers(args.providers, plan, device)
     for name, why in unavailable.items():
@@ -336,12 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     def write_partial(rows_so_far: list[dict], number: int) -> None:
         report.add_dense_ratios(rows_so_far)
         note = f"written after case {number} of {len(plan.cases)}; the run had not finished"
-        report.write_all(args.out, args.tag, info, ceilings, plan, rows_so_far, kernel_rows, False, note)
+        report.write_all(args.out, tag, info, ceilings, plan, rows_so_far, kernel_rows, False, note)
 
     rows = run_adapter_benchmarks(
         plan, device, args.providers, ceilings, progress=not args.quiet, deadline=deadline, on_case=write_partial
     )
-    paths = report.write_all(args.out, args.tag, info, ceilings, plan, rows, kernel_rows)
+    paths = report.write_all(args.out, tag, info, ceilings, plan, rows, kernel_rows)
     print(report.text_table(rows))
     if kernel_rows:
         print(report.kernel_table(kernel_rows))

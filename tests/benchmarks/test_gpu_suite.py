@@ -90,8 +90,11 @@ def test_gpu_suite_script_end_to_end_without_a_gpu(tmp_path, gpu_like_python):
     assert refused.returncode == 3 and "no CUDA GPU visible" in (tmp_path / "no-gpu.txt").read_text()
     assert not (tmp_path / "dry.json").exists()
 
-    done = subprocess.run(cmd, cwd=ROOT, env=env | {"GPU_SUITE_DRY_RUN": "1"}, capture_output=True, text=True)
+    dry = env | {"GPU_SUITE_DRY_RUN": "1", "BLOCK_PLAN": "smoke"}
+    done = subprocess.run(cmd, cwd=ROOT, env=dry, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
+    block = [p for p in tmp_path.glob("*-block.json")]  # the routed-block stage, beside the adapter run
+    assert len(block) == 1 and {r["level"] for r in json.loads(block[0].read_text())["rows"]} == {"block"}
     assert "git feed123" in (tmp_path / "environment.txt").read_text()
     tests_log = (tmp_path / "gpu-tests.log").read_text()
     skipped = re.search(r"(\d+) skipped, \d+ deselected", tests_log)  # collected, skipped for want of CUDA only
@@ -99,7 +102,7 @@ def test_gpu_suite_script_end_to_end_without_a_gpu(tmp_path, gpu_like_python):
     result = json.loads((tmp_path / "dry.json").read_text())
     assert result["info"]["git_sha"] == "feed123" and "partial" not in result
     assert {r["status"] for r in result["rows"] if r["provider"] == "dense"} == {"ok"}
-    assert "gpu tests rc=0 (ran), benchmarks rc=0" in done.stdout
+    assert "gpu tests rc=0 (ran), block benchmarks rc=0, benchmarks rc=0" in done.stdout
 
 
 def test_gpu_suite_on_a_bare_box_still_writes_numbers(tmp_path, gpu_like_python):
@@ -123,7 +126,7 @@ def test_gpu_timing_branch_builds_every_row(monkeypatch):
     """The CUDA-event timer and the peak-memory probe are stubs that run the step once; the Triton
     provider is built on CPU (its kernels run in the interpreter here)."""
     calls = []
-    peak_mb = dict(zip(PROVIDERS, (1.0, 3.0, 3.0, 2.5, 1.2, 2.8, 2.0), strict=True))  # probed in PROVIDERS order
+    peak_mb = dict(zip(PROVIDERS, (1.0, 3.0, 3.0, 2.5, 1.2, 2.8, 1.1, 2.0), strict=True))  # probed in PROVIDERS order
 
     def time_gpu(fn, **_):
         fn()
@@ -135,14 +138,17 @@ def test_gpu_timing_branch_builds_every_row(monkeypatch):
         calls.append("peak")
         return peak_mb[PROVIDERS[calls.count("peak") % len(PROVIDERS) - 1]] * 2**20
 
-    def build_with_triton(shapes, device, dtype, seed=0):
-        mods = real_build(shapes, device, dtype, seed)
+    def build_with_triton(shapes, device, dtype, seed=0, level="adapter"):
+        mods = real_build(shapes, device, dtype, seed, level)
         assert isinstance(mods["moe-triton"], str)  # not built on CPU by default
         mods["moe-triton"] = MoEAdapter(shapes.moe_config("triton")).to(device, dtype)
         mods["moe-triton"].load_state_dict(mods["moe-torch"].state_dict())
         assert isinstance(mods["moe-triton-parallel"], str)
         mods["moe-triton-parallel"] = MoEAdapter(shapes.moe_config("triton", "parallel")).to(device, dtype)
         mods["moe-triton-parallel"].load_state_dict(mods["moe-torch-parallel"].state_dict())
+        assert isinstance(mods["moe-gmm-backend"], str)
+        mods["moe-gmm-backend"] = MoEAdapter(shapes.moe_config("grouped_mm")).to(device, dtype)
+        mods["moe-gmm-backend"].load_state_dict(mods["moe-torch"].state_dict())
         return {n: mods[n] for n in PROVIDERS}
 
     real_build = run.build_providers
@@ -192,21 +198,35 @@ def test_gpu_target_lines_pass_and_miss_by_hand():
     kernels = [{"kernel": "up", "tokens": 8192, "vs_dense_matmul": 0.7}, {"kernel": "down", "tokens": 8192, "gbs": 1}]
     kernels.append({"kernel": "dW1", "tokens": 8192, "vs_dense_matmul": 0.69})
     lines = report.target_lines(rows, kernels, "cuda")
+    block = "judged on the block: --plan gpu-block"  # whole-adapter rows: the speed-ups are information
     assert lines == [
-        "targets (issue 4):",
+        "targets (issues 4, 16; the whole adapter):",
         "  T=8192: MoE fwd+bwd / dense = 0.80 (target <= 0.85): PASS",
         "  T=8192: peak memory MoE / dense = 1.10 (target <= 1.1): PASS",
-        "  T=8192: speed-up over eager loop = 2.99x (target >= 3): MISS",
-        "  T=8192: speed-up over torch._grouped_mm = 1.01x (target > 1): PASS",
+        f"  T=8192: speed-up over eager loop = 2.99x (target >= 3): {block}",
+        f"  T=8192: speed-up over torch._grouped_mm = 1.01x (target > 1): {block}",
         "  T=65536: MoE fwd+bwd / dense = 0.90 (target <= 0.85): MISS",
         "  T=65536: peak memory MoE / dense = 1.11 (target <= 1.1): MISS",
-        "  T=65536: speed-up over eager loop = 3.00x (target >= 3): PASS",
-        "  T=65536: speed-up over torch._grouped_mm = 1.00x (target > 1): MISS",
+        f"  T=65536: speed-up over eager loop = 3.00x (target >= 3): {block}",
+        f"  T=65536: speed-up over torch._grouped_mm = 1.00x (target > 1): {block}",
         "  T=8192: up: 70% of cuBLAS at the same FLOPs (target >= 70%): PASS",
         "  T=8192: dW1: 69% of cuBLAS at the same FLOPs (target >= 70%): MISS",
     ]
+    blocks = [dict(r, level="block") for r in rows if r["provider"] != "dense"]
+    blocks.append(dict(_ok("moe-gmm-backend", 7.2), level="block"))
+    assert report.target_lines(blocks, [], "cuda") == [
+        "targets (issues 4, 16; the routed-expert block alone):",
+        "  T=8192: triton backend vs grouped_mm backend = 0.90x (auto picks the faster)",
+        "  T=8192: speed-up over eager loop = 2.99x (target >= 3): MISS",
+        "  T=8192: speed-up over torch._grouped_mm = 1.01x (target > 1): PASS",
+        "  T=65536: speed-up over eager loop = 3.00x (target >= 3): PASS",
+        "  T=65536: speed-up over torch._grouped_mm = 1.00x (target > 1): MISS",
+    ]
     failed = [dict(r, status="failed: OutOfMemoryError") if r["provider"] == "moe-triton" else r for r in rows]
-    assert report.target_lines(failed, [], "cuda") == ["targets (issue 4):", "  no GPU target measured in this run"]
+    assert report.target_lines(failed, [], "cuda") == [
+        "targets (issues 4, 16; the whole adapter):",
+        "  no GPU target measured in this run",
+    ]
 
 
 def test_budget_and_partial_writes(tmp_path, monkeypatch):
