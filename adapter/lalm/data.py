@@ -270,7 +270,8 @@ def collate(
     for ex in examples:
         frames = 0 if use_text_question else ex.num_frames
         question = (ex.text or ex.question) if use_text_question else ex.question
-        p = prompt_ids(tokenizer, frames, question, "" if frames else ex.context)
+        # The text question replaces the audio, and so whatever stands for it (a context).
+        p = prompt_ids(tokenizer, frames, question, "" if frames or use_text_question else ex.context)
         a = answer_ids(tokenizer, ex.answer) if with_answer else []
         seqs.append(p + a)
         labels.append([IGNORE] * len(p) + a)
