@@ -218,7 +218,7 @@ def test_a_context_stands_between_the_audio_markers(tmp_path, tone_corpus):
     assert batch.audio_BFC is None and batch.input_ids_BL[0, : len(ids)].tolist() == ids
     assert model(batch).ntp_sum.isfinite()
     # Asked as text (the modality gap's text side), the question alone: no context, no markers.
-    as_text = _batch(model, [with_context], use_text_question=True).input_ids_BL[0].tolist()
+    as_text = _batch(model, [with_context], use_text_question=True, with_answer=False).input_ids_BL[0].tolist()
     assert as_text == prompt_ids(tok, 0, with_context.question)
     with pytest.raises(ValueError, match="audio frames or a context, not both"):
         prompt_ids(tok, 3, "q", "ctx")
