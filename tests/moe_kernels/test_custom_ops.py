@@ -25,6 +25,18 @@ def _step(m):
     return step
 
 
+def _eager_reference(m):
+    """(x, mask, step, loss, grads) of one eager step of adapter m on a fixed masked batch (dynamo
+    reset first, so a compiled run after it traces afresh)."""
+    torch._dynamo.reset()
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.25
+    step = _step(m)
+    want = step(x, mask)
+    want.backward()
+    return x, mask, step, want, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("masked, n_out", [(False, 16), (True, 16), (True, 11)])  # 11: experts d -> f -> N != d
 def test_opcheck_both_ops(backend, masked, n_out):
@@ -58,14 +70,8 @@ def test_no_graph_break_inside_the_adapter(backend):
     [(b, p, "serial") for b in BACKENDS for p in ("topk", "softmax")] + [(b, "topk", "parallel") for b in BACKENDS],
 )
 def test_compiled_forward_backward_equals_eager(backend, balance_p, layout):
-    torch._dynamo.reset()
     m = _adapter(backend, balance_p=balance_p, layout=layout)
-    x = torch.randn(3, 7, 16, dtype=torch.float64)
-    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.25
-    step = _step(m)
-    want = step(x, mask)
-    want.backward()
-    want_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    x, mask, step, want, want_grads = _eager_reference(m)
     want_idx = m.last_topk_idx.clone()
     m.zero_grad()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)  # traces fwd and bwd through the fakes
@@ -142,14 +148,8 @@ def test_compiled_triton_backward_keeps_activations_unless_asked_to_recompute(re
     expert forward runs once per step (twice with compile_recompute); gradients equal eager's."""
     from moe_kernels import grouped_gemm
 
-    torch._dynamo.reset()
     m = _adapter("triton", compile_recompute=recompute)
-    x = torch.randn(3, 7, 16, dtype=torch.float64)
-    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(2)) > 0.25
-    step = _step(m)
-    want = step(x, mask)
-    want.backward()
-    want_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    x, mask, step, want, want_grads = _eager_reference(m)
     m.zero_grad()
     calls = []
     original = grouped_gemm.experts_forward
