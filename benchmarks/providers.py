@@ -104,14 +104,11 @@ class GroupedMMMoE(MoEAdapter):
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    if not hasattr(torch, "_grouped_mm"):
-        return False, f"torch {torch.__version__} has no torch._grouped_mm"
-    if device.type == "cuda":
-        if dtype != torch.bfloat16:
-            return False, "torch._grouped_mm on CUDA takes bfloat16 only"
-        if torch.cuda.get_device_capability(device) < (9, 0):
-            return False, "torch._grouped_mm on CUDA needs sm_90+"
-    return True, ""
+    """(can torch._grouped_mm run here, why not): the backend's own check."""
+    from moe_kernels.grouped_mm_experts import grouped_mm_unavailable
+
+    why = grouped_mm_unavailable(device, dtype)
+    return why is None, why or ""
 
 
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:

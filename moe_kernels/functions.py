@@ -75,6 +75,15 @@ class ExpertsFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+def route(z_TD, router_weight_ED, top_k, token_mask_T, balance_p):
+    """Router and permutation, differentiable through the routing weights and the balance loss:
+    (topk_weight_TK, aux_loss, topk_idx_TK, counts_E, Permutation). Shared by every backend whose
+    router is the Triton one."""
+    logits_TE = F.linear(z_TD, router_weight_ED)
+    weight_TK, aux, idx_TK, counts_E, blk_count_NE = RouterFunction.apply(logits_TE, token_mask_T, top_k, balance_p)
+    return weight_TK, aux, idx_TK, counts_E, permutation.permute(idx_TK, counts_E, blk_count_NE)
+
+
 def moe_ffn(
     z_TD: torch.Tensor,
     router_weight_ED: torch.Tensor,
@@ -85,9 +94,7 @@ def moe_ffn(
     balance_p: str = "topk",
 ) -> MoEOutput:
     """The Triton implementation of reference.moe_ffn (inputs already validated by ops.moe_ffn)."""
-    logits_TE = F.linear(z_TD, router_weight_ED)
-    weight_TK, aux, idx_TK, counts_E, blk_count_NE = RouterFunction.apply(logits_TE, token_mask_T, top_k, balance_p)
-    perm = permutation.permute(idx_TK, counts_E, blk_count_NE)
+    weight_TK, aux, idx_TK, counts_E, perm = route(z_TD, router_weight_ED, top_k, token_mask_T, balance_p)
     save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (z_TD, w1_EDF, w2_EFD, weight_TK))
     h_TD = ExpertsFunction.apply(z_TD, w1_EDF, w2_EFD, weight_TK, *perm, save_pre)
     return MoEOutput(h_TD, aux, counts_E, idx_TK, weight_TK)

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels import permutation
-from moe_kernels.functions import RouterFunction
+from moe_kernels.functions import route
 from moe_kernels.reference import MoEOutput, Permutation, routing_dtype
 
 GROUPED_MM_CUDA = {"dtype": torch.bfloat16, "capability": (9, 0)}  # what torch._grouped_mm runs on CUDA
@@ -84,8 +83,6 @@ def moe_ffn(
     reason = grouped_mm_unavailable(z_TD.device, z_TD.dtype)
     if reason:
         raise ValueError(f"backend='grouped_mm': {reason}")
-    logits_TE = F.linear(z_TD, router_weight_ED)
-    weight_TK, aux, idx_TK, counts_E, blk_count_NE = RouterFunction.apply(logits_TE, token_mask_T, top_k, balance_p)
-    perm = permutation.permute(idx_TK, counts_E, blk_count_NE)
+    weight_TK, aux, idx_TK, counts_E, perm = route(z_TD, router_weight_ED, top_k, token_mask_T, balance_p)
     h_TD = grouped_experts(z_TD, w1_EDF, w2_EFD, weight_TK, perm)
     return MoEOutput(h_TD, aux, counts_E, idx_TK, weight_TK)

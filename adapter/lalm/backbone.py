@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from adapter.lalm.config import TrainConfig
+from adapter.lalm.data import write_manifest
 from adapter.lalm.experiment import ExperimentConfig, train_and_evaluate
 from adapter.lalm.train import load_trained
 
@@ -45,17 +46,12 @@ def caption_records(records: list[dict]) -> list[dict]:
 
 def caption_manifests(manifests: dict[str, Path]) -> dict[str, Path]:
     """{"train", "val", "test", "text"}: the corpus splits as caption items (captions-<split>.jsonl
-    beside the corpus manifests, rewritten only when they change) and the text knowledge."""
+    beside the corpus manifests, written atomically) and the text knowledge."""
     out: dict[str, Path] = {"text": Path(manifests["text"])}
     for split in ("train", "val", "test"):
         records = [json.loads(x) for x in Path(manifests[split]).read_text().splitlines() if x.strip()]
-        path = Path(manifests[split]).parent / f"captions-{split}.jsonl"
-        text = "".join(json.dumps(r) + "\n" for r in caption_records(records))
-        if not path.is_file() or path.read_text() != text:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
-        out[split] = path
+        out[split] = Path(manifests[split]).parent / f"captions-{split}.jsonl"
+        write_manifest(out[split], caption_records(records))
     return out
 
 

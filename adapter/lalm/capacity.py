@@ -167,29 +167,24 @@ def mmau_rows(ev: dict, keep) -> list[dict]:
     return [r for r in ev["predictions"] if PRIMARY in r and "correct" in r and (keep is None or keep(r))]
 
 
-def diff(runs: dict, seeds: list[int], width: float, a: str, b: str, scope: str = "all") -> PairedDiff:
+def paired(runs: dict, seeds: list[int], a: tuple[float, str], b: tuple[float, str], scope: str = "all") -> PairedDiff:
+    """Accuracy of run a = (width, variant) minus run b on the same items, pooled over seeds."""
     keep = _keep(scope)
     xs, ys = [], []
     for s in seeds:
-        ra = [r for r in runs[s][width][a]["eval"]["predictions"] if "correct" in r]
-        rb = [r for r in runs[s][width][b]["eval"]["predictions"] if "correct" in r]
+        ra, rb = ([r for r in runs[s][w][v]["eval"]["predictions"] if "correct" in r] for w, v in (a, b))
         x, y = aligned(ra, rb, PRIMARY, keep=keep)
         xs.append(x)
         ys.append(y)
     return paired_difference(xs, ys)
 
 
+def diff(runs: dict, seeds: list[int], width: float, a: str, b: str, scope: str = "all") -> PairedDiff:
+    return paired(runs, seeds, (width, a), (width, b), scope)
+
+
 def width_diff(runs: dict, seeds: list[int], variant: str, big: float, small: float) -> PairedDiff:
-    xs, ys = [], []
-    for s in seeds:
-        x, y = aligned(
-            [r for r in runs[s][big][variant]["eval"]["predictions"] if "correct" in r],
-            [r for r in runs[s][small][variant]["eval"]["predictions"] if "correct" in r],
-            PRIMARY,
-        )
-        xs.append(x)
-        ys.append(y)
-    return paired_difference(xs, ys)
+    return paired(runs, seeds, (big, variant), (small, variant))
 
 
 def word(d: PairedDiff) -> str:
@@ -207,14 +202,11 @@ def knowledge(ev: dict) -> float | None:
 
 
 def max_specialization(rates: dict[str, list[float]]) -> float:
-    """Largest ratio of an expert's rate for one category to its mean rate over the categories."""
-    cats = [c for c in AUDIO_CATEGORIES if c in rates]
-    best = 0.0
-    for e in range(len(rates[cats[0]])):
-        col = [rates[c][e] for c in cats]
-        mean = sum(col) / len(col)
-        best = max(best, max(col) / mean if mean else 0.0)
-    return best
+    """Largest ratio of an expert's rate for one category to its mean rate over the categories
+    (report.specialization's ratio)."""
+    from adapter.lalm.report import specialization
+
+    return max(x["ratio"] for x in specialization(rates)["experts"])
 
 
 def summarize(result: dict) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from adapter.lalm.config import ModelConfig, TrainConfig, _f, add_dataclass_args, dataclass_from_args
 from adapter.lalm.corpus import SIZES, build_corpus
+from adapter.lalm.corpus.build import QUESTIONS
 from adapter.lalm.data import read_manifest
 from adapter.lalm.evaluate import evaluate
 from adapter.lalm.train import config_differences, load_trained, run_features, train
@@ -33,7 +34,7 @@ class ExperimentConfig:
     train_per_task: int = _f(0, "override the corpus size's training items per task (0: keep it)")
     test_per_task: int = _f(0, "override the corpus size's test items per task (0: keep it)")
     questions: int = _f(
-        100,
+        QUESTIONS,
         "distinct knowledge questions (more than 100: the wide bank, and spoken-knowledge items take their "
         "split's questions in turn); 1000 gives ~100 held-out test questions per seed",
     )
