@@ -118,6 +118,19 @@ def _(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p, backend,
     return tuple(torch.empty_like(t) for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD))
 
 
+def _unused_as_zeros(z_TD, w2_EFD, top_k, dh_TD, d_aux, d_weight_TK):
+    """Gradients of outputs the loss did not use arrive as None: zeros of the outputs' shapes
+    (h is (T, N): N, the experts' output width, is D only in the serial layout)."""
+    acc = reference.routing_dtype(z_TD.dtype)
+    if dh_TD is None:
+        dh_TD = z_TD.new_zeros(z_TD.shape[0], w2_EFD.shape[2])
+    if d_aux is None:
+        d_aux = z_TD.new_zeros((), dtype=acc)
+    if d_weight_TK is None:
+        d_weight_TK = z_TD.new_zeros(z_TD.shape[0], top_k, dtype=acc)
+    return dh_TD, d_aux, d_weight_TK
+
+
 def _setup_context(ctx, inputs, output):
     z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p, backend = inputs
     ctx.save_for_backward(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T)
@@ -128,13 +141,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dh_TD, d_aux, d_counts, d_idx, d_weight_TK):
     z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T = ctx.saved_tensors
     top_k, balance_p, backend = ctx.config
-    # Outputs the loss did not use arrive as None: zeros of their fake shapes.
-    if dh_TD is None:
-        dh_TD = torch.zeros_like(z_TD)
-    if d_aux is None:
-        d_aux = z_TD.new_zeros((), dtype=reference.routing_dtype(z_TD.dtype))
-    if d_weight_TK is None:
-        d_weight_TK = z_TD.new_zeros(z_TD.shape[0], top_k, dtype=reference.routing_dtype(z_TD.dtype))
+    dh_TD, d_aux, d_weight_TK = _unused_as_zeros(z_TD, w2_EFD, top_k, dh_TD, d_aux, d_weight_TK)
     grads = moe_ffn_backward_op(
         z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p, backend, dh_TD, d_aux, d_weight_TK
     )
@@ -270,11 +277,7 @@ def _setup_saving(ctx, inputs, output):
 def _saved_backward(ctx, dh_TD, d_aux, d_counts, d_idx, d_weight_TK, *_):
     z_TD, router_weight_ED, w1_EDF, w2_EFD, counts_E, idx_TK, weight_TK, *saved = ctx.saved_tensors
     top_k, balance_p = ctx.config
-    acc = reference.routing_dtype(z_TD.dtype)
-    if dh_TD is None:
-        dh_TD = torch.zeros(z_TD.shape[0], w2_EFD.shape[2], dtype=z_TD.dtype, device=z_TD.device)
-    d_aux = z_TD.new_zeros((), dtype=acc) if d_aux is None else d_aux
-    d_weight_TK = torch.zeros_like(weight_TK) if d_weight_TK is None else d_weight_TK
+    dh_TD, d_aux, d_weight_TK = _unused_as_zeros(z_TD, w2_EFD, top_k, dh_TD, d_aux, d_weight_TK)
     grads = moe_ffn_saved_backward_op(
         z_TD, router_weight_ED, w1_EDF, w2_EFD, counts_E, idx_TK, weight_TK, *saved, top_k, balance_p,
         dh_TD, d_aux, d_weight_TK,

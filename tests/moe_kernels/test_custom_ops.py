@@ -161,3 +161,23 @@ def test_compiled_triton_backward_keeps_activations_unless_asked_to_recompute(re
     assert_close(got, want, rtol=1e-12, name="loss")
     for n, p in m.named_parameters():
         assert_close(p.grad, want_grads[n], rtol=1e-10, atol=1e-12, name=n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_loss_on_the_balance_loss_alone_in_the_parallel_layout(backend):
+    """h unused by the loss in the parallel layout, where h is (T, N) and z (T, d): the compiled
+    backward gives the eager router gradient (an unused output's gradient, if it arrives as None,
+    becomes zeros of that output's shape)."""
+    torch._dynamo.reset()
+    m = _adapter(backend, layout="parallel")
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+
+    def step(x):
+        m(x)
+        return m.aux_loss
+
+    step(x).backward()
+    want = m.router.weight.grad.clone()
+    m.zero_grad()
+    torch.compile(step, backend="aot_eager", fullgraph=True)(x).backward()
+    assert_close(m.router.weight.grad, want, rtol=1e-10, atol=1e-12, name="router")
