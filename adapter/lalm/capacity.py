@@ -3,6 +3,9 @@ with the two routing controls: is the adapter what limits accuracy, and does rou
 
     python -m adapter.lalm.capacity --seeds 0 1 2 --resume      # the sweep (README: its time on 2 CPU cores)
 
+Its corpus uses the wide knowledge-question bank (--questions 1000 --knowledge-test 100) so the
+spoken-knowledge accuracy pooled over three seeds has a standard error within 3 points.
+
 Per seed (each its own corpus, adapter/lalm/corpus), one text stage trains the LLM
 (adapter/lalm/backbone.py); then every (width, variant) pair trains the feature fusion and the
 adapter on the frozen LLM for the same steps, on every training task (spoken knowledge and
@@ -420,8 +423,18 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # 800 audio-stage steps: 36 runs (3 seeds x 3 widths x 4 variants) fit the README's 3-hour budget
-    # on the 2-core CPU (a 1500-step run took 305 s there, AMD EPYC, 2026-12-02).
-    add_experiment_args(p, out="runs/capacity", corpus="data/corpus-capacity", audio_dim=256, steps=800)
+    # on the 2-core CPU (a 1500-step run took 305 s there, AMD EPYC, 2026-12-02). The wide question
+    # bank (1000 questions, 100 spoken-knowledge test items per seed) so the three seeds pool 300
+    # knowledge items: a standard error <= 2.9 points, inside the 3.
+    add_experiment_args(
+        p,
+        out="runs/capacity",
+        corpus="data/corpus-capacity",
+        audio_dim=256,
+        steps=800,
+        questions=1000,
+        knowledge_test=100,
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, each with its own corpus")
     p.add_argument("--text-steps", type=int, default=1500, help="steps of the text stage (the backbone)")
     p.add_argument("--widths", type=float, nargs="+", default=list(WIDTHS), help="adapter width scales")
