@@ -67,6 +67,19 @@ if [ "${GPU_SUITE_DRY_RUN:-0}" != 1 ] || [ -n "${BLOCK_PLAN:-}" ]; then
     block_rc=${PIPESTATUS[0]}
 fi
 
+# 2c. The same block plan with the persistent TMA row GEMMs (MOE_ADAPTER_GEMM=persistent,
+#     moe_kernels/persistent_gemm.py), into $RES/persistent: which schedule becomes the default is
+#     decided from these two tables.
+PERSISTENT_S=${PERSISTENT_S:-80}
+persistent_rc=0
+if [ "${GPU_SUITE_DRY_RUN:-0}" != 1 ] || [ -n "${BLOCK_PLAN:-}" ]; then
+    mkdir -p "$RES/persistent"
+    MOE_ADAPTER_GEMM=persistent timeout --kill-after=10 "$PERSISTENT_S" $PY -m benchmarks --plan "${BLOCK_PLAN:-gpu-block}" \
+        --level block --out "$RES/persistent" --quiet --no-kernels \
+        --budget-s "$(( PERSISTENT_S > 40 ? PERSISTENT_S - 30 : 10 ))" 2>&1 | tee "$RES/persistent/benchmarks-block.log"
+    persistent_rc=${PIPESTATUS[0]}
+fi
+
 # 2b. Benchmarks: kernel-level, then adapter providers (paper shapes, T 1k..64k, three routings).
 left=$(( SUITE_S - SECONDS ))
 budget=$(( left > 60 ? left - 60 : 0 ))  # never negative: with no time left every case is reported as not run
@@ -74,5 +87,6 @@ timeout --kill-after=10 "$(( left > 10 ? left : 10 ))" $PY -m benchmarks --plan 
     2>&1 | tee "$RES/benchmarks.log"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu tests rc=$tests_rc ($tests_state), block benchmarks rc=$block_rc, benchmarks rc=$bench_rc; results in $RES"
-exit $(( tests_rc != 0 || bench_rc != 0 || block_rc != 0 ))
+echo "gpu tests rc=$tests_rc ($tests_state), block benchmarks rc=$block_rc (persistent GEMMs rc=$persistent_rc)," \
+    "benchmarks rc=$bench_rc; results in $RES"
+exit $(( tests_rc != 0 || bench_rc != 0 || block_rc != 0 || persistent_rc != 0 ))

@@ -48,7 +48,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from benchmarks.sm90_ir import MIN_STAGES, blocks_per_sm, pipeline  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-GEMM_KERNELS = ("_grouped_mm_kernel", "_grouped_wgrad_kernel")
+GEMM_KERNELS = ("_grouped_mm_kernel", "_persistent_mm_kernel", "_wgrad_kernel")
 SHOWN_CONSTEXPRS = (
     "EPILOGUE",
     "GATHER_A",
@@ -158,7 +158,7 @@ def problems(rows: list[dict], dtype: torch.dtype, aligned: bool, check_pipeline
         if r["kernel"] in GEMM_KERNELS and dtype != torch.float32:
             if not r["hgmma"]:
                 found.append(f"{label}: no HGMMA (wgmma) instructions")
-            if aligned and r["cp_async_bits"] < 128:
+            if aligned and r["cp_async_bits"] < 128 and not r["tma"]:  # TMA copies are the bulk path
                 found.append(f"{label}: no 128-bit cp.async (widest {r['cp_async_bits']} bit)")
     return found
 

@@ -15,7 +15,7 @@ import triton
 
 from adapter.environment import environment
 from benchmarks.timing import datasheet_for, time_gpu
-from moe_kernels import grouped_gemm, permutation, routing
+from moe_kernels import grouped_gemm, permutation, routing, wgrad
 
 
 def _dense_equivalent_ms(m: int, k: int, n: int, dtype, device) -> float:
@@ -118,12 +118,12 @@ def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
         ),
         (
             "dW1 = z^T dpre",
-            lambda: grouped_gemm.grouped_wgrad(z, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=dtype),
+            lambda: wgrad.grouped_wgrad(z, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=dtype),
             (d, R, f),
         ),
         (
             "dW2 = (G act)^T dh",
-            lambda: grouped_gemm.grouped_wgrad(gact, dh, perm, K, gather_x=False, gather_y=True, out_dtype=dtype),
+            lambda: wgrad.grouped_wgrad(gact, dh, perm, K, gather_x=False, gather_y=True, out_dtype=dtype),
             (f, R, d),
         ),
     ]

@@ -41,6 +41,23 @@ def _main_loop(ttgir: str) -> str | None:
     return best
 
 
+def _unconditional(body: str) -> str:
+    """The loop body without the blocks of nested scf.if: a persistent kernel's flattened tile
+    loop runs its epilogue (and the full wgmma wait before it) only where a tile ends."""
+    out, skip_indent = [], None
+    for line in body.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if skip_indent is not None:
+            if indent == skip_indent and line.strip() == "}":
+                skip_indent = None
+            continue
+        if "scf.if" in line and line.rstrip().endswith("{"):
+            skip_indent = indent
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
 def pipeline(ttgir: str) -> dict:
     """Stages in flight, a synchronous wgmma wait and TMA use in a kernel's GEMM main loop."""
     tma = len(re.findall(r"async_tma_copy|tt\.descriptor_load|ttng\.tensormap", ttgir))
@@ -51,5 +68,5 @@ def pipeline(ttgir: str) -> dict:
     depth = max(depths, default=1)
     waits = [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*\{num = (\d+)", loop)]
     stages = min(depth, min(waits) + 1) if waits else depth
-    pendings = [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^\n]*\{pendings = (\d+)", loop)]
+    pendings = [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^\n]*\{pendings = (\d+)", _unconditional(loop))]
     return {"stages": stages, "wgmma_sync_wait": 0 in pendings, "tma": tma}

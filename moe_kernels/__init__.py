@@ -19,7 +19,7 @@ _TRITON_OPS = {
     "router_backward": "moe_kernels.routing",
     "permute": "moe_kernels.permutation",
     "grouped_mm": "moe_kernels.grouped_gemm",
-    "grouped_wgrad": "moe_kernels.grouped_gemm",
+    "grouped_wgrad": "moe_kernels.wgrad",
     "experts_forward": "moe_kernels.grouped_gemm",
     "experts_backward": "moe_kernels.grouped_gemm",
     "RouterFunction": "moe_kernels.functions",

@@ -35,69 +35,23 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels import persistent_gemm
 from moe_kernels.backend import interpreter_requested
-from moe_kernels.permutation import tile_of
+from moe_kernels.epilogues import store_epilogue
+from moe_kernels.gemm_config import (  # noqa: F401 (EPI_* are this kernel's epilogues, named here for callers)
+    EPI_DSILU,
+    EPI_SCATTER,
+    EPI_SILU,
+    acc_dtype,
+    gemm_config,
+    precision,
+    row_major,
+    upcast,
+)
+from moe_kernels.permutation import chunk_table, tile_of
 from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block
-
-# Epilogues of _grouped_mm_kernel.
-EPI_SILU = 0  # store SiLU(acc) (times the routing weight if SCALE; and pre = acc) at sorted rows
-EPI_SCATTER = 1  # store acc (times the routing weight if SCALE) at the pair's row
-EPI_DSILU = 2  # backward through the routing weight and SiLU, plus d(weight) partials
-
-
-class GemmConfig(NamedTuple):
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-def gemm_config(
-    dtype: torch.dtype, rows: int, num_experts: int, *, aligned: bool, epilogue: int = EPI_SCATTER
-) -> GemmConfig:
-    """Tile shapes, fixed per dtype and shape class rather than autotuned: autotuning would let two
-    processes pick different BLOCK_K, and so different summation orders, breaking bit-identical
-    results across runs. Every config here was compiled for sm_90 with Triton 3.9's ptxas
-    (benchmarks/inspect_sm90.py): no register spills; 16-bit GEMMs use wgmma and, when `aligned`
-    (both GEMM widths multiples of 16, so loads vectorize), 128-bit cp.async in a 3-stage
-    pipeline. Not yet timed on a GPU (none lent so far)."""
-    if interpreter_requested():
-        # 32x64x64: test shapes (D=100, F=72, ~90 rows per expert) still cross every tile, expert
-        # and K-loop boundary, at a third of the interpreter time of 16x32x32 (measured on CPU).
-        return GemmConfig(32, 64, 64, 4, 1)
-    if dtype == torch.float64:
-        return GemmConfig(32, 32, 16, 4, 2)
-    if dtype == torch.float32:  # 64x64x32 at 4 warps spilled 376 B on sm_90; 8 warps do not
-        return GemmConfig(128, 64, 32, 8, 3) if aligned else GemmConfig(64, 64, 32, 8, 3)
-    if not aligned:  # scalar loads pipeline through registers: 64x128x64 spilled 1080 B
-        return GemmConfig(64, 64, 32, 8, 3)
-    # The dSiLU epilogue holds acc and pre tiles at once (act is recomputed from pre): at 128x128 it
-    # still spills 40 B/thread (192 B when it also loaded act), at 128x64 it fits in 145 registers
-    # (sm_90, Triton 3.9, 2026-12-02).
-    block_n = 64 if epilogue == EPI_DSILU else 128
-    if rows < 256 * num_experts:  # few rows per expert: halve M so fewer rows are padding
-        return GemmConfig(64, block_n, 64, 4, 3)
-    return GemmConfig(128, block_n, 64, 8, 3)
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    """Dot bf16 tiles as fp32 in the interpreter only: its bf16 tl.dot multiplies raw bit patterns
-    (Triton issue 11584; a bare bf16 kernel was off by ~1e10 here, the converted fp32 tiles exact).
-    bf16 products are exact in fp32, so this equals the GPU's bf16 MMA with fp32 accumulation up
-    to summation order. Compiled kernels never upcast."""
-    return dtype == torch.bfloat16 and interpreter_requested()
+from moe_kernels.wgrad import grouped_wgrad
 
 
 @triton.jit
@@ -162,111 +116,25 @@ def _grouped_mm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    out_mask = m_in[:, None] & n_in[None, :]
-    sorted_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    if EPILOGUE == 0:  # EPI_SILU
-        if STORE_PRE:
-            tl.store(pre_ptr + sorted_offs, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
-        act = acc * tl.sigmoid(acc)
-        if SCALE:
-            act = act * tl.load(weight_ptr + pair, mask=m_in, other=0.0).to(ACC)[:, None]
-        tl.store(out_ptr + sorted_offs, act.to(out_ptr.dtype.element_ty), mask=out_mask)
-    elif EPILOGUE == 1:  # EPI_SCATTER
-        if SCALE:
-            acc = acc * tl.load(weight_ptr + pair, mask=m_in, other=0.0).to(ACC)[:, None]
-        pair_offs = pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptr + pair_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:  # EPI_DSILU: acc = dh[token] @ W2[e]^T, the gradient of the unweighted expert output
-        pre = tl.load(pre_ptr + sorted_offs, mask=out_mask, other=0.0).to(ACC)
-        sig = tl.sigmoid(pre)
-        g_sig = acc * sig
-        # dG_p = <dh_t, W2 SiLU(pre_r)> = sum g * pre * sig: this N tile's share, summed over tiles by
-        # _dweight_kernel.
-        tl.store(dw_part_ptr + offs_m.to(tl.int64) * num_n + pid_n, tl.sum(g_sig * pre, axis=1), mask=m_in)
-        w = tl.load(weight_ptr + pair, mask=m_in, other=0.0).to(ACC)
-        dpre = w[:, None] * g_sig * (1.0 + pre * (1.0 - sig))
-        tl.store(out_ptr + sorted_offs, dpre.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _grouped_wgrad_kernel(
-    x_ptr,
-    y_ptr,
-    dw_ptr,
-    weight_ptr,
-    counts_ptr,
-    sorted_pair_ptr,
-    P,
-    Q,
-    E,
-    stride_xm,
-    stride_xp,
-    stride_ym,
-    stride_yq,
-    stride_we,
-    stride_wp,
-    stride_wq,
-    TOP_K: tl.constexpr,
-    GATHER_X: tl.constexpr,
-    GATHER_Y: tl.constexpr,
-    SCALE_Y: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """dW[e] (P, Q) = sum over expert e's sorted rows r of X[r]^T Y[r] (optionally Y scaled by G)."""
-    pid = tl.program_id(0)
-    expert = tl.program_id(1)
-    num_q = tl.cdiv(Q, BLOCK_Q)
-    pid_p = pid // num_q
-    pid_q = pid % num_q
-    offs_e = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
-    row_begin = tl.sum(tl.where(offs_e < expert, counts, 0), axis=0)
-    num_rows = tl.sum(tl.where(offs_e == expert, counts, 0), axis=0)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_in = offs_p < P
-    q_in = offs_q < Q
-    offs_r = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC)
-    # An expert with no rows skips the loop and stores zeros: its gradient is defined, never None.
-    # The rows' pair ids are loaded one step ahead and carried into the next step, so the gathered
-    # tile loads of a step depend on no load of the same step and the pipeliner can keep several
-    # steps of copies in flight.
-    pair_next = tl.load(sorted_pair_ptr + row_begin + offs_r, mask=offs_r < num_rows, other=0)
-    for r0 in range(0, num_rows, BLOCK_K):
-        r_in = offs_r < num_rows - r0
-        rows = row_begin + r0 + offs_r
-        pair = pair_next
-        pair_next = tl.load(sorted_pair_ptr + rows + BLOCK_K, mask=offs_r < num_rows - r0 - BLOCK_K, other=0)
-        tok = (pair // TOP_K).to(tl.int64)
-        x_rows = tok if GATHER_X else rows.to(tl.int64)
-        y_rows = tok if GATHER_Y else rows.to(tl.int64)
-        x_t = tl.load(  # (BLOCK_P, BLOCK_K): X^T read in place
-            x_ptr + x_rows[None, :] * stride_xm + offs_p[:, None] * stride_xp,
-            mask=p_in[:, None] & r_in[None, :],
-            other=0.0,
-        )
-        y = tl.load(
-            y_ptr + y_rows[:, None] * stride_ym + offs_q[None, :] * stride_yq,
-            mask=r_in[:, None] & q_in[None, :],
-            other=0.0,
-        )
-        if SCALE_Y:
-            w = tl.load(weight_ptr + pair, mask=r_in, other=0.0).to(ACC)
-            y = (y.to(ACC) * w[:, None]).to(y_ptr.dtype.element_ty)
-        if UPCAST:
-            x_t, y = x_t.to(tl.float32), y.to(tl.float32)
-        acc = tl.dot(x_t, y, acc, input_precision=PRECISION)
-    tl.store(
-        dw_ptr + expert.to(tl.int64) * stride_we + offs_p[:, None] * stride_wp + offs_q[None, :] * stride_wq,
-        acc.to(dw_ptr.dtype.element_ty),
-        mask=p_in[:, None] & q_in[None, :],
+    store_epilogue(
+        acc,
+        offs_m,
+        m_in,
+        offs_n,
+        n_in,
+        pair,
+        pid_n,
+        num_n,
+        out_ptr,
+        pre_ptr,
+        weight_ptr,
+        dw_part_ptr,
+        stride_om,
+        stride_on,
+        EPILOGUE,
+        STORE_PRE,
+        SCALE,
+        ACC,
     )
 
 
@@ -336,12 +204,6 @@ def _dweight_kernel(
 # ----------------------------------------------------------------------------- host wrappers
 
 
-def _row_major(perm: Permutation) -> Permutation:
-    """The permutation with every tensor contiguous: the kernels index them row-major. A no-op
-    (no copy) for permute()'s own outputs; a strided view a user passes is copied once."""
-    return Permutation(*(t.contiguous() for t in perm))
-
-
 def _check_expert_inputs(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm: Permutation) -> None:
     if z_TD.dim() != 2 or w1_EDF.dim() != 3 or w2_EFD.dim() != 3:
         raise ValueError(
@@ -390,7 +252,7 @@ def grouped_mm(
     E, KD, N = b_E.shape
     if a.shape[1] != KD:
         raise ValueError(f"inner dims differ: a {tuple(a.shape)} vs b_E {tuple(b_E.shape)}")
-    perm = _row_major(perm)
+    perm = row_major(perm)
     if weight_TK is not None:
         weight_TK = weight_TK.contiguous()
     aligned = KD % 16 == 0 and N % 16 == 0
@@ -408,6 +270,33 @@ def grouped_mm(
             raise ValueError(f"pre must be {tuple(out.shape)}, got {tuple(pre.shape)}")
         dw_part = extra = torch.empty(out_rows, num_n, dtype=weight_TK.dtype, device=dev)
     weight = weight_TK if weight_TK is not None else out
+    b_desc = persistent_gemm.weight_descriptor(b_E, cfg.block_k, cfg.block_n) if cfg.persistent else None
+    # TMA reads a sorted-order A only when it is row-major with 16-byte aligned rows.
+    a_tma = gather_a or (a.is_contiguous() and (KD * a.element_size()) % 16 == 0)
+    if b_desc is not None and a_tma:
+        persistent_gemm.launch(
+            a,
+            b_desc,
+            out,
+            pre,
+            weight,
+            dw_part,
+            chunk_table(perm.counts_E, perm.sorted_pair_R.shape[0], cfg.block_m),
+            perm.sorted_pair_R,
+            num_experts=E,
+            n=N,
+            top_k=top_k,
+            gather_a=gather_a,
+            epilogue=epilogue,
+            store_pre=store_pre,
+            scale=weight_TK is not None,
+            cfg=cfg,
+            block_e=expert_block(E),
+            acc=acc_dtype(a.dtype),
+            precision=precision(a.dtype),
+            upcast=upcast(a.dtype),
+        )
+        return out, extra
     # Upper bound on M tiles: sum_e cdiv(c_e, BM) <= cdiv(R, BM) + E. Programs past the real
     # count exit at once; the bound comes from shapes, so nothing waits on the GPU.
     max_m_tiles = triton.cdiv(perm.sorted_pair_R.shape[0], cfg.block_m) + E
@@ -439,68 +328,13 @@ def grouped_mm(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         BLOCK_E=expert_block(E),
-        ACC=_acc_dtype(a.dtype),
-        PRECISION=_precision(a.dtype),
-        UPCAST=_upcast(a.dtype),
+        ACC=acc_dtype(a.dtype),
+        PRECISION=precision(a.dtype),
+        UPCAST=upcast(a.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out, extra
-
-
-def grouped_wgrad(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    perm: Permutation,
-    top_k: int,
-    *,
-    gather_x: bool,
-    gather_y: bool,
-    out_dtype: torch.dtype,
-    weight_TK: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """dW (E, P, Q) with dW[e] = sum over expert e's rows of x_row^T y_row (y scaled by G if given)."""
-    E = perm.counts_E.shape[0]
-    P, Q = x.shape[1], y.shape[1]
-    perm = _row_major(perm)
-    if weight_TK is not None:
-        weight_TK = weight_TK.contiguous()
-    cfg = gemm_config(x.dtype, perm.sorted_pair_R.shape[0], E, aligned=P % 16 == 0 and Q % 16 == 0)
-    dw = torch.empty(E, P, Q, dtype=out_dtype, device=x.device)
-    block_p = block_q = cfg.block_n
-    grid = (triton.cdiv(P, block_p) * triton.cdiv(Q, block_q), E)
-    _grouped_wgrad_kernel[grid](
-        x,
-        y,
-        dw,
-        weight_TK if weight_TK is not None else y,
-        perm.counts_E,
-        perm.sorted_pair_R,
-        P,
-        Q,
-        E,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        dw.stride(0),
-        dw.stride(1),
-        dw.stride(2),
-        TOP_K=top_k,
-        GATHER_X=gather_x,
-        GATHER_Y=gather_y,
-        SCALE_Y=weight_TK is not None,
-        BLOCK_P=block_p,
-        BLOCK_Q=block_q,
-        BLOCK_K=cfg.block_k,
-        BLOCK_E=expert_block(E),
-        ACC=_acc_dtype(x.dtype),
-        PRECISION=_precision(x.dtype),
-        UPCAST=_upcast(x.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return dw
 
 
 def combine(y_PN: torch.Tensor, pair_row_TK: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -525,7 +359,7 @@ def combine(y_PN: torch.Tensor, pair_row_TK: torch.Tensor, out_dtype: torch.dtyp
         TOP_K=K,
         BLOCK_T=block_t,
         BLOCK_N=block_n,
-        ACC=_acc_dtype(y_PN.dtype),
+        ACC=acc_dtype(y_PN.dtype),
         num_warps=4,
     )
     return out
@@ -570,7 +404,7 @@ def experts_forward(
 ) -> tuple[torch.Tensor, ExpertActivations]:
     """h_TD = sum_s G_{t,s} E_{e(t,s)}(z_t) with the fused kernels above."""
     _check_expert_inputs(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm)
-    perm, topk_weight_TK = _row_major(perm), topk_weight_TK.contiguous()
+    perm, topk_weight_TK = row_major(perm), topk_weight_TK.contiguous()
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K
@@ -604,7 +438,7 @@ def experts_backward(
     if saved.pre_RF is None:
         raise ValueError("experts_forward ran with save_pre=False; there is no backward to run")
     need_z, need_w1, need_w2, need_weight = needs
-    perm, topk_weight_TK = _row_major(perm), topk_weight_TK.contiguous()
+    perm, topk_weight_TK = row_major(perm), topk_weight_TK.contiguous()
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K

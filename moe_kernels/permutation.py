@@ -11,6 +11,8 @@ reference.permute.
                          plus the number of earlier tokens of the block on that expert. Writes
                          sorted_pair (R,) and its inverse pair_row (T, K).
   tile_of                @triton.jit helper the GEMMs call: M-tile index -> (expert, rows).
+  _chunk_table_kernel    one program: the weight gradients' row chunks (chunk_table), heaviest
+                         expert first.
 
 A token picks an expert at most once, so ordering an expert's pairs by pair id is ordering them by
 token: the rank inside a block is a cumulative sum over the block's tokens. Every size comes from
@@ -23,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels.backend import interpreter_requested
 from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block, reduce_rows, router_block_t
 
@@ -46,6 +49,50 @@ def tile_of(pid_m, counts_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     row_begin = tl.sum(tl.where(is_e, rows_end - counts, 0), axis=0)
     row_end = tl.sum(tl.where(is_e, rows_end, 0), axis=0)
     return expert, row_begin + (pid_m - tile_begin) * BLOCK_M, row_end
+
+
+@triton.jit
+def _chunk_table_kernel(
+    counts_ptr,
+    table_ptr,
+    expert_chunks_ptr,
+    E,
+    CHUNK,
+    MAX_CHUNKS,
+    BLOCK_E: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Split each expert's sorted rows into chunks of CHUNK rows (an expert with no rows gets one
+    empty chunk, so its gradient is still written) and lay the chunks out expert after expert,
+    the expert with the most rows first (ties: lower expert id first). Writes table (MAX_CHUNKS, 3)
+    = (expert, first row, end row), expert = E past the last chunk, and expert_chunks (E, 2) =
+    (index of the expert's first chunk, its number of chunks)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    e_in = offs_e < E
+    counts = tl.load(counts_ptr + offs_e, mask=e_in, other=0)
+    row_begin = tl.cumsum(counts, axis=0) - counts
+    chunks = tl.where(e_in, tl.maximum((counts + CHUNK - 1) // CHUNK, 1), 0)
+    # (e, j): does expert j come before expert e? Then e's first chunk is the sum of those j's chunks.
+    counts_j = tl.load(counts_ptr + offs_e[None, :], mask=e_in[None, :], other=-1)
+    before = (counts_j > counts[:, None]) | ((counts_j == counts[:, None]) & (offs_e[None, :] < offs_e[:, None]))
+    chunks_j = tl.where(e_in, tl.maximum((counts_j + CHUNK - 1) // CHUNK, 1), 0)
+    first = tl.sum(tl.where(before, chunks_j, 0), axis=1)
+    tl.store(expert_chunks_ptr + offs_e * 2, first, mask=e_in)
+    tl.store(expert_chunks_ptr + offs_e * 2 + 1, chunks, mask=e_in)
+    row_end = row_begin + counts
+    for c0 in range(0, MAX_CHUNKS, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        j = offs_c[:, None] - first[None, :]  # the chunk's index within expert e, if it is e's
+        mine = (j >= 0) & (j < chunks[None, :])
+        found = tl.sum(mine.to(tl.int32), axis=1) > 0
+        expert = tl.where(found, tl.sum(tl.where(mine, offs_e[None, :], 0), axis=1), E)
+        start = row_begin[None, :] + j * CHUNK
+        lo = tl.sum(tl.where(mine, start, 0), axis=1)
+        hi = tl.sum(tl.where(mine, tl.minimum(start + CHUNK, row_end[None, :]), 0), axis=1)
+        c_in = offs_c < MAX_CHUNKS
+        tl.store(table_ptr + offs_c * 3, expert, mask=c_in)
+        tl.store(table_ptr + offs_c * 3 + 1, lo, mask=c_in)
+        tl.store(table_ptr + offs_c * 3 + 2, hi, mask=c_in)
 
 
 @triton.jit
@@ -148,3 +195,38 @@ def permute(topk_idx_TK: torch.Tensor, counts_E: torch.Tensor, blk_count_NE: tor
         num_warps=4,
     )
     return Permutation(counts_E, offsets, sorted_pair, pair_row)
+
+
+def max_chunks(num_pairs: int, num_experts: int, chunk: int) -> int:
+    """Upper bound on chunk_table's chunks from shapes alone: sum_e max(1, cdiv(c_e, chunk)) <=
+    cdiv(R, chunk) + E."""
+    return triton.cdiv(num_pairs, chunk) + num_experts
+
+
+def chunk_table(counts_E: torch.Tensor, num_pairs: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table (C, 3) int32, expert_chunks (E, 2) int32) of _chunk_table_kernel, C = max_chunks(...):
+    the weight gradients' split-K schedule. num_pairs R bounds the counts' sum; nothing is read
+    back to the host."""
+    if counts_E.dim() != 1 or counts_E.dtype != torch.int32:
+        raise ValueError(f"counts_E must be int32 (E,), got {counts_E.dtype} {tuple(counts_E.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 rows, got {chunk}")
+    E = counts_E.shape[0]
+    c = max_chunks(num_pairs, E, chunk)
+    # (BLOCK_C, BLOCK_E) and (BLOCK_E, BLOCK_E) tiles in one program: at E = 128, 128 x 128 tiles
+    # over 4 warps spilled 248 B on sm_90; 16 x 128 and 8 warps do not (Triton 3.9, 2026-12-02).
+    block_e = expert_block(E)
+    table = torch.empty(c, 3, dtype=torch.int32, device=counts_E.device)
+    expert_chunks = torch.empty(E, 2, dtype=torch.int32, device=counts_E.device)
+    _chunk_table_kernel[(1,)](
+        counts_E.contiguous(),
+        table,
+        expert_chunks,
+        E,
+        chunk,
+        c,
+        BLOCK_E=block_e,
+        BLOCK_C=32 if interpreter_requested() else max(16, 2048 // block_e),
+        num_warps=8 if block_e >= 64 else 4,
+    )
+    return table, expert_chunks

@@ -102,7 +102,9 @@ def test_gpu_suite_script_end_to_end_without_a_gpu(tmp_path, gpu_like_python):
     result = json.loads((tmp_path / "dry.json").read_text())
     assert result["info"]["git_sha"] == "feed123" and "partial" not in result
     assert {r["status"] for r in result["rows"] if r["provider"] == "dense"} == {"ok"}
-    assert "gpu tests rc=0 (ran), block benchmarks rc=0, benchmarks rc=0" in done.stdout
+    assert "gpu tests rc=0 (ran), block benchmarks rc=0 (persistent GEMMs rc=0), benchmarks rc=0" in done.stdout
+    persistent = list((tmp_path / "persistent").glob("*-block.json"))  # the block plan again, persistent GEMMs
+    assert len(persistent) == 1 and json.loads(persistent[0].read_text())["rows"]
 
 
 def test_gpu_suite_on_a_bare_box_still_writes_numbers(tmp_path, gpu_like_python):

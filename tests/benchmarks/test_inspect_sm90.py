@@ -28,7 +28,24 @@ ROOT = Path(__file__).resolve().parents[2]
     ids=["paper-bf16", "small-fp16", "e128", "fp32", "odd-dims"],
 )
 def test_kernels_compile_for_sm90_without_spills(args):
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    _inspect(args, "tiles")
+
+
+@pytest.mark.parametrize("args", [["--check-pipeline"], ["--dtype", "float32"]], ids=["paper-bf16", "fp32"])
+def test_persistent_gemms_compile_with_tma(args):
+    """MOE_ADAPTER_GEMM=persistent: the four row GEMMs on the persistent kernel read their weights
+    (and sorted-order rows) through TMA, keep >= 3 stages in flight without spills; fp32 stays on
+    the tile kernel."""
+    out = _inspect(args, "persistent")
+    rows = [line.split() for line in out.splitlines() if line.startswith("_persistent_mm_kernel")]
+    if "float32" in args:
+        assert not rows
+    else:
+        assert len(rows) == 4 and all(int(r[9]) > 0 for r in rows), out  # the tma column
+
+
+def _inspect(args: list[str], schedule: str) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "MOE_ADAPTER_GEMM": schedule}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.inspect_sm90", "--check", *args],
         cwd=ROOT,
@@ -38,7 +55,8 @@ def test_kernels_compile_for_sm90_without_spills(args):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "_grouped_wgrad_kernel" in proc.stdout and "_router_bwd_kernel" in proc.stdout
+    assert "_wgrad_kernel" in proc.stdout and "_router_bwd_kernel" in proc.stdout
+    return proc.stdout
 
 
 ASYNC_LOOP = """
@@ -63,6 +81,18 @@ def test_pipeline_reader_on_hand_written_ir():
     sync = ASYNC_LOOP.replace("{num = 2 : i32}", "{num = 0 : i32}").replace("pendings = 1", "pendings = 0")
     assert pipeline(sync) == {"stages": 1, "wgmma_sync_wait": True, "tma": 0}
     assert pipeline("tt.func @k() {\n  tt.return\n}") == {"stages": 0, "wgmma_sync_wait": False, "tma": 0}
+    # A persistent kernel's flattened tile loop: TMA copies on barriers (no cp.async wait: the
+    # buffers' depth is the stages in flight) and a full wgmma wait only in the epilogue branch.
+    barrier_wait = ASYNC_LOOP.replace("%t = ttg.async_wait %x, %y {num = 2 : i32}", "ttng.wait_barrier %bar, %ph")
+    persistent = barrier_wait.replace(
+        "      scf.yield %w#0",
+        "      ttng.async_tma_copy_global_to_local %desc[%i, %k] %a2, %bar, %true\n"
+        "      scf.if %last {\n"
+        "        %z:3 = ttng.warp_group_dot_wait %w#0 {pendings = 0 : i32}\n"
+        "      }\n"
+        "      scf.yield %w#0",
+    )
+    assert pipeline(persistent) == {"stages": 3, "wgmma_sync_wait": False, "tma": 1}
     # 128 registers x 256 threads = 32K of the SM's 64K; 98 KB + 1 KB reserved twice fits 228 KB.
     assert blocks_per_sm(128, 8, 98304) == 2 and blocks_per_sm(142, 8, 98304) == 1
     assert blocks_per_sm(32, 4, 0) == 16  # threads bound: 2048 / 128

@@ -1,0 +1,120 @@
+"""Tile configurations and dtype rules shared by the grouped GEMM kernels (grouped_gemm.py: the
+row GEMMs; wgrad.py: the weight gradients): one place decides BLOCK sizes, the accumulator dtype,
+TF32 and the interpreter's bf16 workaround, so the forward and both backward GEMMs agree.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton.language as tl
+
+from moe_kernels.backend import interpreter_requested
+from moe_kernels.reference import Permutation
+
+# Epilogues of _grouped_mm_kernel.
+EPI_SILU = 0  # store SiLU(acc) (times the routing weight if SCALE; and pre = acc) at sorted rows
+EPI_SCATTER = 1  # store acc (times the routing weight if SCALE) at the pair's row
+EPI_DSILU = 2  # backward through the routing weight and SiLU, plus d(weight) partials
+
+
+GEMM_SCHEDULES = ("tiles", "persistent")
+SM90_SMS = 132  # H100 SXM / H200: the SM count assumed when compiling without a GPU (inspect_sm90)
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    persistent: bool = False  # the row GEMMs run persistent_gemm's kernel (TMA, one program per SM)
+
+
+def gemm_schedule() -> str:
+    """The row GEMMs' schedule, MOE_ADAPTER_GEMM: "tiles" (one program per output tile, the
+    default) or "persistent" (persistent_gemm.py). The default stays "tiles" until the GPU suite
+    has timed both (benchmarks/gpu_suite.sh runs each)."""
+    value = os.environ.get("MOE_ADAPTER_GEMM", "tiles")
+    if value not in GEMM_SCHEDULES:
+        raise ValueError(f"MOE_ADAPTER_GEMM must be one of {GEMM_SCHEDULES}, got {value!r}")
+    return value
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; SM90_SMS elsewhere (compile-only inspection, the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SM90_SMS
+
+
+def gemm_config(
+    dtype: torch.dtype, rows: int, num_experts: int, *, aligned: bool, epilogue: int = EPI_SCATTER
+) -> GemmConfig:
+    """Tile shapes, fixed per dtype and shape class rather than autotuned: autotuning would let two
+    processes pick different BLOCK_K, and so different summation orders, breaking bit-identical
+    results across runs. Every config here was compiled for sm_90 with Triton 3.9's ptxas
+    (benchmarks/inspect_sm90.py): no register spills; 16-bit GEMMs use wgmma and, when `aligned`
+    (both GEMM widths multiples of 16, so loads vectorize), 128-bit cp.async in a 3-stage
+    pipeline. Not yet timed on a GPU (none lent so far). `persistent` follows gemm_schedule()."""
+    cfg = _tiles(dtype, rows, num_experts, aligned=aligned, epilogue=epilogue)
+    if gemm_schedule() != "persistent":
+        return cfg
+    if interpreter_requested():
+        return cfg._replace(persistent=True)
+    if dtype not in (torch.float16, torch.bfloat16):
+        # fp32/fp64 multiply on mma.sync, not wgmma: the persistent kernel at fp32's 128x64x32
+        # spilled 336-560 B per thread on sm_90 (Triton 3.9, 2026-12-02), so they keep the tiles.
+        return cfg
+    # One more buffer than the tile kernels: where A rows are gathered (cp.async) beside TMA weight
+    # boxes, 3 buffers kept 2 copy stages in flight (the next buffer is still read by the pending
+    # wgmma); 4 keep 3, in 164 KB of shared memory at 128x128x64 (sm_90, Triton 3.9, 2026-12-02).
+    return cfg._replace(persistent=True, num_stages=4)
+
+
+def _tiles(dtype: torch.dtype, rows: int, num_experts: int, *, aligned: bool, epilogue: int) -> GemmConfig:
+    if interpreter_requested():
+        # 32x64x64: test shapes (D=100, F=72, ~90 rows per expert) still cross every tile, expert
+        # and K-loop boundary, at a third of the interpreter time of 16x32x32 (measured on CPU).
+        return GemmConfig(32, 64, 64, 4, 1)
+    if dtype == torch.float64:
+        return GemmConfig(32, 32, 16, 4, 2)
+    if dtype == torch.float32:  # 64x64x32 at 4 warps spilled 376 B on sm_90; 8 warps do not
+        return GemmConfig(128, 64, 32, 8, 3) if aligned else GemmConfig(64, 64, 32, 8, 3)
+    if not aligned:  # scalar loads pipeline through registers: 64x128x64 spilled 1080 B
+        return GemmConfig(64, 64, 32, 8, 3)
+    # The dSiLU epilogue holds acc and pre tiles at once (act is recomputed from pre): at 128x128 it
+    # still spills 40 B/thread (192 B when it also loaded act), at 128x64 it fits in 145 registers
+    # (sm_90, Triton 3.9, 2026-12-02).
+    block_n = 64 if epilogue == EPI_DSILU else 128
+    if rows < 256 * num_experts:  # few rows per expert: halve M so fewer rows are padding
+        return GemmConfig(64, block_n, 64, 4, 3)
+    return GemmConfig(128, block_n, 64, 8, 3)
+
+
+def acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """Dot bf16 tiles as fp32 in the interpreter only: its bf16 tl.dot multiplies raw bit patterns
+    (Triton issue 11584; a bare bf16 kernel was off by ~1e10 here, the converted fp32 tiles exact).
+    bf16 products are exact in fp32, so this equals the GPU's bf16 MMA with fp32 accumulation up
+    to summation order. Compiled kernels never upcast."""
+    return dtype == torch.bfloat16 and interpreter_requested()
+
+
+def row_major(perm: Permutation) -> Permutation:
+    """The permutation with every tensor contiguous: the kernels index them row-major. A no-op
+    (no copy) for permute()'s own outputs; a strided view a user passes is copied once."""
+    return Permutation(*(t.contiguous() for t in perm))
