@@ -45,6 +45,13 @@ def gemm_schedule() -> str:
 
 
 @functools.cache
+def has_tma(device: torch.device) -> bool:
+    """TMA copies exist from sm_90 (Hopper) on; off a GPU (the interpreter, compile-only
+    inspection for sm_90) they are emulated or compiled, so True."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.cache
 def sm_count(device: torch.device) -> int:
     """SMs of a CUDA device; SM90_SMS elsewhere (compile-only inspection, the interpreter)."""
     if device.type == "cuda":

@@ -44,6 +44,7 @@ from moe_kernels.gemm_config import (  # noqa: F401 (EPI_* are this kernel's epi
     EPI_SILU,
     acc_dtype,
     gemm_config,
+    has_tma,
     precision,
     row_major,
     upcast,
@@ -270,7 +271,8 @@ def grouped_mm(
             raise ValueError(f"pre must be {tuple(out.shape)}, got {tuple(pre.shape)}")
         dw_part = extra = torch.empty(out_rows, num_n, dtype=weight_TK.dtype, device=dev)
     weight = weight_TK if weight_TK is not None else out
-    b_desc = persistent_gemm.weight_descriptor(b_E, cfg.block_k, cfg.block_n) if cfg.persistent else None
+    persistent = cfg.persistent and has_tma(a.device)  # before Hopper the tile kernel serves
+    b_desc = persistent_gemm.weight_descriptor(b_E, cfg.block_k, cfg.block_n) if persistent else None
     # TMA reads a sorted-order A only when it is row-major with 16-byte aligned rows.
     a_tma = gather_a or (a.is_contiguous() and (KD * a.element_size()) % 16 == 0)
     if b_desc is not None and a_tma:

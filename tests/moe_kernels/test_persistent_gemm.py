@@ -109,3 +109,12 @@ def test_bf16_three_way_on_gpu(launches, T, D, F, E, K, routing):
     assert launches == ALL_FOUR
     for name, a, t, r in zip(NAMES, ours, torch_bf, ref, strict=True):
         three_way_check(a.cpu(), t.cpu(), r, atol=1e-2, name=name)
+
+
+def test_tma_only_from_hopper(monkeypatch):
+    """An A100 (sm_80) has no TMA: the persistent schedule falls back to the tile kernel there."""
+    cuda = torch.device("cuda", 0)
+    for capability, expected in (((8, 0), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert gemm_config.has_tma.__wrapped__(cuda) is expected
+    assert gemm_config.has_tma(torch.device("cpu"))
