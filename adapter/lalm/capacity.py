@@ -315,10 +315,16 @@ def sentences(summary: dict) -> list[str]:
     for w, row in summary.get("conflict", {}).items():
         if set(row) == set(MECHANISM):
             d, m = row["dense"], row["moe"]
+            # The rule's "conflicts more" (a lower mean cosine) reads oddly where neither conflicts:
+            # then the sentence says which adapter's category gradients are less aligned.
+            compare = (
+                f"dense conflicts {'more' if d < m else 'no more'} than MoE"
+                if min(d, m) < 0
+                else f"neither conflicts; dense's are {'less' if d < m else 'no less'} aligned than MoE's"
+            )
             out.append(
                 f"Width {w:g}: dense's category gradients {'conflict' if d < 0 else 'do not conflict'} (mean cosine "
-                f"{d:+.3f}), MoE's {'conflict' if m < 0 else 'do not'} ({m:+.3f}): dense conflicts "
-                f"{'more' if d < m else 'no more'} than MoE."
+                f"{d:+.3f}), MoE's {'conflict' if m < 0 else 'do not'} ({m:+.3f}): {compare}."
             )
     return out
 
@@ -337,7 +343,8 @@ def markdown(summary: dict, exp: ExperimentConfig, text_steps: int) -> str:
         "# Dense vs MoE adapters on a frozen text backbone: capacity sweep with routing controls",
         "",
         f"Seeds {', '.join(map(str, seeds))} (each its own corpus, {exp.test_per_task or 'the size default'} test "
-        f"items per task); encoder {exp.encoder} (frozen); d = {exp.audio_dim}; small random Qwen3 "
+        f"items per task, {exp.knowledge_test or 'as many'} spoken-knowledge test items from a bank of "
+        f"{exp.questions} questions); encoder {exp.encoder} (frozen); d = {exp.audio_dim}; small random Qwen3 "
         f"({exp.llm_layers} x {exp.llm_hidden}) trained {text_steps} steps on text (captions in place of audio, "
         f"and the knowledge questions), then frozen; each audio-stage run trains fusion + adapter for {exp.steps} "
         f"steps at {exp.batch_size} per step. Accuracy: MMAU-style test items, log-likelihood scoring, pooled "

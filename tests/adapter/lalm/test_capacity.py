@@ -94,8 +94,11 @@ def test_rule_words():
     assert capacity.max_specialization(rates) == pytest.approx(2.0)
     track = [{"names": ["a", "b", "c"], "cosine": [[1, -0.2, 0.1], [-0.2, 1, -0.5], [0.1, -0.5, 1]]}]
     assert capacity.mean_pair_cosine(track) == pytest.approx(-0.2)
-    summary = {"widths": [], "bottleneck": {}, "specialization": {}, "conflict": {0.5: {"dense": -0.2, "moe": 0.1}}}
+    conflict = {0.5: {"dense": -0.2, "moe": 0.1}, 2.0: {"dense": 0.02, "moe": 0.03}}
+    summary = {"widths": [], "bottleneck": {}, "specialization": {}, "conflict": conflict}
     assert capacity.sentences(summary) == [
         "Width 0.5: dense's category gradients conflict (mean cosine -0.200), MoE's do not (+0.100): "
-        "dense conflicts more than MoE."
+        "dense conflicts more than MoE.",
+        "Width 2: dense's category gradients do not conflict (mean cosine +0.020), MoE's do not (+0.030): "
+        "neither conflicts; dense's are less aligned than MoE's.",
     ]
