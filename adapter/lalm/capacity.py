@@ -145,6 +145,19 @@ def mean_pair_cosine(track: list[dict]) -> float:
     return sum(pairs) / len(pairs)
 
 
+def mean_expert_rates(per_seed: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """{category: expert rates} averaged over seeds, expert by expert."""
+    return {c: [sum(xs) / len(per_seed) for xs in zip(*(r[c] for r in per_seed), strict=True)] for c in per_seed[0]}
+
+
+def mean_cross_influence(influence: dict) -> float:
+    """Mean over ordered category pairs (i != j) of the influence score (eq. 12): below 0, a step
+    on one category's gradient raises another's loss."""
+    score = influence["score"]
+    n = len(score)
+    return sum(score[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+
+
 def adapter_params(run_dir: Path) -> dict:
     """Total and active parameters of a run's adapter as built (active: per token)."""
     from adapter.lalm.train import load_trained
@@ -261,6 +274,18 @@ def summarize(result: dict) -> dict:
                 row[v] = sum(mean_pair_cosine(t["cosine"]) for t in tracks) / len(tracks)
         if row:
             conflict[w] = row
+    influence = {}
+    for w in widths:
+        row = {}
+        for v in MECHANISM:
+            scores = [runs[s][w][v].get("mechanism", {}).get("influence") for s in seeds if v in runs[s][w]]
+            if scores and all(scores):
+                row[v] = sum(mean_cross_influence(x) for x in scores) / len(scores)
+        if row:
+            influence[w] = row
+    rates = {}
+    if "moe" in variants:
+        rates = {w: mean_expert_rates([runs[s][w]["moe"]["eval"]["expert_rates"] for s in seeds]) for w in widths}
     text = [result["backbone"][s]["eval"] for s in seeds]
     backbone = {
         "mmau_ll": sum(t["mmau_ll"]["overall"] for t in text) / len(text),
@@ -275,6 +300,8 @@ def summarize(result: dict) -> dict:
         "bottleneck": bottleneck,
         "specialization": spec,
         "conflict": conflict,
+        "influence": influence,
+        "expert_rates": rates,
         "backbone": backbone,
     }
 
@@ -396,6 +423,22 @@ def markdown(summary: dict, exp: ExperimentConfig, text_steps: int) -> str:
         for name, c in summary["table"][w]["comparisons"].items():
             cells = " | ".join(f"{_pp(c[s])} {c[s]['verdict']}" for s in ("all", "shared", *AUDIO_CATEGORIES))
             lines.append(f"| {w:g} | {name} | {cells} | {c['all']['p_mcnemar']:.3g} |")
+    if summary.get("conflict") or summary.get("influence"):
+        lines += [
+            "",
+            "## Mechanism: category gradients at the last checkpoint (eq. 11, 12), mean over seeds",
+            "",
+            "Cosine: mean over category pairs; influence: mean over ordered pairs of the cross-category "
+            "influence score (below 0: a step on one category's gradient raises another's loss). Expert "
+            "rates per category of the learned MoE: capacity-experts.png.",
+            "",
+            "| width | dense cosine | MoE cosine | dense influence | MoE influence |",
+            "|---|---|---|---|---|",
+        ]
+        for w in summary["widths"]:
+            c, i = summary.get("conflict", {}).get(w, {}), summary.get("influence", {}).get(w, {})
+            cells = [c.get("dense"), c.get("moe"), i.get("dense"), i.get("moe")]
+            lines.append(f"| {w:g} | " + " | ".join("-" if x is None else f"{x:+.3f}" for x in cells) + " |")
     if summary["bottleneck"]:
         lines += [
             "",
@@ -424,6 +467,23 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    save(fig, path)
+
+
+def plot_experts(summary: dict, path: Path) -> None:
+    """Per-category expert rates of the learned MoE at each width, mean over seeds (paper Fig. 3)."""
+    rates = summary.get("expert_rates") or {}
+    if not rates:
+        return
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(rates), figsize=(4.2 * len(rates), 2.8), squeeze=False)
+    for ax, (w, by_cat) in zip(axes[0], rates.items(), strict=True):
+        cats = list(by_cat)
+        im = ax.imshow([by_cat[c] for c in cats], aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(cats)), cats)
+        ax.set_xlabel("expert")
+        ax.set_title(f"width {float(w):g}: share of tokens routed")
+    fig.colorbar(im, ax=axes[0][-1])
     save(fig, path)
 
 
@@ -456,6 +516,7 @@ def main(argv=None) -> int:
     (out / "capacity.json").write_text(json.dumps({"summary": summary, "config": dataclasses.asdict(exp)}, indent=1))
     (out / "capacity.md").write_text(markdown(summary, exp, args.text_steps))
     plot(summary, out / "capacity.png")
+    plot_experts(summary, out / "capacity-experts.png")
     print((out / "capacity.md").read_text())
     print(f"wall time {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return 0

@@ -72,6 +72,13 @@ def test_sweep_trains_the_adapter_on_a_frozen_text_backbone(tmp_path, tiny_exper
     assert set(summary["bottleneck"]) == set(variants)
     text = capacity.markdown(summary, exp, 4)
     assert all(rule in text for rule in capacity.RULES.values()) and "## Findings" in text
+    # The mechanism table: cosine and cross-category influence at each width, of dense only here
+    # (the learned MoE, the other analysed variant, is not in this sweep: no expert-rate figure).
+    assert "## Mechanism" in text and {w: set(r) for w, r in summary["influence"].items()} == {
+        0.25: {"dense"},
+        1.0: {"dense"},
+    }
+    assert summary["expert_rates"] == {}
 
     capsys.readouterr()
     argv = ["--seeds", "0", "--text-steps", "4", "--widths", "0.25", "1", "--variants", *variants, "--resume"]
@@ -80,7 +87,7 @@ def test_sweep_trains_the_adapter_on_a_frozen_text_backbone(tmp_path, tiny_exper
     assert capsys.readouterr().out.count("reusing the finished, evaluated run") == 1 + 2 * len(variants)
     saved = json.loads((tmp_path / "runs" / "capacity.json").read_text())["summary"]
     assert saved["table"]["1.0"]["comparisons"] == json.loads(json.dumps(summary["table"][1.0]["comparisons"]))
-    assert (tmp_path / "runs" / "capacity.png").is_file()
+    assert (tmp_path / "runs" / "capacity.png").is_file() and not (tmp_path / "runs" / "capacity-experts.png").exists()
 
 
 def test_rule_words():
@@ -94,6 +101,10 @@ def test_rule_words():
     assert capacity.max_specialization(rates) == pytest.approx(2.0)
     track = [{"names": ["a", "b", "c"], "cosine": [[1, -0.2, 0.1], [-0.2, 1, -0.5], [0.1, -0.5, 1]]}]
     assert capacity.mean_pair_cosine(track) == pytest.approx(-0.2)
+    assert capacity.mean_cross_influence({"score": [[1, -0.2, 0.1], [0.3, 1, -0.5], [0.1, -0.4, 1]]}) == pytest.approx(
+        -0.1
+    )
+    assert capacity.mean_expert_rates([{"a": [0.2, 0.4]}, {"a": [0.4, 0.0]}]) == {"a": pytest.approx([0.3, 0.2])}
     conflict = {0.5: {"dense": -0.2, "moe": 0.1}, 2.0: {"dense": 0.02, "moe": 0.03}}
     summary = {"widths": [], "bottleneck": {}, "specialization": {}, "conflict": conflict}
     assert capacity.sentences(summary) == [
@@ -102,3 +113,11 @@ def test_rule_words():
         "Width 2: dense's category gradients do not conflict (mean cosine +0.020), MoE's do not (+0.030): "
         "neither conflicts; dense's are less aligned than MoE's.",
     ]
+
+
+def test_expert_rate_figure(tmp_path):
+    """The learned MoE's per-category expert rates, one panel per width (paper Fig. 3)."""
+    one = {c: [0.25 * (i % 4 == j % 4) for i in range(12)] for j, c in enumerate(AUDIO_CATEGORIES)}
+    rates = {0.5: one, 2.0: one}
+    capacity.plot_experts({"expert_rates": rates}, tmp_path / "experts.png")
+    assert (tmp_path / "experts.png").stat().st_size > 1000
