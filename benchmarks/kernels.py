@@ -8,6 +8,7 @@ same dtype, and against the datasheet peak.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -78,6 +79,23 @@ def _memory_bound_rows(T, E, K, device, dtype, ceilings, sheet) -> list[dict]:
     return rows
 
 
+def _persistent(fn):
+    """fn with MOE_ADAPTER_GEMM=persistent for the call (gemm_config reads it at each launch)."""
+
+    def run():
+        before = os.environ.get("MOE_ADAPTER_GEMM")
+        os.environ["MOE_ADAPTER_GEMM"] = "persistent"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["MOE_ADAPTER_GEMM"]
+            else:
+                os.environ["MOE_ADAPTER_GEMM"] = before
+
+    return run
+
+
 def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
     logits = torch.randn(T, E, device=device, dtype=dtype)
     r, (counts, _, _) = _route(logits, K)
@@ -124,6 +142,21 @@ def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
         (
             "dW2 = (G act)^T dh",
             lambda: wgrad.grouped_wgrad(gact, dh, perm, K, gather_x=False, gather_y=True, out_dtype=dtype),
+            (f, R, d),
+        ),
+    ]
+    # The same row GEMMs on the persistent TMA kernel (moe_kernels/persistent_gemm.py), and the
+    # weight gradients without the split (one chunk per expert): what decides the defaults.
+    cases += [(f"{name} [persistent]", _persistent(fn), mkn) for name, fn, mkn in cases[:4]]
+    cases += [
+        (
+            "dW1 [no split]",
+            lambda: wgrad.grouped_wgrad(z, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=dtype, chunk=R),
+            (d, R, f),
+        ),
+        (
+            "dW2 [no split]",
+            lambda: wgrad.grouped_wgrad(gact, dh, perm, K, gather_x=False, gather_y=True, out_dtype=dtype, chunk=R),
             (f, R, d),
         ),
     ]

@@ -3,6 +3,7 @@ function, the entry point writing every output, and CPU-sized pytest-benchmark c
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -143,7 +144,9 @@ def test_kernel_benchmarks_code_path_on_cpu(monkeypatch):
         40, 24, 4, 2, (33,), torch.device("cpu"), {"copy_gbs": 100.0}, dtype=torch.float32
     )
     names = [r["kernel"] for r in rows]
-    assert names[:2] == ["router+balance", "permutation"] and len(rows) == 8
+    assert names[:2] == ["router+balance", "permutation"] and len(rows) == 14
+    assert sum(n.endswith("[persistent]") for n in names) == 4 and names[-1] == "dW2 [no split]"
+    assert "MOE_ADAPTER_GEMM" not in os.environ  # the persistent rows restore the schedule
     assert all(r["median_ms"] == 1.0 for r in rows) and all("vs_dense_matmul" in r for r in rows[2:])
     assert rows[0]["pct_copy_bw"] == pytest.approx(100 * rows[0]["gbs"] / 100.0) and rows[0]["pct_datasheet_bw"] is None
     table = report.kernel_table(rows).splitlines()
