@@ -49,7 +49,7 @@ from moe_kernels.gemm_config import (  # noqa: F401 (EPI_* are this kernel's epi
     row_major,
     upcast,
 )
-from moe_kernels.permutation import chunk_table, tile_of
+from moe_kernels.permutation import tile_of
 from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block
 from moe_kernels.wgrad import grouped_wgrad
@@ -283,20 +283,13 @@ def grouped_mm(
             pre,
             weight,
             dw_part,
-            chunk_table(perm.counts_E, perm.sorted_pair_R.shape[0], cfg.block_m),
-            perm.sorted_pair_R,
-            num_experts=E,
-            n=N,
+            perm,
             top_k=top_k,
             gather_a=gather_a,
             epilogue=epilogue,
             store_pre=store_pre,
             scale=weight_TK is not None,
             cfg=cfg,
-            block_e=expert_block(E),
-            acc=acc_dtype(a.dtype),
-            precision=precision(a.dtype),
-            upcast=upcast(a.dtype),
         )
         return out, extra
     # Upper bound on M tiles: sum_e cdiv(c_e, BM) <= cdiv(R, BM) + E. Programs past the real

@@ -28,7 +28,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_kernels.epilogues import store_epilogue
-from moe_kernels.gemm_config import sm_count
+from moe_kernels.gemm_config import GemmConfig, acc_dtype, precision, sm_count, upcast
+from moe_kernels.permutation import chunk_table
+from moe_kernels.reference import Permutation
+from moe_kernels.routing import expert_block
 
 
 @triton.jit
@@ -141,26 +144,21 @@ def launch(
     pre: torch.Tensor,
     weight: torch.Tensor,
     dw_part: torch.Tensor,
-    tiles: tuple[torch.Tensor, torch.Tensor],
-    sorted_pair_R: torch.Tensor,
+    perm: Permutation,
     *,
-    num_experts: int,
-    n: int,
     top_k: int,
     gather_a: bool,
     epilogue: int,
     store_pre: bool,
     scale: bool,
-    cfg,
-    block_e: int,
-    acc,
-    precision: str,
-    upcast: bool,
+    cfg: GemmConfig,
 ) -> None:
-    """Launch _persistent_mm_kernel over min(SMs, tiles) programs. `tiles` is chunk_table(counts,
-    R, BLOCK_M); the caller (grouped_gemm.grouped_mm) has checked shapes and made the outputs."""
-    table, expert_chunks = tiles
-    kd = a.shape[1]
+    """Launch _persistent_mm_kernel over min(SMs, tiles) programs, its M tiles from
+    chunk_table(counts, R, BLOCK_M). The caller (grouped_gemm.grouped_mm) has checked shapes and
+    made the outputs (N = out's width); the dtype rules come from gemm_config."""
+    E = perm.counts_E.shape[0]
+    n, kd = out.shape[1], a.shape[1]
+    table, expert_chunks = chunk_table(perm.counts_E, perm.sorted_pair_R.shape[0], cfg.block_m)
     num_tiles = table.shape[0] * triton.cdiv(n, cfg.block_n)  # upper bound: the kernel reads the real count
     num_progs = max(1, min(sm_count(a.device), num_tiles))
     a_desc = a if gather_a else TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])
@@ -175,10 +173,10 @@ def launch(
         dw_part,
         table,
         expert_chunks,
-        sorted_pair_R,
+        perm.sorted_pair_R,
         n,
         kd,
-        num_experts,
+        E,
         num_progs,
         a.stride(0),
         a.stride(1),
@@ -194,10 +192,10 @@ def launch(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
-        BLOCK_E=block_e,
-        ACC=acc,
-        PRECISION=precision,
-        UPCAST=upcast,
+        BLOCK_E=expert_block(E),
+        ACC=acc_dtype(a.dtype),
+        PRECISION=precision(a.dtype),
+        UPCAST=upcast(a.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
