@@ -8,7 +8,6 @@ same dtype, and against the datasheet peak.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -79,23 +78,6 @@ def _memory_bound_rows(T, E, K, device, dtype, ceilings, sheet) -> list[dict]:
     return rows
 
 
-def _persistent(fn):
-    """fn with MOE_ADAPTER_GEMM=persistent for the call (gemm_config reads it at each launch)."""
-
-    def run():
-        before = os.environ.get("MOE_ADAPTER_GEMM")
-        os.environ["MOE_ADAPTER_GEMM"] = "persistent"
-        try:
-            return fn()
-        finally:
-            if before is None:
-                del os.environ["MOE_ADAPTER_GEMM"]
-            else:
-                os.environ["MOE_ADAPTER_GEMM"] = before
-
-    return run
-
-
 def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
     logits = torch.randn(T, E, device=device, dtype=dtype)
     r, (counts, _, _) = _route(logits, K)
@@ -110,30 +92,29 @@ def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
     gact, pre = mm(z, w1, perm, K, gather_a=True, **up)  # what the forward keeps: G * SiLU(pre), pre
     dsilu = dict(epilogue=grouped_gemm.EPI_DSILU, out_rows=R, out_dtype=dtype, weight_TK=weight, pre_RN=pre)
     dpre, _ = mm(dh, w2.transpose(1, 2), perm, K, gather_a=True, **dsilu)
-    cases = [  # name, fn, (M, K, N) of the dense matmul with the same FLOPs
-        ("up: gather z, @W1, SiLU, x G", lambda: mm(z, w1, perm, K, gather_a=True, **up), (R, d, f)),
-        (
-            "down: G act @W2, scatter",
-            lambda: mm(
-                gact, w2, perm, K, gather_a=False, epilogue=grouped_gemm.EPI_SCATTER, out_rows=R, out_dtype=dtype
+
+    def row_gemms(persistent: bool) -> list:
+        """The four row GEMMs of a forward + backward on the tile or the persistent schedule."""
+        tag = " [persistent]" if persistent else ""
+        sc = dict(epilogue=grouped_gemm.EPI_SCATTER, out_rows=R, out_dtype=dtype, persistent=persistent)
+        up_p, dsilu_p = {**up, "persistent": persistent}, {**dsilu, "persistent": persistent}
+        return [  # name, fn, (M, K, N) of the dense matmul with the same FLOPs
+            (f"up: gather z, @W1, SiLU, x G{tag}", lambda: mm(z, w1, perm, K, gather_a=True, **up_p), (R, d, f)),
+            (f"down: G act @W2, scatter{tag}", lambda: mm(gact, w2, perm, K, gather_a=False, **sc), (R, f, d)),
+            (
+                f"down dX: dh @W2^T, dSiLU{tag}",
+                lambda: mm(dh, w2.transpose(1, 2), perm, K, gather_a=True, **dsilu_p),
+                (R, d, f),
             ),
-            (R, f, d),
-        ),
-        ("down dX: dh @W2^T, dSiLU", lambda: mm(dh, w2.transpose(1, 2), perm, K, gather_a=True, **dsilu), (R, d, f)),
-        (
-            "up dX: dpre @W1^T, scatter",
-            lambda: mm(
-                dpre,
-                w1.transpose(1, 2),
-                perm,
-                K,
-                gather_a=False,
-                epilogue=grouped_gemm.EPI_SCATTER,
-                out_rows=R,
-                out_dtype=dtype,
+            (
+                f"up dX: dpre @W1^T, scatter{tag}",
+                lambda: mm(dpre, w1.transpose(1, 2), perm, K, gather_a=False, **sc),
+                (R, f, d),
             ),
-            (R, f, d),
-        ),
+        ]
+
+    cases = row_gemms(persistent=False)
+    cases += [
         (
             "dW1 = z^T dpre",
             lambda: wgrad.grouped_wgrad(z, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=dtype),
@@ -147,7 +128,7 @@ def _gemm_rows(T, d, f, E, K, device, dtype, sheet) -> list[dict]:
     ]
     # The same row GEMMs on the persistent TMA kernel (moe_kernels/persistent_gemm.py), and the
     # weight gradients without the split (one chunk per expert): what decides the defaults.
-    cases += [(f"{name} [persistent]", _persistent(fn), mkn) for name, fn, mkn in cases[:4]]
+    cases += row_gemms(persistent=True)
     cases += [
         (
             "dW1 [no split]",

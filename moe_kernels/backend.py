@@ -6,12 +6,14 @@
 - "torch": the pure-PyTorch reference (`reference.py`), on any device.
 - "grouped_mm": the Triton router and permutation with the expert GEMMs through torch._grouped_mm
   (`grouped_mm_experts.py`); on CUDA bfloat16 on sm_90+, on CPU (interpreted router) fp32/16-bit.
-- "auto": on CUDA, the faster of "triton" and "grouped_mm" for the call's (GPU, dtype, shape
-  class), timed once (forward, and backward when gradients are needed) and remembered in a small
-  JSON file (AUTO_CACHE_ENV, default ~/.cache/moe_adapter/backend_choice.json); where grouped_mm
-  cannot run, "triton"; where triton cannot (E > MAX_TRITON_EXPERTS, not installed), "torch".
-  AUTO_PIN_ENV pins the choice. On CPU "auto" is always "torch": the interpreter is a test
-  vehicle, hundreds of times slower.
+- "auto": on CUDA, the fastest of the candidates (`auto_candidates`: "grouped_mm" where it runs,
+  and "triton:<schedule>" for every Triton GEMM schedule that runs different kernels there, e.g.
+  "triton:persistent+split", see gemm_config.Schedule) for the call's (GPU, dtype, shape class),
+  timed once (forward, and backward when gradients are needed) and remembered in a small JSON
+  file (AUTO_CACHE_ENV, default ~/.cache/moe_adapter/backend_choice.json); where triton cannot run
+  (E > MAX_TRITON_EXPERTS, not installed), "torch". AUTO_PIN_ENV pins the choice ("triton": the
+  default schedule). On CPU "auto" is always "torch": the interpreter is a test vehicle, hundreds
+  of times slower.
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ from pathlib import Path
 import torch
 
 BACKENDS = ("auto", "triton", "torch", "grouped_mm")
-AUTO_CANDIDATES = ("triton", "grouped_mm")
 AUTO_CACHE_ENV = "MOE_ADAPTER_BACKEND_CACHE"  # path of the JSON file that remembers auto's choices
-AUTO_PIN_ENV = "MOE_ADAPTER_AUTO_BACKEND"  # "triton" or "grouped_mm": auto runs it without timing
+AUTO_PIN_ENV = "MOE_ADAPTER_AUTO_BACKEND"  # a candidate name, or "triton": auto runs it without timing
 AUTO_REPEATS = 5  # timed calls per candidate (after one warm-up); the median decides
 log = logging.getLogger("moe_kernels")
 
@@ -111,6 +112,12 @@ def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str
 
 
 def _implementation(name: str):
+    """The moe_ffn of a backend or auto candidate name ("triton:<schedule>": that GEMM schedule)."""
+    if name.startswith("triton:"):
+        from moe_kernels import functions
+        from moe_kernels.gemm_config import Schedule
+
+        return functools.partial(functions.moe_ffn, schedule=Schedule.parse(name.removeprefix("triton:")))
     if name == "torch":
         from moe_kernels import reference
 
@@ -155,10 +162,30 @@ def _choices_this_process() -> dict:
     return {}
 
 
+@functools.cache
+def _last_choice() -> list:
+    return [None]  # [(shape class, candidate)] of the latest choose_auto call
+
+
+def last_auto_choice() -> tuple[str, str] | None:
+    """(shape class, candidate) that the latest "auto" call ran, pinned, remembered or timed:
+    what a benchmark row of backend="auto" reports."""
+    return _last_choice()[0]
+
+
 def choose_auto(key: str, candidates: dict[str, Callable[[], float]]) -> str:
     """The candidate with the lowest time for `key`: pinned by AUTO_PIN_ENV, else remembered (this
     process, then the cache file), else each timed once (`candidates[name]()` returns seconds) and
     the choice written to the cache file (atomically) and logged. A candidate that raises is out."""
+    choice = _remembered_choice(key, candidates) or _timed_choice(key, candidates)
+    _last_choice()[0] = (key, choice)
+    return choice
+
+
+def _remembered_choice(key: str, candidates: dict) -> str | None:
+    """The pinned candidate, or the one this process or the cache file chose for `key` among the
+    same candidates (a file written before a new candidate existed, say a new GEMM schedule after
+    an upgrade, is timed again)."""
     pin = os.environ.get(AUTO_PIN_ENV)
     if pin:
         if pin not in candidates:
@@ -167,11 +194,15 @@ def choose_auto(key: str, candidates: dict[str, Callable[[], float]]) -> str:
     memo = _choices_this_process()
     if key in memo:
         return memo[key]
-    path = _cache_path()
-    cached = _read_cache(path).get(key)
-    if isinstance(cached, dict) and cached.get("choice") in candidates:
+    cached = _read_cache(_cache_path()).get(key)
+    if isinstance(cached, dict) and cached.get("candidates") == sorted(candidates):
         memo[key] = cached["choice"]
         return memo[key]
+    return None
+
+
+def _timed_choice(key: str, candidates: dict[str, Callable[[], float]]) -> str:
+    """Time each candidate once; remember the fastest in this process and the cache file."""
     seconds = {}
     for name, timed in candidates.items():
         try:
@@ -181,9 +212,10 @@ def choose_auto(key: str, candidates: dict[str, Callable[[], float]]) -> str:
     if not seconds:
         raise RuntimeError(f"auto backend: no candidate ran for {key}")
     choice = min(seconds, key=seconds.get)
-    memo[key] = choice
+    _choices_this_process()[key] = choice
+    path = _cache_path()
     data = _read_cache(path)
-    data[key] = {"choice": choice, "seconds": seconds}
+    data[key] = {"choice": choice, "seconds": seconds, "candidates": sorted(candidates)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -218,17 +250,32 @@ def _cuda_seconds(fn, args: tuple) -> float:
     return statistics.median(times)
 
 
-def moe_ffn_implementation(backend: str, device: torch.device, num_experts: int, args: tuple | None = None):
-    """The moe_ffn that runs a request: reference.moe_ffn, the Triton functions.moe_ffn or
-    grouped_mm_experts.moe_ffn (imported only when chosen). All take (z, router, w1, w2, top_k,
-    mask, balance_p). With `args` (that call's inputs), "auto" on CUDA picks between the Triton
-    and grouped_mm paths by timing (choose_auto)."""
-    name = resolve_backend(backend, device, num_experts)
-    if backend == "auto" and name == "triton" and args is not None:
-        from moe_kernels.grouped_mm_experts import grouped_mm_unavailable
+def auto_candidates(args: tuple) -> list[str]:
+    """What "auto" times for a call with inputs `args` (z, router, w1, w2, ...): "triton:<name>"
+    for each gemm_config.distinct_schedules (the default first), then "grouped_mm" where it runs.
+    Schedules that would run the same kernels (persistent GEMMs in fp32 or before Hopper; the
+    weight-gradient split without a backward) are left out rather than timed twice."""
+    from moe_kernels.gemm_config import distinct_schedules
+    from moe_kernels.grouped_mm_experts import grouped_mm_unavailable
 
-        if grouped_mm_unavailable(device, args[0].dtype) is None:
-            candidates = {c: functools.partial(_cuda_seconds, _implementation(c), args) for c in AUTO_CANDIDATES}
+    z_TD = args[0]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in args[:4])
+    names = [f"triton:{s.name}" for s in distinct_schedules(z_TD.dtype, z_TD.device, grad)]
+    if grouped_mm_unavailable(z_TD.device, z_TD.dtype) is None:
+        names.append("grouped_mm")
+    return names
+
+
+def moe_ffn_implementation(backend: str, device: torch.device, num_experts: int, args: tuple | None = None):
+    """The moe_ffn that runs a request: reference.moe_ffn, the Triton functions.moe_ffn (on the
+    default schedule, or the one auto chose) or grouped_mm_experts.moe_ffn (imported only when
+    chosen). All take (z, router, w1, w2, top_k, mask, balance_p). With `args` (that call's
+    inputs), "auto" on CUDA picks among auto_candidates by timing (choose_auto)."""
+    name = resolve_backend(backend, device, num_experts)
+    if backend == "auto" and name == "triton" and args is not None and os.environ.get(AUTO_PIN_ENV) != "triton":
+        names = auto_candidates(args)
+        if len(names) > 1:
+            candidates = {c: functools.partial(_cuda_seconds, _implementation(c), args) for c in names}
             name = choose_auto(shape_class(args), candidates)
     return _implementation(name)
 

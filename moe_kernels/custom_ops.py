@@ -6,10 +6,10 @@ Shape legend: T tokens, D token width, F expert hidden width, E experts, K exper
         -> (h_TD, aux_loss, counts_E, topk_idx_TK, topk_weight_TK)
     moe_adapter::moe_ffn_backward(<same inputs>, dh_TD, d_aux, d_weight_TK)
         -> (dz_TD, drouter_ED, dw1_EDF, dw2_EFD)
-    moe_adapter::moe_ffn_saving(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T?, top_k, balance_p)
+    moe_adapter::moe_ffn_saving(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T?, top_k, balance_p, schedule)
         -> (the five outputs above, then what the backward reads: gact_RF, pre_RF, offsets_E1,
             sorted_pair_R, pair_row_TK, dp_E)                              Triton backend only
-    moe_adapter::moe_ffn_saved_backward(z, router, w1, w2, <saved>, top_k, balance_p, dh_TD, d_aux,
+    moe_adapter::moe_ffn_saved_backward(z, router, w1, w2, <saved>, top_k, balance_p, schedule, dh_TD, d_aux,
         d_weight_TK) -> (dz_TD, drouter_ED, dw1_EDF, dw2_EFD)
 
 Every output's shape follows from the inputs' shapes (dropless routing: h is (T, D) whatever the
@@ -163,6 +163,7 @@ def moe_ffn_saving_op(
     mask_T: torch.Tensor | None,
     top_k: int,
     balance_p: str,
+    schedule: str,
 ) -> tuple[
     torch.Tensor,
     torch.Tensor,
@@ -177,12 +178,15 @@ def moe_ffn_saving_op(
     torch.Tensor,
 ]:
     from moe_kernels import grouped_gemm, permutation, routing
+    from moe_kernels.gemm_config import Schedule
 
     logits_TE = torch.nn.functional.linear(z_TD, router_weight_ED)
     r = routing.router_forward(logits_TE, top_k, mask_T, balance_p)
     counts_E, dp_E, aux = routing.balance_forward(r.blk_count_NE, r.blk_psum_NE, top_k)
     perm = permutation.permute(r.topk_idx_TK, counts_E, r.blk_count_NE)
-    h_TD, saved = grouped_gemm.experts_forward(z_TD, w1_EDF, w2_EFD, r.topk_weight_TK, perm, save_pre=True)
+    h_TD, saved = grouped_gemm.experts_forward(
+        z_TD, w1_EDF, w2_EFD, r.topk_weight_TK, perm, save_pre=True, schedule=Schedule.parse(schedule)
+    )
     gact_RF, pre_RF, sorted_pair_R = saved.gact_RF, saved.pre_RF, perm.sorted_pair_R
     if mask_T is not None:
         # Rows past offsets[E] (pairs of masked tokens) are unspecified; a custom op's outputs must
@@ -206,7 +210,7 @@ def moe_ffn_saving_op(
 
 
 @moe_ffn_saving_op.register_fake
-def _(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p):
+def _(z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p, schedule):
     T = z_TD.shape[0]
     E, _, F = w1_EDF.shape
     R = T * top_k
@@ -244,16 +248,18 @@ def moe_ffn_saved_backward_op(
     dp_E: torch.Tensor,
     top_k: int,
     balance_p: str,
+    schedule: str,
     dh_TD: torch.Tensor,
     d_aux: torch.Tensor,
     d_weight_TK: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from moe_kernels import grouped_gemm, routing
+    from moe_kernels.gemm_config import Schedule
 
     perm = reference.Permutation(counts_E, offsets_E1, sorted_pair_R, pair_row_TK)
     saved = grouped_gemm.ExpertActivations(gact_RF, pre_RF)
     dz_TD, dw1, dw2, d_gate_TK = grouped_gemm.experts_backward(
-        dh_TD, z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm, saved, needs=(True, True, True, True)
+        dh_TD, z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm, saved, (True, True, True, True), Schedule.parse(schedule)
     )
     logits_TE = torch.nn.functional.linear(z_TD, router_weight_ED)  # (T, E): cheaper to redo than keep
     d_weight_TK = d_weight_TK + d_gate_TK.to(d_weight_TK.dtype)
@@ -268,21 +274,21 @@ def _(z_TD, router_weight_ED, w1_EDF, w2_EFD, *rest):
 
 
 def _setup_saving(ctx, inputs, output):
-    z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p = inputs
+    z_TD, router_weight_ED, w1_EDF, w2_EFD, mask_T, top_k, balance_p, schedule = inputs
     ctx.save_for_backward(z_TD, router_weight_ED, w1_EDF, w2_EFD, output[2], output[3], output[4], *output[5:])
-    ctx.config = (top_k, balance_p)
+    ctx.config = (top_k, balance_p, schedule)
     ctx.mark_non_differentiable(*output[2:4], *output[5:])
 
 
 def _saved_backward(ctx, dh_TD, d_aux, d_counts, d_idx, d_weight_TK, *_):
     z_TD, router_weight_ED, w1_EDF, w2_EFD, counts_E, idx_TK, weight_TK, *saved = ctx.saved_tensors
-    top_k, balance_p = ctx.config
+    top_k, balance_p, schedule = ctx.config
     dh_TD, d_aux, d_weight_TK = _unused_as_zeros(z_TD, w2_EFD, top_k, dh_TD, d_aux, d_weight_TK)
     grads = moe_ffn_saved_backward_op(
-        z_TD, router_weight_ED, w1_EDF, w2_EFD, counts_E, idx_TK, weight_TK, *saved, top_k, balance_p,
+        z_TD, router_weight_ED, w1_EDF, w2_EFD, counts_E, idx_TK, weight_TK, *saved, top_k, balance_p, schedule,
         dh_TD, d_aux, d_weight_TK,
     )  # fmt: skip
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 moe_ffn_saving_op.register_autograd(_saved_backward, setup_context=_setup_saving)
@@ -292,12 +298,17 @@ def moe_ffn(
     z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T=None, balance_p="topk", backend="auto", recompute=False
 ):
     """The custom-op form of ops.moe_ffn (inputs already validated and autocast-resolved). On the
-    Triton backend with gradients needed and recompute=False, the op that keeps activations."""
+    Triton backend with gradients needed and recompute=False, the op that keeps activations, on
+    the default GEMM schedule (gemm_config.default_schedule; auto's timing does not run while
+    compiling)."""
     from moe_kernels.backend import resolve_backend
 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD))
     if grad and not recompute and resolve_backend(backend, z_TD.device, w1_EDF.shape[0]) == "triton":
-        out = moe_ffn_saving_op(z_TD, router_weight_ED, w1_EDF, w2_EFD, token_mask_T, top_k, balance_p)
+        from moe_kernels.gemm_config import default_schedule
+
+        schedule = default_schedule().name
+        out = moe_ffn_saving_op(z_TD, router_weight_ED, w1_EDF, w2_EFD, token_mask_T, top_k, balance_p, schedule)
         return reference.MoEOutput(*out[:5])
     return reference.MoEOutput(
         *moe_ffn_op(z_TD, router_weight_ED, w1_EDF, w2_EFD, token_mask_T, top_k, balance_p, backend)

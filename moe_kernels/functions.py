@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels import grouped_gemm, permutation, routing
+from moe_kernels.gemm_config import Schedule, default_schedule
 from moe_kernels.reference import MoEOutput, Permutation
 
 
@@ -57,10 +58,15 @@ class ExpertsFunction(torch.autograd.Function):
     """(z_TD, w1_EDF, w2_EFD, topk_weight_TK) -> h_TD for a fixed permutation."""
 
     @staticmethod
-    def forward(ctx, z_TD, w1_EDF, w2_EFD, topk_weight_TK, counts_E, offsets_E1, sorted_pair_R, pair_row_TK, save_pre):
+    def forward(
+        ctx, z_TD, w1_EDF, w2_EFD, topk_weight_TK, counts_E, offsets_E1, sorted_pair_R, pair_row_TK, save_pre, schedule
+    ):
         perm = Permutation(counts_E, offsets_E1, sorted_pair_R, pair_row_TK)
-        h, saved = grouped_gemm.experts_forward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm, save_pre=save_pre)
+        h, saved = grouped_gemm.experts_forward(
+            z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm, save_pre=save_pre, schedule=schedule
+        )
         ctx.save_for_backward(z_TD, w1_EDF, w2_EFD, topk_weight_TK, *perm, saved.gact_RF, saved.pre_RF)
+        ctx.schedule = schedule  # the backward runs the forward's schedule, whatever the env says by then
         return h
 
     @staticmethod
@@ -70,9 +76,9 @@ class ExpertsFunction(torch.autograd.Function):
         perm = Permutation(counts, offsets, sorted_pair, pair_row)
         saved = grouped_gemm.ExpertActivations(gact, pre)
         grads = grouped_gemm.experts_backward(
-            dh_TD, z, w1, w2, weight, perm, saved, needs=tuple(ctx.needs_input_grad[:4])
+            dh_TD, z, w1, w2, weight, perm, saved, needs=tuple(ctx.needs_input_grad[:4]), schedule=ctx.schedule
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def route(z_TD, router_weight_ED, top_k, token_mask_T, balance_p):
@@ -92,9 +98,13 @@ def moe_ffn(
     top_k: int,
     token_mask_T: torch.Tensor | None = None,
     balance_p: str = "topk",
+    *,
+    schedule: Schedule | None = None,
 ) -> MoEOutput:
-    """The Triton implementation of reference.moe_ffn (inputs already validated by ops.moe_ffn)."""
+    """The Triton implementation of reference.moe_ffn (inputs already validated by ops.moe_ffn),
+    on `schedule`'s GEMMs (default: gemm_config.default_schedule(), from the environment)."""
+    schedule = default_schedule() if schedule is None else schedule
     weight_TK, aux, idx_TK, counts_E, perm = route(z_TD, router_weight_ED, top_k, token_mask_T, balance_p)
     save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (z_TD, w1_EDF, w2_EFD, weight_TK))
-    h_TD = ExpertsFunction.apply(z_TD, w1_EDF, w2_EFD, weight_TK, *perm, save_pre)
+    h_TD = ExpertsFunction.apply(z_TD, w1_EDF, w2_EFD, weight_TK, *perm, save_pre, schedule)
     return MoEOutput(h_TD, aux, counts_E, idx_TK, weight_TK)

@@ -1,6 +1,8 @@
 """Tile configurations and dtype rules shared by the grouped GEMM kernels (grouped_gemm.py: the
 row GEMMs; wgrad.py: the weight gradients): one place decides BLOCK sizes, the accumulator dtype,
-TF32 and the interpreter's bf16 workaround, so the forward and both backward GEMMs agree.
+TF32 and the interpreter's bf16 workaround, so the forward and both backward GEMMs agree; and the
+schedules a call can run (Schedule: tile or persistent row GEMMs, split or whole weight
+gradients), which backend="auto" times against each other.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ EPI_SCATTER = 1  # store acc (times the routing weight if SCALE) at the pair's r
 EPI_DSILU = 2  # backward through the routing weight and SiLU, plus d(weight) partials
 
 
-GEMM_SCHEDULES = ("tiles", "persistent")
+GEMM_SCHEDULES = ("tiles", "persistent")  # the row GEMMs: one program per tile, or per SM
+WGRAD_SCHEDULES = ("split", "nosplit")  # the weight gradients: split-K over row chunks, or not
 SM90_SMS = 132  # H100 SXM / H200: the SM count assumed when compiling without a GPU (inspect_sm90)
 
 
@@ -34,14 +37,56 @@ class GemmConfig(NamedTuple):
     persistent: bool = False  # the row GEMMs run persistent_gemm's kernel (TMA, one program per SM)
 
 
-def gemm_schedule() -> str:
-    """The row GEMMs' schedule, MOE_ADAPTER_GEMM: "tiles" (one program per output tile, the
-    default) or "persistent" (persistent_gemm.py). The default stays "tiles" until the GPU suite
-    has timed both (benchmarks/gpu_suite.sh runs each)."""
-    value = os.environ.get("MOE_ADAPTER_GEMM", "tiles")
-    if value not in GEMM_SCHEDULES:
-        raise ValueError(f"MOE_ADAPTER_GEMM must be one of {GEMM_SCHEDULES}, got {value!r}")
-    return value
+class Schedule(NamedTuple):
+    """How the Triton expert GEMMs of one forward+backward run: `gemm` for the four row GEMMs
+    ("tiles": grouped_gemm's kernel; "persistent": persistent_gemm's, where TMA exists) and
+    `wgrad` for dW1/dW2 ("split": wgrad.py's split-K chunks; "nosplit": one chunk per expert).
+    Both give the same math; which is faster depends on the GPU and the shapes, so backend="auto"
+    times them (backend.py) and the forward keeps its schedule for its own backward."""
+
+    gemm: str = "tiles"
+    wgrad: str = "split"
+
+    @property
+    def name(self) -> str:
+        return f"{self.gemm}+{self.wgrad}"
+
+    @classmethod
+    def parse(cls, name: str) -> Schedule:
+        """The schedule a `name` says ("persistent+nosplit"), or ValueError naming the choices."""
+        gemm, _, wgrad = name.partition("+")
+        if gemm not in GEMM_SCHEDULES or wgrad not in WGRAD_SCHEDULES:
+            names = [cls(g, w).name for g in GEMM_SCHEDULES for w in WGRAD_SCHEDULES]
+            raise ValueError(f"schedule must be one of {names}, got {name!r}")
+        return cls(gemm, wgrad)
+
+
+BUILTIN_SCHEDULE = Schedule()  # tiles+split: what runs unless the environment or auto says otherwise
+
+
+def default_schedule() -> Schedule:
+    """What backend="triton" runs: MOE_ADAPTER_GEMM ("tiles", the default, or "persistent") and
+    MOE_ADAPTER_WGRAD ("split", the default, or "nosplit"), read at each call. The defaults stay
+    until the GPU suite has timed every schedule (benchmarks/gpu_suite.sh); backend="auto" times
+    them on the user's own GPU instead."""
+    gemm = os.environ.get("MOE_ADAPTER_GEMM", BUILTIN_SCHEDULE.gemm)
+    wgrad = os.environ.get("MOE_ADAPTER_WGRAD", BUILTIN_SCHEDULE.wgrad)
+    if gemm not in GEMM_SCHEDULES:
+        raise ValueError(f"MOE_ADAPTER_GEMM must be one of {GEMM_SCHEDULES}, got {gemm!r}")
+    if wgrad not in WGRAD_SCHEDULES:
+        raise ValueError(f"MOE_ADAPTER_WGRAD must be one of {WGRAD_SCHEDULES}, got {wgrad!r}")
+    return Schedule(gemm, wgrad)
+
+
+def distinct_schedules(dtype: torch.dtype, device: torch.device, grad: bool) -> list[Schedule]:
+    """The schedules that run different kernels for `dtype` on `device`: persistent row GEMMs only
+    for 16-bit dtypes where TMA exists (elsewhere gemm_config and grouped_mm fall back to the
+    tiles), and the weight-gradient choice only when a backward runs (`grad`)."""
+    gemms = ["tiles"]
+    if dtype in (torch.float16, torch.bfloat16) and has_tma(device):
+        gemms.append("persistent")
+    wgrads = WGRAD_SCHEDULES if grad else WGRAD_SCHEDULES[:1]
+    return [Schedule(g, w) for g in gemms for w in wgrads]
 
 
 @functools.cache
@@ -60,16 +105,23 @@ def sm_count(device: torch.device) -> int:
 
 
 def gemm_config(
-    dtype: torch.dtype, rows: int, num_experts: int, *, aligned: bool, epilogue: int = EPI_SCATTER
+    dtype: torch.dtype,
+    rows: int,
+    num_experts: int,
+    *,
+    aligned: bool,
+    epilogue: int = EPI_SCATTER,
+    persistent: bool = False,
 ) -> GemmConfig:
     """Tile shapes, fixed per dtype and shape class rather than autotuned: autotuning would let two
     processes pick different BLOCK_K, and so different summation orders, breaking bit-identical
     results across runs. Every config here was compiled for sm_90 with Triton 3.9's ptxas
     (benchmarks/inspect_sm90.py): no register spills; 16-bit GEMMs use wgmma and, when `aligned`
     (both GEMM widths multiples of 16, so loads vectorize), 128-bit cp.async in a 3-stage
-    pipeline. Not yet timed on a GPU (none lent so far). `persistent` follows gemm_schedule()."""
+    pipeline. Not yet timed on a GPU (none lent so far). `persistent`: a row GEMM of the persistent
+    schedule (Schedule.gemm), where its kernel serves the dtype."""
     cfg = _tiles(dtype, rows, num_experts, aligned=aligned, epilogue=epilogue)
-    if gemm_schedule() != "persistent":
+    if not persistent:
         return cfg
     if interpreter_requested():
         return cfg._replace(persistent=True)

@@ -16,8 +16,10 @@ Backward (dh_TD given)
   down-dX  g = dh[token(r)] @ W2[e]^T; dG_p = <g, SiLU(pre_r)> (recomputed from pre; per N-tile
            partials, summed in a fixed order); dpre_RF = G_p * g * SiLU'(pre)
   up-dX    dz_PD[p] = dpre_RF[r] @ W1[e]^T, then combine -> dz_TD
-  dW1[e] = sum_{r in e} z[token(r)]^T dpre_r    one program per (expert, output tile) loops over
-  dW2[e] = sum_{r in e} gact_r^T dh[token(r)]   the expert's rows in order: no atomics
+  dW1[e] = sum_{r in e} z[token(r)]^T dpre_r    wgrad.py: per (output tile, chunk of the expert's
+  dW2[e] = sum_{r in e} gact_r^T dh[token(r)]   rows), partials summed in chunk order: no atomics
+Schedule (gemm_config.Schedule, chosen per call; the forward's runs its backward): the four row
+GEMMs on this file's tile kernel or persistent_gemm's, the weight gradients split or not.
 The forward keeps G * act rather than act: dW2 is then a plain GEMM of two loaded tiles (scaling
 Y by G in registers each step made its main loop wait on its own wgmma: benchmarks/inspect_sm90),
 and the dSiLU epilogue reads pre alone (act = SiLU(pre) is recomputed).
@@ -29,6 +31,7 @@ they meet a stride, so R*D and T*D may pass 2**31.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -39,9 +42,11 @@ from moe_kernels import persistent_gemm
 from moe_kernels.backend import interpreter_requested
 from moe_kernels.epilogues import store_epilogue
 from moe_kernels.gemm_config import (  # noqa: F401 (EPI_* are this kernel's epilogues, named here for callers)
+    BUILTIN_SCHEDULE,
     EPI_DSILU,
     EPI_SCATTER,
     EPI_SILU,
+    Schedule,
     acc_dtype,
     gemm_config,
     has_tma,
@@ -246,10 +251,12 @@ def grouped_mm(
     weight_TK: torch.Tensor | None = None,
     store_pre: bool = False,
     pre_RN: torch.Tensor | None = None,
+    persistent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch _grouped_mm_kernel: `a` rows (gathered by token or in sorted order) times b_E[e]
     (E, KD, N) (any strides, so a transposed weight is a view). Returns (out, extra): extra is
-    pre (EPI_SILU with store_pre) or the d(weight) partials (EPI_DSILU)."""
+    pre (EPI_SILU with store_pre) or the d(weight) partials (EPI_DSILU). `persistent`: on
+    persistent_gemm's kernel where it serves (16-bit, TMA), else on this file's."""
     E, KD, N = b_E.shape
     if a.shape[1] != KD:
         raise ValueError(f"inner dims differ: a {tuple(a.shape)} vs b_E {tuple(b_E.shape)}")
@@ -257,7 +264,9 @@ def grouped_mm(
     if weight_TK is not None:
         weight_TK = weight_TK.contiguous()
     aligned = KD % 16 == 0 and N % 16 == 0
-    cfg = gemm_config(a.dtype, perm.sorted_pair_R.shape[0], E, aligned=aligned, epilogue=epilogue)
+    cfg = gemm_config(
+        a.dtype, perm.sorted_pair_R.shape[0], E, aligned=aligned, epilogue=epilogue, persistent=persistent
+    )
     dev = a.device
     out = torch.empty(out_rows, N, dtype=out_dtype, device=dev)
     num_n = triton.cdiv(N, cfg.block_n)
@@ -396,26 +405,19 @@ def experts_forward(
     perm: Permutation,
     *,
     save_pre: bool,
+    schedule: Schedule = BUILTIN_SCHEDULE,
 ) -> tuple[torch.Tensor, ExpertActivations]:
-    """h_TD = sum_s G_{t,s} E_{e(t,s)}(z_t) with the fused kernels above."""
+    """h_TD = sum_s G_{t,s} E_{e(t,s)}(z_t) with the fused kernels above, on `schedule`'s GEMMs."""
     _check_expert_inputs(z_TD, w1_EDF, w2_EFD, topk_weight_TK, perm)
     perm, topk_weight_TK = row_major(perm), topk_weight_TK.contiguous()
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K
-    gact, pre = grouped_mm(
-        z_TD,
-        w1_EDF,
-        perm,
-        K,
-        gather_a=True,
-        epilogue=EPI_SILU,
-        out_rows=R,
-        out_dtype=z_TD.dtype,
-        weight_TK=topk_weight_TK,
-        store_pre=save_pre,
+    mm = functools.partial(
+        grouped_mm, perm=perm, top_k=K, out_rows=R, out_dtype=z_TD.dtype, persistent=schedule.gemm == "persistent"
     )
-    y_PD, _ = grouped_mm(gact, w2_EFD, perm, K, gather_a=False, epilogue=EPI_SCATTER, out_rows=R, out_dtype=z_TD.dtype)
+    gact, pre = mm(z_TD, w1_EDF, gather_a=True, epilogue=EPI_SILU, weight_TK=topk_weight_TK, store_pre=save_pre)
+    y_PD, _ = mm(gact, w2_EFD, gather_a=False, epilogue=EPI_SCATTER)
     return combine(y_PD, perm.pair_row_TK, z_TD.dtype), ExpertActivations(gact, pre)
 
 
@@ -428,8 +430,10 @@ def experts_backward(
     perm: Permutation,
     saved: ExpertActivations,
     needs: tuple[bool, bool, bool, bool],
+    schedule: Schedule = BUILTIN_SCHEDULE,
 ) -> tuple[torch.Tensor | None, ...]:
-    """(dz_TD, dw1_EDF, dw2_EFD, d_topk_weight_TK); an entry is None where `needs` says so."""
+    """(dz_TD, dw1_EDF, dw2_EFD, d_topk_weight_TK); an entry is None where `needs` says so. Pass
+    the forward's `schedule`."""
     if saved.pre_RF is None:
         raise ValueError("experts_forward ran with save_pre=False; there is no backward to run")
     need_z, need_w1, need_w2, need_weight = needs
@@ -437,17 +441,17 @@ def experts_backward(
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K
+    chunk = None if schedule.wgrad == "split" else R  # None: wgrad.chunk_rows; R rows: one chunk per expert
     dh_TD = dh_TD.to(z_TD.dtype).contiguous()
-    w2_t = w2_EFD.transpose(1, 2)  # (E, D, F) view: the down projection's dX reads W2^T
-    dpre, dw_part = grouped_mm(
+    mm = functools.partial(
+        grouped_mm, perm=perm, top_k=K, out_rows=R, out_dtype=z_TD.dtype, persistent=schedule.gemm == "persistent"
+    )
+    # down-dX reads W2^T, up-dX W1^T: (E, N, F) and (E, F, D) views, no copies
+    dpre, dw_part = mm(
         dh_TD,
-        w2_t,
-        perm,
-        K,
+        w2_EFD.transpose(1, 2),
         gather_a=True,
         epilogue=EPI_DSILU,
-        out_rows=R,
-        out_dtype=z_TD.dtype,
         weight_TK=topk_weight_TK,
         pre_RN=saved.pre_RF,
     )
@@ -455,19 +459,12 @@ def experts_backward(
     if need_weight:
         dweight = routing_weight_grad(dw_part, perm.pair_row_TK)
     if need_z:
-        dz_PD, _ = grouped_mm(
-            dpre,
-            w1_EDF.transpose(1, 2),
-            perm,
-            K,
-            gather_a=False,
-            epilogue=EPI_SCATTER,
-            out_rows=R,
-            out_dtype=z_TD.dtype,
-        )
+        dz_PD, _ = mm(dpre, w1_EDF.transpose(1, 2), gather_a=False, epilogue=EPI_SCATTER)
         dz = combine(dz_PD, perm.pair_row_TK, z_TD.dtype)
     if need_w1:
-        dw1 = grouped_wgrad(z_TD, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=w1_EDF.dtype)
+        dw1 = grouped_wgrad(z_TD, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=w1_EDF.dtype, chunk=chunk)
     if need_w2:
-        dw2 = grouped_wgrad(saved.gact_RF, dh_TD, perm, K, gather_x=False, gather_y=True, out_dtype=w2_EFD.dtype)
+        dw2 = grouped_wgrad(
+            saved.gact_RF, dh_TD, perm, K, gather_x=False, gather_y=True, out_dtype=w2_EFD.dtype, chunk=chunk
+        )
     return dz, dw1, dw2, dweight

@@ -3,7 +3,6 @@ function, the entry point writing every output, and CPU-sized pytest-benchmark c
 
 import csv
 import json
-import os
 
 import pytest
 import torch
@@ -131,6 +130,7 @@ def test_kernel_benchmarks_code_path_on_cpu(monkeypatch):
     tensors (Triton interpreter, tiny sizes) with a stub timer, so a GPU session finds no bugs."""
     from benchmarks import kernels
     from benchmarks.timing import Timing
+    from moe_kernels import persistent_gemm
 
     calls = []
 
@@ -140,13 +140,16 @@ def test_kernel_benchmarks_code_path_on_cpu(monkeypatch):
         return Timing(1.0, 0.9, 1.1, 1)
 
     monkeypatch.setattr(kernels, "time_gpu", fake_time)
+    persistent = []
+    real_launch = persistent_gemm.launch
+    monkeypatch.setattr(persistent_gemm, "launch", lambda *a, **k: persistent.append(1) or real_launch(*a, **k))
     rows = kernels.run_kernel_benchmarks(
         40, 24, 4, 2, (33,), torch.device("cpu"), {"copy_gbs": 100.0}, dtype=torch.float32
     )
     names = [r["kernel"] for r in rows]
     assert names[:2] == ["router+balance", "permutation"] and len(rows) == 14
     assert sum(n.endswith("[persistent]") for n in names) == 4 and names[-1] == "dW2 [no split]"
-    assert "MOE_ADAPTER_GEMM" not in os.environ  # the persistent rows restore the schedule
+    assert len(persistent) == 4  # the [persistent] rows, and only they, ran the persistent kernel
     assert all(r["median_ms"] == 1.0 for r in rows) and all("vs_dense_matmul" in r for r in rows[2:])
     assert rows[0]["pct_copy_bw"] == pytest.approx(100 * rows[0]["gbs"] / 100.0) and rows[0]["pct_datasheet_bw"] is None
     table = report.kernel_table(rows).splitlines()

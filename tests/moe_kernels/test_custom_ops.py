@@ -124,14 +124,15 @@ def test_gpu_compiled_triton_adapter_has_no_graph_break_and_captures_in_a_cuda_g
         assert torch.allclose(p.grad.float(), want_grads[n].float(), rtol=5e-2, atol=5e-2), n
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_opcheck_saving_ops(masked):
-    """The Triton backend's compile path that keeps activations: schema, fakes and autograd."""
+@pytest.mark.parametrize("masked,schedule", [(False, "tiles+split"), (True, "persistent+nosplit")])
+def test_opcheck_saving_ops(masked, schedule):
+    """The Triton backend's compile path that keeps activations: schema, fakes and autograd, on
+    the default schedule and on the other kernels of both choices."""
     z, router, w1, w2 = make_moe_inputs(9, 16, 8, 4)
     mask = torch.rand(9, generator=torch.Generator().manual_seed(3)) > 0.3 if masked else None
-    torch.library.opcheck(custom_ops.moe_ffn_saving_op, (z, router, w1, w2, mask, 2, "topk"))
+    torch.library.opcheck(custom_ops.moe_ffn_saving_op, (z, router, w1, w2, mask, 2, "topk", schedule))
     with torch.no_grad():
-        saved = custom_ops.moe_ffn_saving_op(z, router, w1, w2, mask, 2, "softmax")
+        saved = custom_ops.moe_ffn_saving_op(z, router, w1, w2, mask, 2, "softmax", schedule)
     g = torch.Generator().manual_seed(4)
     grads_out = (
         torch.randn(9, 16, generator=g, dtype=z.dtype),
@@ -139,7 +140,7 @@ def test_opcheck_saving_ops(masked):
         torch.randn(9, 2, generator=g, dtype=z.dtype),
     )
     args = (*(t.detach() for t in (z, router, w1, w2)), saved[2], saved[3], saved[4], *saved[5:])
-    torch.library.opcheck(custom_ops.moe_ffn_saved_backward_op, (*args, 2, "softmax", *grads_out))
+    torch.library.opcheck(custom_ops.moe_ffn_saved_backward_op, (*args, 2, "softmax", schedule, *grads_out))
 
 
 @pytest.mark.parametrize("recompute", [False, True])

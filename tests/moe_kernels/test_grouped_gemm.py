@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from moe_kernels import grouped_gemm, reference
+from moe_kernels import gemm_config, grouped_gemm, reference
 from tests.utils import max_rel_error, three_way_check
 
 CASES = [  # T, D, F, E, K, routing
@@ -49,8 +49,10 @@ def _torch_path(z, w1, w2, w, perm, dh, K):
 
 
 def _triton_path(z, w1, w2, w, perm, dh):
-    h, saved = grouped_gemm.experts_forward(z, w1, w2, w, perm, save_pre=True)
-    grads = grouped_gemm.experts_backward(dh, z, w1, w2, w, perm, saved, needs=(True, True, True, True))
+    """Forward and backward on the schedule the environment names (MOE_ADAPTER_GEMM/_WGRAD)."""
+    schedule = gemm_config.default_schedule()
+    h, saved = grouped_gemm.experts_forward(z, w1, w2, w, perm, save_pre=True, schedule=schedule)
+    grads = grouped_gemm.experts_backward(dh, z, w1, w2, w, perm, saved, (True, True, True, True), schedule)
     return (h, *grads)
 
 

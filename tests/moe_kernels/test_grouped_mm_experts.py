@@ -1,7 +1,8 @@
 """The "grouped_mm" backend (Triton router and permutation, torch._grouped_mm experts) against the
 float64 reference in fp32, over odd shapes and routing extremes, with masked tokens; reruns give
-the same bits; and "auto"'s choice between it and the Triton path: timed once, remembered in the
-cache file, pinned by the environment, reported."""
+the same bits; and "auto"'s choice among it and the Triton path's GEMM schedules: which it times,
+each candidate against the reference, timed once, remembered in the cache file, pinned by the
+environment, reported."""
 
 import json
 import logging
@@ -11,7 +12,7 @@ import torch
 
 from moe_kernels import backend, moe_ffn
 from tests.moe_kernels.test_functions import CASES, _fwd_bwd
-from tests.utils import make_moe_inputs
+from tests.utils import assert_close, make_moe_inputs
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -79,6 +80,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv(backend.AUTO_CACHE_ENV, str(path))
     monkeypatch.delenv(backend.AUTO_PIN_ENV, raising=False)
     backend._choices_this_process().clear()
+    backend._last_choice()[0] = None
     yield path
     backend._choices_this_process().clear()
 
@@ -95,7 +97,12 @@ def test_auto_times_each_candidate_once_and_remembers(cache, caplog):
         )
     assert calls == ["triton", "grouped_mm"] and "k1: grouped_mm" in caplog.text
     saved = json.loads(cache.read_text())["k1"]
-    assert saved == {"choice": "grouped_mm", "seconds": {"triton": 2.0, "grouped_mm": 1.0}}
+    assert saved == {
+        "choice": "grouped_mm",
+        "seconds": {"triton": 2.0, "grouped_mm": 1.0},
+        "candidates": ["grouped_mm", "triton"],
+    }
+    assert backend.last_auto_choice() == ("k1", "grouped_mm")
     assert backend.choose_auto("k1", {"triton": timer("triton", 0.1), "grouped_mm": timer("grouped_mm", 9)}) == (
         "grouped_mm"
     )
@@ -105,9 +112,13 @@ def test_auto_times_each_candidate_once_and_remembers(cache, caplog):
         "grouped_mm"
     )
     assert calls == ["triton", "grouped_mm"] and backend.auto_choices() == {"k1": "grouped_mm"}
+    # A new candidate (a schedule added by an upgrade) makes the remembered file choice stale.
+    backend._choices_this_process().clear()
+    three = {"triton": timer("triton", 2.0), "grouped_mm": timer("grouped_mm", 1.0), "new": timer("new", 0.5)}
+    assert backend.choose_auto("k1", three) == "new" and calls[-3:] == ["triton", "grouped_mm", "new"]
     # Another shape class is timed on its own; a failing candidate is left out.
     failing = {"triton": timer("triton", 3.0), "grouped_mm": lambda: 1 / 0}
-    assert backend.choose_auto("k2", failing) == "triton"
+    assert backend.choose_auto("k2", failing) == "triton" and backend.last_auto_choice() == ("k2", "triton")
     assert set(json.loads(cache.read_text())) == {"k1", "k2"}
 
 
@@ -131,16 +142,74 @@ def test_shape_class_rounds_tokens_and_names_the_setting():
     assert backend.resolve_backend("auto", torch.device("cpu"), 8) == "torch"  # CPU: auto never times
 
 
+TRITON_ALL = ["triton:tiles+split", "triton:tiles+nosplit", "triton:persistent+split", "triton:persistent+nosplit"]
+
+
+@pytest.mark.parametrize(
+    "dtype,grad,tma,want",
+    [
+        (torch.float16, True, True, [*TRITON_ALL, "grouped_mm"]),
+        (torch.float16, False, True, ["triton:tiles+split", "triton:persistent+split", "grouped_mm"]),
+        (torch.float16, True, False, ["triton:tiles+split", "triton:tiles+nosplit", "grouped_mm"]),  # e.g. an A100
+        (torch.float32, True, True, ["triton:tiles+split", "triton:tiles+nosplit", "grouped_mm"]),  # fp32: tiles
+        (torch.float64, True, True, ["triton:tiles+split", "triton:tiles+nosplit"]),  # no grouped_mm
+    ],
+)
+def test_auto_candidates_are_the_distinct_schedules(dtype, grad, tma, want, monkeypatch):
+    """auto times every schedule that runs different kernels, and no schedule twice."""
+    from moe_kernels import gemm_config
+
+    monkeypatch.setattr(gemm_config, "has_tma", lambda device: tma)
+    args = (*(t.detach().to(dtype).requires_grad_(grad) for t in make_moe_inputs(9, 16, 8, 4)), 2)
+    assert backend.auto_candidates(args) == want
+
+
+def test_every_triton_candidate_runs_its_schedule_forward_and_backward(monkeypatch):
+    """Each "triton:<schedule>" candidate equals the float64 reference, runs the GEMMs its name
+    says (persistent launches, weight-gradient chunks), and its backward keeps the forward's
+    schedule when the environment changes in between."""
+    from moe_kernels import grouped_gemm, persistent_gemm
+
+    seen = []
+    real_launch, real_wgrad = persistent_gemm.launch, grouped_gemm.grouped_wgrad
+    monkeypatch.setattr(persistent_gemm, "launch", lambda *a, **k: seen.append("persistent") or real_launch(*a, **k))
+    monkeypatch.setattr(
+        grouped_gemm, "grouped_wgrad", lambda *a, **k: seen.append(f"chunk={k['chunk']}") or real_wgrad(*a, **k)
+    )
+    T, K = 29, 2
+    inputs = make_moe_inputs(T, 16, 24, 4)
+    ref, ref_grads = _fwd_bwd(inputs, K, None, "topk", "torch")
+    for name in TRITON_ALL:
+        seen.clear()
+        monkeypatch.setenv("MOE_ADAPTER_GEMM", "tiles")
+        out = backend._implementation(name)(*inputs, K, None, "topk")
+        monkeypatch.setenv("MOE_ADAPTER_GEMM", "persistent")  # must not reach this call's backward
+        monkeypatch.setenv("MOE_ADAPTER_WGRAD", "split")
+        g = torch.Generator().manual_seed(1)
+        dh = torch.randn(out.h_TD.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad((out.h_TD * dh).sum() + 0.3 * out.aux_loss, inputs)
+        persistent, nosplit = "persistent+" in name, name.endswith("nosplit")
+        chunk = f"chunk={T * K if nosplit else None}"
+        # forward: up, down; backward: down-dX, up-dX, then dW1 and dW2
+        assert seen == ["persistent"] * (4 if persistent else 0) + [chunk] * 2, f"{name}: {seen}"
+        assert_close(out.h_TD, ref.h_TD, rtol=1e-10, atol=1e-12, name=f"{name} h")
+        for n, a, b in zip(("dz", "drouter", "dw1", "dw2"), grads, ref_grads, strict=True):
+            assert_close(a, b, rtol=1e-10, atol=1e-12, name=f"{name} {n}")
+
+
 @pytest.mark.gpu
-def test_auto_on_cuda_times_triton_and_grouped_mm_once(cache):
-    """bf16 on a Hopper GPU: the first call times both paths (forward + backward) and writes the
-    choice; the second reads it; both paths agree within bf16 rounding."""
+def test_auto_on_cuda_times_every_candidate_once(cache):
+    """bf16 on a Hopper GPU: the first call times every candidate (the four Triton schedules and
+    grouped_mm, forward + backward) and writes the choice; the Triton and grouped_mm paths agree
+    within bf16 rounding."""
     dev = torch.device("cuda")
     inputs = [t.detach().to(dev, torch.bfloat16).requires_grad_(True) for t in make_moe_inputs(2048, 256, 128, 8)]
     out = moe_ffn(*inputs, top_k=2, backend="auto")
     out.h_TD.float().sum().backward()
     ((key, choice),) = backend.auto_choices().items()
-    assert choice in backend.AUTO_CANDIDATES and json.loads(cache.read_text())[key]["choice"] == choice
+    timed = json.loads(cache.read_text())[key]
+    assert timed["choice"] == choice and set(timed["seconds"]) == set(backend.auto_candidates(inputs + [2]))
+    assert "triton:persistent+nosplit" in timed["seconds"]  # Hopper, bf16, fwd+bwd: every schedule timed
     a = moe_ffn(*inputs, top_k=2, backend="triton").h_TD.float()
     b = moe_ffn(*inputs, top_k=2, backend="grouped_mm").h_TD.float()
     assert (a - b).abs().max() <= 2e-2 * a.abs().max()

@@ -86,11 +86,24 @@ def test_weights_tma_cannot_read_fall_back_to_tiles(launches):
 def test_schedule_is_checked(monkeypatch):
     monkeypatch.setenv("MOE_ADAPTER_GEMM", "fast")
     with pytest.raises(ValueError, match="MOE_ADAPTER_GEMM must be one of .* got 'fast'"):
-        gemm_config.gemm_config(torch.float32, 100, 4, aligned=True)
+        gemm_config.default_schedule()
     monkeypatch.setenv("MOE_ADAPTER_GEMM", "persistent")
-    assert gemm_config.gemm_config(torch.bfloat16, 100, 4, aligned=True).persistent
+    monkeypatch.setenv("MOE_ADAPTER_WGRAD", "atomic")
+    with pytest.raises(ValueError, match="MOE_ADAPTER_WGRAD must be one of .* got 'atomic'"):
+        gemm_config.default_schedule()
+    monkeypatch.setenv("MOE_ADAPTER_WGRAD", "nosplit")
+    assert gemm_config.default_schedule() == gemm_config.Schedule("persistent", "nosplit")
     monkeypatch.delenv("MOE_ADAPTER_GEMM")
+    monkeypatch.delenv("MOE_ADAPTER_WGRAD")
+    assert gemm_config.default_schedule().name == "tiles+split"
+    assert gemm_config.Schedule.parse("persistent+nosplit") == gemm_config.Schedule("persistent", "nosplit")
+    for bad in ("persistent", "tiles+", "split+tiles", ""):
+        with pytest.raises(ValueError, match="schedule must be one of"):
+            gemm_config.Schedule.parse(bad)
+    # The config follows the caller's schedule, never the environment (the weight gradients keep theirs).
+    monkeypatch.setenv("MOE_ADAPTER_GEMM", "persistent")
     assert not gemm_config.gemm_config(torch.bfloat16, 100, 4, aligned=True).persistent
+    assert gemm_config.gemm_config(torch.bfloat16, 100, 4, aligned=True, persistent=True).persistent
     assert grouped_gemm.EPI_DSILU == gemm_config.EPI_DSILU
 
 
