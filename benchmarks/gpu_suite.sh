@@ -18,6 +18,9 @@ fi
 RES=${OUT:-benchmarks/results}
 mkdir -p "$RES"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+# backend="auto" (the moe-auto rows, the auto gpu test) writes what it timed per candidate here:
+# the four Triton GEMM schedules and grouped_mm per shape class, returned with the results.
+export MOE_ADAPTER_BACKEND_CACHE="$RES/backend_choice.json"
 PY=${PYTHON:-python3}
 
 {

@@ -22,11 +22,22 @@ LAYOUT_PROVIDERS = ("moe-triton-parallel", "moe-torch-parallel")
 """The parallel reading of Table 4 (preset moe-8c4-parallel: experts d -> f -> D beside the
 always-on aggregation MLP, the dense adapter's size) on our kernels and on the torch reference;
 the other MoE providers are the serial reading (moe-8c4)."""
-MOE_PROVIDERS = ("moe-triton", "moe-torch", "moe-eager-loop", "moe-grouped-mm", *LAYOUT_PROVIDERS, "moe-gmm-backend")
+MOE_PROVIDERS = (
+    "moe-triton",
+    "moe-torch",
+    "moe-eager-loop",
+    "moe-grouped-mm",
+    *LAYOUT_PROVIDERS,
+    "moe-gmm-backend",
+    "moe-auto",
+)
 PROVIDERS = (*MOE_PROVIDERS, "dense")
 """moe-grouped-mm: the routed experts in plain torch around torch._grouped_mm (a gathered copy of
 the rows, torch routing); moe-gmm-backend: our backend="grouped_mm" (Triton router and
-permutation, torch._grouped_mm experts)."""
+permutation, torch._grouped_mm experts); moe-auto: backend="auto", which times its candidates
+(the Triton GEMM schedules and grouped_mm) in its first call and runs the fastest: its row says
+which (`auto_choice`), and the report checks it is never slower than the fastest other row by
+more than their timing spread."""
 LEVELS = ("adapter", "block")
 """What a provider's step runs: the whole adapter, or its routed-expert block alone (input
 LayerNorm, router, top-k, permutation, expert MLPs, weighted combine, balance loss: the part the
@@ -115,6 +126,8 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> s
     """Why provider `name` cannot run on `device` in `dtype`, or None (decided without building it)."""
     if name in ("moe-triton", "moe-triton-parallel", "moe-gmm-backend") and device.type != "cuda":
         return "GPU only: on CPU the Triton kernels run in the interpreter, a test vehicle"
+    if name == "moe-auto" and device.type != "cuda":
+        return "GPU only: on CPU backend='auto' is the torch reference (moe-torch)"
     if name == "moe-gmm-backend":
         ok, why = grouped_mm_available(device, dtype)
         return None if ok else why
@@ -155,6 +168,7 @@ def build_providers(shapes: Shapes, device: torch.device, dtype: torch.dtype, se
         "moe-triton-parallel": (MoEAdapter, "triton", "parallel"),
         "moe-torch-parallel": (MoEAdapter, "torch", "parallel"),
         "moe-gmm-backend": (MoEAdapter, "grouped_mm", "serial"),
+        "moe-auto": (MoEAdapter, "auto", "serial"),
     }
     for name, (cls, backend, layout) in classes.items():
         if why := unavailable_reason(name, device, dtype):

@@ -100,6 +100,23 @@ def _find(rows, provider, mode, tokens, routing="uniform", dtype="bfloat16"):
     return None
 
 
+def _auto_line(t: int, auto: dict | None, others: dict[str, dict | None]) -> str | None:
+    """Issue 16's "auto never runs the slower path by more than noise": backend="auto" against the
+    fastest of the other backends' rows in the same case. Noise is the rows' own spread: PASS when
+    auto's 20th percentile is at or under the fastest row's 80th (their middle 60% overlap, or
+    auto is faster)."""
+    ran = {name: r for name, r in others.items() if r}
+    if not auto or not ran:
+        return None
+    name, fastest = min(ran.items(), key=lambda kv: kv[1]["median_ms"])
+    ratio = auto["median_ms"] / fastest["median_ms"]
+    ok = auto.get("p20_ms", auto["median_ms"]) <= fastest.get("p80_ms", fastest["median_ms"])
+    return (
+        f"  T={t}: auto (ran {auto.get('auto_choice') or '?'}) / fastest other backend ({name}) = {ratio:.2f}x "
+        f"(target: within the timing spread, auto p20 <= its p80): {'PASS' if ok else 'MISS'}"
+    )
+
+
 def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) -> list[str]:
     """Issue 4's and 16's targets, judged only on rows that ran; a target with no measurement says
     so. Whole adapter: MoE / dense <= 0.85 and memory; routed block: >= 3x the eager loop and
@@ -116,7 +133,10 @@ def target_lines(rows: list[dict], kernel_rows: list[dict], device_type: str) ->
             backend_gmm = _find(rows, "moe-gmm-backend", "fwd+bwd", t)
             if ours and backend_gmm:
                 s = backend_gmm["median_ms"] / ours["median_ms"]
-                out.append(f"  T={t}: triton backend vs grouped_mm backend = {s:.2f}x (auto picks the faster)")
+                out.append(f"  T={t}: triton backend vs grouped_mm backend = {s:.2f}x")
+            auto = _find(rows, "moe-auto", "fwd+bwd", t)
+            if line := _auto_line(t, auto, {"triton": ours, "grouped_mm": backend_gmm}):
+                out.append(line)
             if ours and dense:
                 ratio = ours["median_ms"] / dense["median_ms"]
                 out.append(

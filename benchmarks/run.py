@@ -40,6 +40,7 @@ from benchmarks.timing import (
     time_cpu_interleaved,
     time_gpu,
 )
+from moe_kernels.backend import last_auto_choice
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
@@ -181,10 +182,13 @@ def run_adapter_benchmarks(
         for mode in case.modes:
             runnable = {n: m for n, m in mods.items() if not isinstance(m, str)}
             steps, errors = {}, {}
+            auto_choice = None  # the candidate backend="auto" ran in this mode (chosen in its first call)
             for n, m in runnable.items():
                 try:
                     steps[n] = make_step(m, x, mode)
                     steps[n]()
+                    if n == "moe-auto" and (last := last_auto_choice()):
+                        auto_choice = last[1]
                 except Exception as exc:  # an OOM or unsupported case is reported, not fatal
                     errors[n] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     steps.pop(n, None)
@@ -228,6 +232,8 @@ def run_adapter_benchmarks(
                         saved_mb=saved_activation_bytes(m, x) / 2**20 if mode == "fwd+bwd" else None,
                         load_max_over_mean=_load_imbalance(m) if n in MOE_PROVIDERS else None,
                     )
+                    if n == "moe-auto":
+                        row["auto_choice"] = auto_choice
                 rows.append(row)
             del steps
             bar.update(1)

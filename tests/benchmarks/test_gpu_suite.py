@@ -128,7 +128,7 @@ def test_gpu_timing_branch_builds_every_row(monkeypatch):
     """The CUDA-event timer and the peak-memory probe are stubs that run the step once; the Triton
     provider is built on CPU (its kernels run in the interpreter here)."""
     calls = []
-    peak_mb = dict(zip(PROVIDERS, (1.0, 3.0, 3.0, 2.5, 1.2, 2.8, 1.1, 2.0), strict=True))  # probed in PROVIDERS order
+    peak_mb = dict(zip(PROVIDERS, (1.0, 3.0, 3.0, 2.5, 1.2, 2.8, 1.1, 1.05, 2.0), strict=True))  # in PROVIDERS order
 
     def time_gpu(fn, **_):
         fn()
@@ -151,12 +151,16 @@ def test_gpu_timing_branch_builds_every_row(monkeypatch):
         assert isinstance(mods["moe-gmm-backend"], str)
         mods["moe-gmm-backend"] = MoEAdapter(shapes.moe_config("grouped_mm")).to(device, dtype)
         mods["moe-gmm-backend"].load_state_dict(mods["moe-torch"].state_dict())
+        assert isinstance(mods["moe-auto"], str)
+        mods["moe-auto"] = MoEAdapter(shapes.moe_config("auto")).to(device, dtype)  # the torch path on CPU
+        mods["moe-auto"].load_state_dict(mods["moe-torch"].state_dict())
         return {n: mods[n] for n in PROVIDERS}
 
     real_build = run.build_providers
     monkeypatch.setattr(run, "time_gpu", time_gpu)
     monkeypatch.setattr(run, "peak_memory_gpu", peak_memory_gpu)
     monkeypatch.setattr(run, "build_providers", build_with_triton)
+    monkeypatch.setattr(run, "last_auto_choice", lambda: ("key", "triton:tiles+split"))  # what a GPU would say
     plan = run.Plan(40, 24, [run.Case("float32", "zipf", 33, run.MODES)])
     ceilings = {"matmul_tflops": {"float32": 1.0}, "copy_gbs": 10.0}
     rows = run.run_adapter_benchmarks(plan, torch.device("cpu"), list(PROVIDERS), ceilings, False, events=True)
@@ -169,6 +173,7 @@ def test_gpu_timing_branch_builds_every_row(monkeypatch):
         assert r["time_vs_dense"] == 1.0 and r["pct_measured_mm"] == pytest.approx(100 * r["tflops"])
         if r["provider"] != "dense":
             assert r["load_max_over_mean"] > 1.0  # Zipf routing, counted by the module itself
+        assert r.get("auto_choice") == ("triton:tiles+split" if r["provider"] == "moe-auto" else None)
 
 
 def _ok(provider, ms, tokens=8192, mem=None, mode="fwd+bwd"):
@@ -216,11 +221,17 @@ def test_gpu_target_lines_pass_and_miss_by_hand():
     ]
     blocks = [dict(r, level="block") for r in rows if r["provider"] != "dense"]
     blocks.append(dict(_ok("moe-gmm-backend", 7.2), level="block"))
+    auto = "triton:persistent+split"
+    blocks.append(dict(_ok("moe-auto", 7.4), level="block", auto_choice=auto, p20_ms=7.1, p80_ms=7.6))
+    blocks.append(dict(_ok("moe-auto", 9.5, tokens=65536), level="block", p20_ms=9.2, p80_ms=9.8))
+    spread = "(target: within the timing spread, auto p20 <= its p80)"
     assert report.target_lines(blocks, [], "cuda") == [
         "targets (issues 4, 16; the routed-expert block alone):",
-        "  T=8192: triton backend vs grouped_mm backend = 0.90x (auto picks the faster)",
+        "  T=8192: triton backend vs grouped_mm backend = 0.90x",
+        f"  T=8192: auto (ran {auto}) / fastest other backend (grouped_mm) = 1.03x {spread}: PASS",
         "  T=8192: speed-up over eager loop = 2.99x (target >= 3): MISS",
         "  T=8192: speed-up over torch._grouped_mm = 1.01x (target > 1): PASS",
+        f"  T=65536: auto (ran ?) / fastest other backend (triton) = 1.06x {spread}: MISS",
         "  T=65536: speed-up over eager loop = 3.00x (target >= 3): PASS",
         "  T=65536: speed-up over torch._grouped_mm = 1.00x (target > 1): MISS",
     ]
