@@ -54,7 +54,7 @@ from moe_kernels.gemm_config import (  # noqa: F401 (EPI_* are this kernel's epi
     row_major,
     upcast,
 )
-from moe_kernels.permutation import tile_of
+from moe_kernels.permutation import ChunkTables, tile_of
 from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block
 from moe_kernels.wgrad import grouped_wgrad
@@ -252,11 +252,13 @@ def grouped_mm(
     store_pre: bool = False,
     pre_RN: torch.Tensor | None = None,
     persistent: bool = False,
+    tables: ChunkTables | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch _grouped_mm_kernel: `a` rows (gathered by token or in sorted order) times b_E[e]
     (E, KD, N) (any strides, so a transposed weight is a view). Returns (out, extra): extra is
     pre (EPI_SILU with store_pre) or the d(weight) partials (EPI_DSILU). `persistent`: on
-    persistent_gemm's kernel where it serves (16-bit, TMA), else on this file's."""
+    persistent_gemm's kernel where it serves (16-bit, TMA), else on this file's; `tables` the
+    call's shared chunk tables (permutation.ChunkTables) for it."""
     E, KD, N = b_E.shape
     if a.shape[1] != KD:
         raise ValueError(f"inner dims differ: a {tuple(a.shape)} vs b_E {tuple(b_E.shape)}")
@@ -299,6 +301,7 @@ def grouped_mm(
             store_pre=store_pre,
             scale=weight_TK is not None,
             cfg=cfg,
+            tables=tables,
         )
         return out, extra
     # Upper bound on M tiles: sum_e cdiv(c_e, BM) <= cdiv(R, BM) + E. Programs past the real
@@ -414,7 +417,13 @@ def experts_forward(
     K = perm.pair_row_TK.shape[1]
     R = T * K
     mm = functools.partial(
-        grouped_mm, perm=perm, top_k=K, out_rows=R, out_dtype=z_TD.dtype, persistent=schedule.gemm == "persistent"
+        grouped_mm,
+        perm=perm,
+        top_k=K,
+        out_rows=R,
+        out_dtype=z_TD.dtype,
+        persistent=schedule.gemm == "persistent",
+        tables=ChunkTables(perm.counts_E, R),
     )
     gact, pre = mm(z_TD, w1_EDF, gather_a=True, epilogue=EPI_SILU, weight_TK=topk_weight_TK, store_pre=save_pre)
     y_PD, _ = mm(gact, w2_EFD, gather_a=False, epilogue=EPI_SCATTER)
@@ -441,11 +450,19 @@ def experts_backward(
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K
-    chunk = None if schedule.wgrad == "split" else R  # None: wgrad.chunk_rows; R rows: one chunk per expert
     dh_TD = dh_TD.to(z_TD.dtype).contiguous()
+    tables = ChunkTables(perm.counts_E, R)  # one launch per chunk size for the four GEMMs below
     mm = functools.partial(
-        grouped_mm, perm=perm, top_k=K, out_rows=R, out_dtype=z_TD.dtype, persistent=schedule.gemm == "persistent"
+        grouped_mm,
+        perm=perm,
+        top_k=K,
+        out_rows=R,
+        out_dtype=z_TD.dtype,
+        persistent=schedule.gemm == "persistent",
+        tables=tables,
     )
+    # chunk None: wgrad.chunk_rows; R rows: one chunk per expert (no split)
+    wgrad_args = dict(chunk=None if schedule.wgrad == "split" else R, tables=tables)
     # down-dX reads W2^T, up-dX W1^T: (E, N, F) and (E, F, D) views, no copies
     dpre, dw_part = mm(
         dh_TD,
@@ -462,9 +479,9 @@ def experts_backward(
         dz_PD, _ = mm(dpre, w1_EDF.transpose(1, 2), gather_a=False, epilogue=EPI_SCATTER)
         dz = combine(dz_PD, perm.pair_row_TK, z_TD.dtype)
     if need_w1:
-        dw1 = grouped_wgrad(z_TD, dpre, perm, K, gather_x=True, gather_y=False, out_dtype=w1_EDF.dtype, chunk=chunk)
+        dw1 = grouped_wgrad(z_TD, dpre, perm, K, gather_x=True, gather_y=False, **wgrad_args, out_dtype=w1_EDF.dtype)
     if need_w2:
         dw2 = grouped_wgrad(
-            saved.gact_RF, dh_TD, perm, K, gather_x=False, gather_y=True, out_dtype=w2_EFD.dtype, chunk=chunk
+            saved.gact_RF, dh_TD, perm, K, gather_x=False, gather_y=True, **wgrad_args, out_dtype=w2_EFD.dtype
         )
     return dz, dw1, dw2, dweight

@@ -230,3 +230,28 @@ def chunk_table(counts_E: torch.Tensor, num_pairs: int, chunk: int) -> tuple[tor
         num_warps=8 if block_e >= 64 else 4,
     )
     return table, expert_chunks
+
+
+class ChunkTables:
+    """chunk_table(counts_E, num_pairs, chunk) for one permutation, each chunk size launched once:
+    the row GEMMs of one forward (or one backward) share a BLOCK_M table, the two weight
+    gradients their chunk's. Made per call by grouped_gemm.experts_forward/backward; the
+    GEMM wrappers check that it belongs to their permutation's counts."""
+
+    def __init__(self, counts_E: torch.Tensor, num_pairs: int) -> None:
+        self.counts_E, self.num_pairs = counts_E, num_pairs
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, counts_E: torch.Tensor, num_pairs: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if counts_E is not self.counts_E or num_pairs != self.num_pairs:
+            raise ValueError("these chunk tables belong to another permutation")
+        if chunk not in self._tables:
+            self._tables[chunk] = chunk_table(counts_E, num_pairs, chunk)
+        return self._tables[chunk]
+
+
+def chunks_of(tables: ChunkTables | None, counts_E: torch.Tensor, num_pairs: int, chunk: int):
+    """tables.get(...) where the caller shares tables, else a fresh chunk_table."""
+    if tables is None:
+        return chunk_table(counts_E, num_pairs, chunk)
+    return tables.get(counts_E, num_pairs, chunk)

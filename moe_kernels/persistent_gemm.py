@@ -29,7 +29,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_kernels.epilogues import store_epilogue
 from moe_kernels.gemm_config import GemmConfig, acc_dtype, precision, sm_count, upcast
-from moe_kernels.permutation import chunk_table
+from moe_kernels.permutation import ChunkTables, chunks_of
 from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block
 
@@ -152,13 +152,15 @@ def launch(
     store_pre: bool,
     scale: bool,
     cfg: GemmConfig,
+    tables: ChunkTables | None = None,
 ) -> None:
     """Launch _persistent_mm_kernel over min(SMs, tiles) programs, its M tiles from
     chunk_table(counts, R, BLOCK_M). The caller (grouped_gemm.grouped_mm) has checked shapes and
-    made the outputs (N = out's width); the dtype rules come from gemm_config."""
+    made the outputs (N = out's width); the dtype rules come from gemm_config. `tables`: the
+    call's shared chunk tables (one launch for the row GEMMs of a forward or a backward)."""
     E = perm.counts_E.shape[0]
     n, kd = out.shape[1], a.shape[1]
-    table, expert_chunks = chunk_table(perm.counts_E, perm.sorted_pair_R.shape[0], cfg.block_m)
+    table, expert_chunks = chunks_of(tables, perm.counts_E, perm.sorted_pair_R.shape[0], cfg.block_m)
     num_tiles = table.shape[0] * triton.cdiv(n, cfg.block_n)  # upper bound: the kernel reads the real count
     num_progs = max(1, min(sm_count(a.device), num_tiles))
     a_desc = a if gather_a else TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k])

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from moe_kernels.backend import interpreter_requested
 from moe_kernels.gemm_config import acc_dtype, gemm_config, precision, row_major, sm_count, upcast
-from moe_kernels.permutation import chunk_table
+from moe_kernels.permutation import ChunkTables, chunks_of
 from moe_kernels.reference import Permutation
 
 # Chunk size: enough programs for WAVES full waves over the GPU's SMs, each chunk at least
@@ -161,10 +161,12 @@ def grouped_wgrad(
     gather_y: bool,
     out_dtype: torch.dtype,
     chunk: int | None = None,
+    tables: ChunkTables | None = None,
 ) -> torch.Tensor:
     """dW (E, P, Q) with dW[e] = sum over expert e's sorted rows of x_row^T y_row; x rows (and
     likewise y's) are gathered by token (gather_x) or read in sorted order. `chunk` rows per
-    split (default: chunk_rows); a chunk of at least R rows is no split (no partials, no reduce)."""
+    split (default: chunk_rows); a chunk of at least R rows is no split (no partials, no reduce).
+    `tables`: chunk tables shared with the other weight gradient of the same backward."""
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"x and y must be 2-D, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.dtype != y.dtype:
@@ -181,7 +183,7 @@ def grouped_wgrad(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 rows, got {chunk}")
     chunk = min(chunk, max(R, 1))
-    table, expert_chunks = chunk_table(perm.counts_E, R, chunk)
+    table, expert_chunks = chunks_of(tables, perm.counts_E, R, chunk)
     split = chunk < R  # some expert may span several chunks
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dw = torch.empty(E, P, Q, dtype=out_dtype, device=x.device)

@@ -166,11 +166,13 @@ def test_auto_candidates_are_the_distinct_schedules(dtype, grad, tma, want, monk
 
 def test_every_triton_candidate_runs_its_schedule_forward_and_backward(monkeypatch):
     """Each "triton:<schedule>" candidate equals the float64 reference, runs the GEMMs its name
-    says (persistent launches, weight-gradient chunks), and its backward keeps the forward's
-    schedule when the environment changes in between."""
-    from moe_kernels import grouped_gemm, persistent_gemm
+    says (persistent launches, weight-gradient chunks, chunk tables launched once per size and
+    call), and its backward keeps the forward's schedule when the environment changes in between."""
+    from moe_kernels import gemm_config, grouped_gemm, permutation, persistent_gemm
 
-    seen = []
+    seen, tables = [], []
+    real_table = permutation.chunk_table
+    monkeypatch.setattr(permutation, "chunk_table", lambda *a: tables.append(a[2]) or real_table(*a))
     real_launch, real_wgrad = persistent_gemm.launch, grouped_gemm.grouped_wgrad
     monkeypatch.setattr(persistent_gemm, "launch", lambda *a, **k: seen.append("persistent") or real_launch(*a, **k))
     monkeypatch.setattr(
@@ -181,6 +183,7 @@ def test_every_triton_candidate_runs_its_schedule_forward_and_backward(monkeypat
     ref, ref_grads = _fwd_bwd(inputs, K, None, "topk", "torch")
     for name in TRITON_ALL:
         seen.clear()
+        tables.clear()
         monkeypatch.setenv("MOE_ADAPTER_GEMM", "tiles")
         out = backend._implementation(name)(*inputs, K, None, "topk")
         monkeypatch.setenv("MOE_ADAPTER_GEMM", "persistent")  # must not reach this call's backward
@@ -192,6 +195,11 @@ def test_every_triton_candidate_runs_its_schedule_forward_and_backward(monkeypat
         chunk = f"chunk={T * K if nosplit else None}"
         # forward: up, down; backward: down-dX, up-dX, then dW1 and dW2
         assert seen == ["persistent"] * (4 if persistent else 0) + [chunk] * 2, f"{name}: {seen}"
+        # Chunk tables, one launch per chunk size and call: the forward's and the backward's row
+        # GEMMs (BLOCK_M rows, persistent only), the weight gradients' (both share one).
+        cfg = gemm_config.gemm_config(torch.float64, T * K, 4, aligned=True)  # the interpreter's tiles
+        wgrad_chunk = T * K if nosplit else min(cfg.block_k, T * K)  # chunk_rows: one K-step, at most R
+        assert tables == [cfg.block_m] * (2 if persistent else 0) + [wgrad_chunk], f"{name}: {tables}"
         assert_close(out.h_TD, ref.h_TD, rtol=1e-10, atol=1e-12, name=f"{name} h")
         for n, a, b in zip(("dz", "drouter", "dw1", "dw2"), grads, ref_grads, strict=True):
             assert_close(a, b, rtol=1e-10, atol=1e-12, name=f"{name} {n}")

@@ -48,6 +48,20 @@ def test_chunk_table_heaviest_expert_first(counts, chunk):
     assert expert_chunks.tolist() == [list(r) for r in want_ec]
 
 
+def test_chunk_tables_launch_once_per_size_and_belong_to_one_permutation():
+    counts_E = torch.tensor([5, 0, 9], dtype=torch.int32)
+    tables = permutation.ChunkTables(counts_E, 14)
+    first = tables.get(counts_E, 14, 4)
+    assert tables.get(counts_E, 14, 4) is first  # shared, not launched again
+    want = permutation.chunk_table(counts_E, 14, 4)
+    assert all(torch.equal(a, b) for a, b in zip(first, want, strict=True))  # a rerun of the same call
+    assert tables.get(counts_E, 14, 7) is not first
+    with pytest.raises(ValueError, match="another permutation"):
+        tables.get(counts_E.clone(), 14, 4)
+    with pytest.raises(ValueError, match="another permutation"):
+        tables.get(counts_E, 15, 4)
+
+
 def test_chunk_table_rejects_bad_input():
     with pytest.raises(ValueError, match="int32"):
         permutation.chunk_table(torch.tensor([1, 2]), 3, 1)
