@@ -400,6 +400,16 @@ class ExpertActivations(NamedTuple):
     pre_RF: torch.Tensor | None
 
 
+def _row_gemms(perm: Permutation, top_k: int, dtype: torch.dtype, schedule: Schedule, tables: ChunkTables):
+    """grouped_mm with what every row GEMM of one forward or backward shares: the permutation,
+    R = T*K output rows in z's dtype, the schedule's kernel and the call's chunk tables."""
+    R = perm.pair_row_TK.numel()
+    persistent = schedule.gemm == "persistent"
+    return functools.partial(
+        grouped_mm, perm=perm, top_k=top_k, out_rows=R, out_dtype=dtype, persistent=persistent, tables=tables
+    )
+
+
 def experts_forward(
     z_TD: torch.Tensor,
     w1_EDF: torch.Tensor,
@@ -416,15 +426,7 @@ def experts_forward(
     T, D = z_TD.shape
     K = perm.pair_row_TK.shape[1]
     R = T * K
-    mm = functools.partial(
-        grouped_mm,
-        perm=perm,
-        top_k=K,
-        out_rows=R,
-        out_dtype=z_TD.dtype,
-        persistent=schedule.gemm == "persistent",
-        tables=ChunkTables(perm.counts_E, R),
-    )
+    mm = _row_gemms(perm, K, z_TD.dtype, schedule, ChunkTables(perm.counts_E, R))
     gact, pre = mm(z_TD, w1_EDF, gather_a=True, epilogue=EPI_SILU, weight_TK=topk_weight_TK, store_pre=save_pre)
     y_PD, _ = mm(gact, w2_EFD, gather_a=False, epilogue=EPI_SCATTER)
     return combine(y_PD, perm.pair_row_TK, z_TD.dtype), ExpertActivations(gact, pre)
@@ -452,15 +454,7 @@ def experts_backward(
     R = T * K
     dh_TD = dh_TD.to(z_TD.dtype).contiguous()
     tables = ChunkTables(perm.counts_E, R)  # one launch per chunk size for the four GEMMs below
-    mm = functools.partial(
-        grouped_mm,
-        perm=perm,
-        top_k=K,
-        out_rows=R,
-        out_dtype=z_TD.dtype,
-        persistent=schedule.gemm == "persistent",
-        tables=tables,
-    )
+    mm = _row_gemms(perm, K, z_TD.dtype, schedule, tables)
     # chunk None: wgrad.chunk_rows; R rows: one chunk per expert (no split)
     wgrad_args = dict(chunk=None if schedule.wgrad == "split" else R, tables=tables)
     # down-dX reads W2^T, up-dX W1^T: (E, N, F) and (E, F, D) views, no copies
