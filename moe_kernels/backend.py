@@ -41,9 +41,14 @@ log = logging.getLogger("moe_kernels")
 MAX_TRITON_EXPERTS = 128
 
 
-@functools.cache
+# Host facts, read once at import, so that under torch.compile the functions below return
+# constants: torch 2.11's dynamo refuses to trace importlib.util.find_spec (a graph break, an
+# error under fullgraph=True; seen with torch 2.11.0, the lent GPU machines' version, 2026-12-02).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreter_requested() -> bool:
@@ -72,12 +77,18 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str 
     return None
 
 
-@functools.cache
-def installed_interpreter_incompatibility() -> str | None:
-    """interpreter_incompatibility() for the installed triton and numpy."""
+def _installed_interpreter_incompatibility() -> str | None:
     import numpy
 
     return interpreter_incompatibility(importlib.metadata.version("triton"), numpy.__version__)
+
+
+_INSTALLED_INCOMPATIBILITY = _installed_interpreter_incompatibility() if _TRITON_INSTALLED else None
+
+
+def installed_interpreter_incompatibility() -> str | None:
+    """interpreter_incompatibility() for the installed triton and numpy (read at import)."""
+    return _INSTALLED_INCOMPATIBILITY
 
 
 def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str:

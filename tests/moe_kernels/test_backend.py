@@ -47,6 +47,19 @@ def test_triton_on_cpu_refuses_a_broken_interpreter(monkeypatch):
     assert resolve_backend("triton", torch.device("cuda", 0), 8) == "triton"  # compiled kernels are not affected
 
 
+def test_resolving_reads_no_package_metadata(monkeypatch):
+    """Which packages are installed is read once, at import: torch 2.11's dynamo will not trace
+    importlib.util.find_spec, so a probe inside resolve_backend broke fullgraph compiles there."""
+
+    def refuse(*_):
+        raise AssertionError("resolve_backend probed the installed packages")
+
+    monkeypatch.setattr(backend.importlib.util, "find_spec", refuse)
+    monkeypatch.setattr(backend.importlib.metadata, "version", refuse)
+    for name, device in [("auto", "cuda"), ("auto", "cpu"), ("triton", "cpu"), ("grouped_mm", "cuda")]:
+        assert resolve_backend(name, torch.device(device), 8) in backend.BACKENDS
+
+
 def test_refusals_name_values():
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend("cuda", torch.device("cpu"), 8)
