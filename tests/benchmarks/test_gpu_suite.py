@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,26 @@ def gpu_like_python(tmp_path_factory) -> str:
     return str(exe)
 
 
+# What the device tool returns from $OUT (its README, read 2026-12-03): at most 8 files of at most
+# 16 MiB each, no deeper than two folders, named in letters, digits, '.', '_' and '-'.
+RETURNED_FILES, RETURNED_MIB, RETURNED_DEPTH = 8, 16, 3
+RETURNED_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _returned(out: Path, into: Path) -> Path:
+    """Checks that everything under `out` would come back from the device tool, and unpacks the
+    suite's archive into `into`."""
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= RETURNED_FILES, sorted(map(str, files))
+    for f in files:
+        rel = f.relative_to(out)
+        assert len(rel.parts) <= RETURNED_DEPTH and all(RETURNED_NAME.fullmatch(part) for part in rel.parts), rel
+        assert f.stat().st_size <= RETURNED_MIB * 2**20, (rel, f.stat().st_size)
+    with tarfile.open(out / "gpu-suite.tar.gz") as archive:
+        archive.extractall(into, filter="data")
+    return into
+
+
 def _collected(python: str, args: list[str]) -> subprocess.CompletedProcess:
     cmd = [python, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -82,46 +103,58 @@ def test_gpu_suite_collects_every_gpu_test_without_the_lalm_packages(gpu_like_py
 
 def test_gpu_suite_script_end_to_end_without_a_gpu(tmp_path, gpu_like_python):
     """The whole script with the lent machines' missing packages: without a GPU it refuses; as a
-    dry run (smoke plan) it runs both stages and leaves every file under $OUT."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=gpu_like_python, MOE_ADAPTER_GIT_SHA="feed123")
-    env.update(SUITE_S="300", TESTS_S="120")
+    dry run (smoke plan) it runs every stage, and what it wrote comes back from $OUT within the
+    device tool's limits: one archive, the environment and a summary."""
+    out, refused_out = tmp_path / "out", tmp_path / "refused"
+    env = dict(os.environ, OUT=str(refused_out), PYTHON=gpu_like_python, MOE_ADAPTER_GIT_SHA="feed123")
+    env.update(SUITE_S="300", TESTS_S="120", TMPDIR=str(tmp_path))
     cmd = ["bash", "benchmarks/gpu_suite.sh", "--plan", "smoke", "--providers", "moe-torch", "dense", "--tag", "dry"]
     refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert refused.returncode == 3 and "no CUDA GPU visible" in (tmp_path / "no-gpu.txt").read_text()
-    assert not (tmp_path / "dry.json").exists()
+    assert refused.returncode == 3 and "no CUDA GPU visible" in (refused_out / "summary.txt").read_text()
+    assert sorted(p.name for p in _returned(refused_out, tmp_path / "refused-unpacked").iterdir()) == [
+        "environment.txt",
+        "no-gpu.txt",
+    ]
 
-    dry = env | {"GPU_SUITE_DRY_RUN": "1", "BLOCK_PLAN": "smoke"}
+    dry = env | {"GPU_SUITE_DRY_RUN": "1", "BLOCK_PLAN": "smoke", "OUT": str(out)}
     done = subprocess.run(cmd, cwd=ROOT, env=dry, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
-    block = [p for p in tmp_path.glob("*-block.json")]  # the routed-block stage, beside the adapter run
+    # About 18 files were written (logs, and CSV/JSON/markdown/PNG per stage): one archive returns them.
+    assert sorted(p.name for p in out.iterdir()) == ["environment.txt", "gpu-suite.tar.gz", "summary.txt"]
+    assert "results in " + str(out / "gpu-suite.tar.gz") in (out / "summary.txt").read_text()
+    res = _returned(out, tmp_path / "unpacked")
+    assert len([p for p in res.rglob("*") if p.is_file()]) > RETURNED_FILES
+    block = [p for p in res.glob("*-block.json")]  # the routed-block stage, beside the adapter run
     assert len(block) == 1 and {r["level"] for r in json.loads(block[0].read_text())["rows"]} == {"block"}
-    assert "git feed123" in (tmp_path / "environment.txt").read_text()
-    tests_log = (tmp_path / "gpu-tests.log").read_text()
+    assert "git feed123" in (res / "environment.txt").read_text()
+    tests_log = (res / "gpu-tests.log").read_text()
     skipped = re.search(r"(\d+) skipped, \d+ deselected", tests_log)  # collected, skipped for want of CUDA only
     assert skipped and int(skipped.group(1)) >= 5 and "error" not in tests_log.lower(), tests_log
-    result = json.loads((tmp_path / "dry.json").read_text())
+    result = json.loads((res / "dry.json").read_text())
     assert result["info"]["git_sha"] == "feed123" and "partial" not in result
     assert {r["status"] for r in result["rows"] if r["provider"] == "dense"} == {"ok"}
     assert "gpu tests rc=0 (ran), block benchmarks rc=0 (persistent GEMMs rc=0), benchmarks rc=0" in done.stdout
-    persistent = list((tmp_path / "persistent").glob("*-block.json"))  # the block plan again, persistent GEMMs
+    persistent = list((res / "persistent").glob("*-block.json"))  # the block plan again, persistent GEMMs
     assert len(persistent) == 1 and json.loads(persistent[0].read_text())["rows"]
 
 
 def test_gpu_suite_on_a_bare_box_still_writes_numbers(tmp_path, gpu_like_python):
     """Only torch, triton and numpy: no pytest (the test stage is skipped, saying why), no tqdm,
     no matplotlib (no bar, no plot, said so), yet the CSV, JSON and markdown are written."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=gpu_like_python, GPU_SUITE_DRY_RUN="1", SUITE_S="300")
-    env["GPU_LIKE_ABSENT"] = ",".join(ABSENT_ON_BARE_BOX)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=gpu_like_python, GPU_SUITE_DRY_RUN="1", SUITE_S="300")
+    env.update(GPU_LIKE_ABSENT=",".join(ABSENT_ON_BARE_BOX), TMPDIR=str(tmp_path))
     cmd = ["bash", "benchmarks/gpu_suite.sh", "--plan", "smoke", "--providers", "dense", "--tag", "bare"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert "gpu tests SKIPPED (pytest is not installed" in (tmp_path / "gpu-tests.log").read_text()
+    res = _returned(out, tmp_path / "unpacked")
+    assert "gpu tests SKIPPED (pytest is not installed" in (res / "gpu-tests.log").read_text()
     assert "benchmarks rc=0" in done.stdout and done.returncode == 1, done.stdout[-3000:]  # a stage skipped
-    log = (tmp_path / "benchmarks.log").read_text()
+    log = (res / "benchmarks.log").read_text()
     assert "matplotlib is not installed" in log and "Traceback" not in log, log[-3000:]
-    rows = json.loads((tmp_path / "bare.json").read_text())["rows"]
+    rows = json.loads((res / "bare.json").read_text())["rows"]
     assert rows and {r["status"] for r in rows} == {"ok"}
-    assert (tmp_path / "bare.csv").is_file() and (tmp_path / "bare.md").is_file()
-    assert not (tmp_path / "bare.png").exists()
+    assert (res / "bare.csv").is_file() and (res / "bare.md").is_file()
+    assert not (res / "bare.png").exists()
 
 
 def test_gpu_timing_branch_builds_every_row(monkeypatch):
