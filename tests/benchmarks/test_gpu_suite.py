@@ -209,6 +209,25 @@ def test_gpu_timing_branch_builds_every_row(monkeypatch):
         assert r.get("auto_choice") == ("triton:tiles+split" if r["provider"] == "moe-auto" else None)
 
 
+def test_a_budget_spends_itself_on_the_judged_cases_first(monkeypatch):
+    """A lent GPU's minutes may end the plan early: the cases that judge the targets (bf16, T >= 8k)
+    are measured first, and the rows still come out in the plan's order."""
+    clock = iter([0.0, 10.0, 10.0])  # the deadline (5.0) is read once before each case
+    monkeypatch.setattr(run, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
+    monkeypatch.setattr(run, "time_gpu", lambda fn, **_: (fn(), Timing(2.0, 1.5, 2.5, 3))[1])
+    monkeypatch.setattr(run, "peak_memory_gpu", lambda fn: (fn(), 2**20)[1])
+    plan = run.Plan(40, 24)
+    plan.cases = [run.Case("float32", "uniform", 33, ("forward",)), run.Case("bfloat16", "uniform", 8192, ("forward",))]
+    plan.cases.append(run.Case("bfloat16", "zipf", 16, ("forward",)))
+    ceilings = {"matmul_tflops": {"float32": 1.0, "bfloat16": 1.0}, "copy_gbs": 10.0}
+    rows = run.run_adapter_benchmarks(plan, torch.device("cpu"), ["dense"], ceilings, False, events=True, deadline=5.0)
+    assert [(r["dtype"], r["tokens"], r["status"]) for r in rows] == [
+        ("float32", 33, "not run: time budget spent"),
+        ("bfloat16", 8192, "ok"),
+        ("bfloat16", 16, "not run: time budget spent"),
+    ]
+
+
 def _ok(provider, ms, tokens=8192, mem=None, mode="fwd+bwd"):
     return {
         "provider": provider,
