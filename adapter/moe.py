@@ -17,6 +17,7 @@ No biases by default. Routed expert weights are stacked: `w1` (E, d, f) and `w2`
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -260,7 +261,24 @@ class MoEAdapter(nn.Module):
             self.aux_loss = global_balance_loss(psum_E, out.counts_E, num_real, self.balance_group) + 0 * out.aux_loss
         self.expert_counts = out.counts_E.detach()
         self.last_topk_idx = out.topk_idx_TK.detach()
+        if self.training and x.requires_grad and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._warn_aux_loss_without_grad()
         return y
+
+    def _warn_aux_loss_without_grad(self) -> None:
+        """An input that wants gradients, fed in training mode with gradients disabled: the mark of
+        torch.utils.checkpoint(use_reentrant=True), which runs forward so and recomputes it in
+        backward, where only the output's gradient flows; the aux_loss the loss reads then never
+        reaches the router (the experts may collapse), silently. (A plain no_grad forward of data
+        that wants no gradient, e.g. an evaluation left in training mode, is not warned about.)"""
+        if self.router.weight.requires_grad and self.config.aux_loss_weight > 0:
+            warnings.warn(
+                "MoEAdapter: forward in training mode with gradients disabled on an input that requires "
+                "grad (torch.utils.checkpoint with use_reentrant=True?): aux_loss carries no gradient "
+                "to the router. Pass use_reentrant=False, which keeps it; for inference call .eval().",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def routed_experts(self, z_TD: torch.Tensor, mask_T: torch.Tensor | None) -> moe_kernels.MoEOutput:
         """Router, top-k, routed expert MLPs, weighted sum and balance loss (eq. 2-4, 8-10).

@@ -229,10 +229,11 @@ def make_step(module: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], Non
         return loss if aux is None else loss + 0.01 * aux
 
     if mode == "forward":
+        data = x.detach()  # inference: the input wants no gradient (a wanting one would mean a checkpoint)
 
         def step():
             with torch.no_grad():
-                module(x)
+                module(data)
 
         return step
     if mode == "fwd+bwd":

@@ -1,6 +1,7 @@
 """MoEAdapter: the whole module against an independent float64 evaluation, masks, dtypes, errors."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -281,6 +282,59 @@ def test_parallel_layout_on_the_triton_kernels_matches_torch():
     assert_close(grads[1][0], grads[0][0], rtol=1e-10, atol=1e-12, name="y")
     for n, g in grads[0][1].items():
         assert_close(grads[1][1][n], g, rtol=1e-9, atol=1e-11, name=n)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_activation_checkpointing_keeps_every_gradient(backend):
+    """torch.utils.checkpoint(use_reentrant=False) around the adapter: the recomputation in backward
+    is a rerun of the same computation at the same shapes, so every gradient, the balance loss's
+    included, is bit-identical to the run without checkpointing."""
+    torch.manual_seed(0)
+    m = _adapter(aggregation_dim=9, backend=backend)
+    x = torch.randn(2, 9, SMALL["in_dim"], dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 7:] = False
+    runs = []
+    for checkpointed in (False, True):
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = torch.utils.checkpoint.checkpoint(m, xx, mask, use_reentrant=False) if checkpointed else m(xx, mask)
+        ((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + 0.1 * m.aux_loss).backward()
+        runs.append([y, m.aux_loss, xx.grad, *(p.grad for p in m.parameters())])
+    assert runs[0][3 + 2].abs().sum() > 0  # the router's gradient (balance loss included) is there
+    for plain, ckpt in zip(*runs, strict=True):
+        assert torch.equal(plain, ckpt)
+
+
+def test_a_training_forward_without_gradients_warns_that_the_balance_loss_cannot_train():
+    """The reentrant checkpoint runs forward without gradients and recomputes it in backward, where
+    the aux_loss the loss reads is not seen: the router would get no balance gradient, silently.
+    Warned once per call site; eval mode, a frozen router, aux_loss_weight 0 or a no_grad forward of
+    data that wants no gradient (an evaluation left in training mode) do not warn."""
+    m = _adapter()
+    x = torch.randn(2, 5, SMALL["in_dim"], dtype=torch.float64, requires_grad=True)
+    w = torch.linspace(-1, 1, 2 * 5 * SMALL["out_dim"], dtype=torch.float64).view(2, 5, -1)
+    router_grads = []
+    for loss_of in (lambda y: (y * w).sum(), lambda y: (y * w).sum() + m.aux_loss):
+        m.zero_grad()
+        loss_of(m(x)).backward()
+        router_grads.append(m.router.weight.grad.clone())
+    m.zero_grad()
+    with pytest.warns(UserWarning, match="use_reentrant=False"):
+        y = torch.utils.checkpoint.checkpoint(m, x, use_reentrant=True)
+    ((y * w).sum() + m.aux_loss).backward()
+    # What the warning is about: the router's gradient is the output's alone, the balance loss's is lost.
+    assert_close(m.router.weight.grad, router_grads[0], rtol=1e-12, atol=1e-14, name="router grad")
+    assert not torch.allclose(router_grads[1], router_grads[0])
+    quiet = [m.eval(), _adapter(routing="frozen"), _adapter(aux_loss_weight=0.0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for module in quiet:
+            with torch.no_grad():
+                module(x)
+        with torch.no_grad():
+            m.train()(x.detach())
+        m(x)
 
 
 @pytest.mark.parametrize("layout", ["serial", "parallel"])
