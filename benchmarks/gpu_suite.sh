@@ -30,7 +30,11 @@ mkdir -p "$RES"
 pack() {  # atomic: a run stopped mid-pack leaves the previous archive whole
     [ -n "${OUT:-}" ] || return 0
     local part="$OUT/gpu-suite.tar.gz.part$BASHPID"  # the background packer below has its own
-    tar -czf "$part" -C "$RES" . && mv -f "$part" "$OUT/gpu-suite.tar.gz"
+    if command -v tar >/dev/null; then
+        tar -czf "$part" -C "$RES" .
+    else  # a bare image: Python's tarfile writes the same archive
+        $PY -c "import sys, tarfile; t = tarfile.open(sys.argv[1], 'w:gz'); t.add(sys.argv[2], '.'); t.close()" "$part" "$RES"
+    fi && mv -f "$part" "$OUT/gpu-suite.tar.gz"
     cp -f "$RES/environment.txt" "$OUT/environment.txt" 2>/dev/null
     return 0
 }
