@@ -9,6 +9,12 @@ from moe_kernels import gemm_config, grouped_gemm, persistent_gemm
 from tests.moe_kernels.test_grouped_gemm import CASES, NAMES, _problem, _torch_path, _triton_path
 from tests.utils import max_rel_error, three_way_check
 
+# A sorted-order operand read through a TMA box may load rows past the routed pairs, which no
+# kernel wrote (torch.empty: sometimes NaN bits); they land only in masked-out output rows, so the
+# interpreter's numpy may warn of NaN in a matmul while every result is right
+# (test_grouped_gemm.test_every_output_written_and_no_unwritten_row_read poisons them to prove it).
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+
 
 @pytest.fixture
 def launches(monkeypatch):
