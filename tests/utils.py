@@ -159,3 +159,16 @@ def torchrun(nproc: int = 2) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def poison_allocations(monkeypatch) -> None:
+    """torch.empty / empty_like return buffers filled with NaN (integers -7777) instead of whatever
+    memory held, so a kernel that leaves an output element unwritten, or lets a row it never
+    wrote reach a valid result, fails a comparison instead of passing on benign garbage."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan") if t.dtype.is_floating_point else -7777)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))

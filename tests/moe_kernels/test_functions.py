@@ -6,7 +6,7 @@ import torch
 
 from adapter import MoEAdapter, MoEAdapterConfig
 from moe_kernels import moe_ffn
-from tests.utils import assert_close, make_moe_inputs, max_rel_error
+from tests.utils import assert_close, make_moe_inputs, max_rel_error, poison_allocations
 
 CASES = [  # T, D, F, E, K, routing
     (1, 40, 72, 3, 1, "uniform"),
@@ -38,6 +38,26 @@ def test_triton_equals_torch_in_float64(T, D, F, E, K, routing, masked, balance_
     out, grads = _fwd_bwd(inputs, K, mask, balance_p, "triton")
     assert torch.equal(out.topk_idx_TK, ref.topk_idx_TK) and torch.equal(out.counts_E, ref.counts_E)
     assert_close(out.topk_weight_TK, ref.topk_weight_TK, rtol=1e-12, atol=1e-14, name="weights")
+    assert_close(out.h_TD, ref.h_TD, rtol=1e-10, atol=1e-12, name="h")
+    assert_close(out.aux_loss, ref.aux_loss, rtol=1e-12, atol=1e-14, name="aux")
+    for name, a, b in zip(("dz", "drouter", "dw1", "dw2"), grads, ref_grads, strict=True):
+        assert_close(a, b, rtol=1e-9, atol=1e-11, name=name)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN in masked lanes, by design
+@pytest.mark.parametrize("gemm", ["tiles", "persistent"])
+def test_poisoned_allocations_change_nothing(monkeypatch, gemm):
+    """Router, permutation, experts, combine and every backward kernel with each buffer they
+    allocate poisoned (tests.utils.poison_allocations): the same routing and, in float64, the
+    torch path's values, with padded tokens and empty experts."""
+    monkeypatch.setenv("MOE_ADAPTER_GEMM", gemm)
+    inputs = make_moe_inputs(64, 40, 100, 8, routing="empty")
+    mask = torch.rand(64, generator=torch.Generator().manual_seed(5)) > 0.3
+    ref, ref_grads = _fwd_bwd(inputs, 4, mask, "topk", "torch")
+    poison_allocations(monkeypatch)
+    out, grads = _fwd_bwd(inputs, 4, mask, "topk", "triton")
+    assert (ref.counts_E == 0).any() and torch.equal(out.topk_idx_TK, ref.topk_idx_TK)
+    assert torch.equal(out.counts_E, ref.counts_E)
     assert_close(out.h_TD, ref.h_TD, rtol=1e-10, atol=1e-12, name="h")
     assert_close(out.aux_loss, ref.aux_loss, rtol=1e-12, atol=1e-14, name="aux")
     for name, a, b in zip(("dz", "drouter", "dw1", "dw2"), grads, ref_grads, strict=True):

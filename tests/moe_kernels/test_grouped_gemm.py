@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_kernels import gemm_config, grouped_gemm, reference
-from tests.utils import max_rel_error, three_way_check
+from tests.utils import max_rel_error, poison_allocations, three_way_check
 
 CASES = [  # T, D, F, E, K, routing
     (1, 40, 72, 1, 1, "uniform"),
@@ -148,13 +148,7 @@ def test_every_output_written_and_no_unwritten_row_read(monkeypatch, gemm):
     assert perm.sorted_pair_R.shape[0] == 64 * 2 and int(perm.counts_E.sum()) < 64 * 2
     assert perm.counts_E[2:].tolist() == [0, 0, 0]
     ref = _torch_path(z, w1, w2, w, perm, dh, 2)
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan") if t.dtype.is_floating_point else -7777)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    poison_allocations(monkeypatch)
     ours = _triton_path(z.float(), w1.float(), w2.float(), w.float(), perm, dh.float())
     for name, a, b in zip(NAMES, ours, ref, strict=True):
         assert max_rel_error(a, b) <= 1e-5, f"{name}: {max_rel_error(a, b):.3g}"
