@@ -12,7 +12,7 @@ import torch
 
 from moe_kernels import backend, moe_ffn
 from tests.moe_kernels.test_functions import CASES, _fwd_bwd
-from tests.utils import assert_close, make_moe_inputs
+from tests.utils import assert_close, make_moe_inputs, poison_allocations
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -27,6 +27,12 @@ def test_grouped_mm_fp32_within_1e5_of_float64(T, D, F, E, K, routing, masked):
     mask = torch.rand(T, generator=torch.Generator().manual_seed(5)) > 0.3 if masked else None
     ref, ref_grads = _fwd_bwd(inputs64, K, mask, "topk", "torch")
     out, grads = _fwd_bwd(inputs32, K, mask, "topk", "grouped_mm")
+    _assert_fp32_matches(out, grads, ref, ref_grads)
+    if masked:  # masked tokens: zero rows, whatever the grouped GEMM left past the last group
+        assert (out.h_TD[~mask] == 0).all()
+
+
+def _assert_fp32_matches(out, grads, ref, ref_grads):
     assert torch.equal(out.topk_idx_TK, ref.topk_idx_TK) and torch.equal(out.counts_E, ref.counts_E)
     for name, a, b in zip(
         ("h", "aux", "dz", "drouter", "dw1", "dw2"),
@@ -37,8 +43,21 @@ def test_grouped_mm_fp32_within_1e5_of_float64(T, D, F, E, K, routing, masked):
         assert torch.isfinite(a).all(), name
         err = float((a.detach().double() - b.detach()).abs().max() / max(float(b.detach().abs().max()), 1e-3))
         assert err <= 1e-5, f"{name}: {err:.3g}"
-    if masked:  # masked tokens: zero rows, whatever the grouped GEMM left past the last group
-        assert (out.h_TD[~mask] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN in masked lanes, by design
+def test_grouped_mm_with_poisoned_allocations(monkeypatch):
+    """Every buffer the backend allocates in Python poisoned (tests.utils.poison_allocations; the
+    rows torch._grouped_mm leaves past the last group are ATen's own): padded tokens and empty
+    experts still give the reference's routing and values."""
+    inputs64 = make_moe_inputs(64, 40, 100, 8, routing="empty")
+    inputs32 = tuple(t.detach().float().requires_grad_(True) for t in inputs64)
+    mask = torch.rand(64, generator=torch.Generator().manual_seed(5)) > 0.3
+    ref, ref_grads = _fwd_bwd(inputs64, 4, mask, "topk", "torch")
+    poison_allocations(monkeypatch)
+    out, grads = _fwd_bwd(inputs32, 4, mask, "topk", "grouped_mm")
+    assert (ref.counts_E == 0).any()
+    _assert_fp32_matches(out, grads, ref, ref_grads)
 
 
 def test_grouped_mm_reruns_are_bit_identical_and_refuse_float64():
