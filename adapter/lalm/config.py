@@ -122,6 +122,12 @@ class TrainConfig:
         "(about 16 bytes per trained parameter: Qwen3-4B/8B on 80 GB). The default, DDP, keeps a full "
         "copy on every process and is the faster choice when it fits (Qwen3-1.7B)",
     )
+    activation_checkpointing: bool = _f(
+        False,
+        "recompute each LLM decoder layer's activations in backward instead of keeping them (transformers' "
+        "checkpointing, non-reentrant): activation memory of about one layer instead of all, for one more "
+        "forward of the layers per step; the same losses. A resumed run may switch it",
+    )
     max_batch_tokens: int = _f(4096, "padded text positions (prompt + answer) per micro-batch")
     max_batch_size: int = _f(32, "examples per micro-batch")
     aux_lambda: float = _f(0.01, "lambda: weight of the adapters' balance loss (eq. 6); 0 turns it off")

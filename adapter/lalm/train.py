@@ -388,6 +388,7 @@ RESUMABLE_CHANGES = frozenset(
         "save_every",
         "keep_checkpoints",
         "feature_cache",
+        "activation_checkpointing",  # recomputes the same values: the same losses either way (tested)
     }
 )
 
@@ -441,6 +442,17 @@ def _check_run_folder(cfg: TrainConfig, out_dir: Path, previous: Path | None, wo
             )
 
 
+def enable_activation_checkpointing(llm) -> None:
+    """Recompute each decoder layer of a transformers LLM in backward. Non-reentrant: the
+    reentrant form runs the layer without gradients and loses the gradient of anything read beside
+    its output (and needs an input that requires grad: not so with a frozen embedding)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     _fsync_write(tmp, text.encode())
@@ -469,6 +481,8 @@ def train(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, seed=cfg.seed).to(device)
     params = set_trainable(model, cfg)
+    if cfg.activation_checkpointing:
+        enable_activation_checkpointing(model.llm)
     # Every rank runs the adapter on every micro-batch (zero frames when text-only): FSDP units
     # and a global balance loss hold collectives in forward.
     model.run_audio_path_always = world > 1

@@ -17,6 +17,7 @@ from adapter.lalm import train as train_mod
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
 from adapter.lalm.data import read_manifest
 from adapter.lalm.model import AudioLLM
+from adapter.lalm.parallel import decoder_layers
 from tests.utils import torchrun
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -275,3 +276,31 @@ def test_training_losses_agree_on_both_backends(tmp_path, tone_corpus, adapter):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
         # Routing: weights that differ by rounding could flip a near-tie on another CPU: a token's share.
         assert a["expert_load_0"] == pytest.approx(b["expert_load_0"], abs=0.01)
+
+
+def test_activation_checkpointing_recomputes_the_layers_and_keeps_the_losses(tmp_path, tone_corpus, monkeypatch):
+    """--activation-checkpointing: every decoder layer runs once more with gradients on (its
+    recomputation in backward) per micro-batch, and the losses, gradient norms and learning
+    rates equal the run without it to the bit: the recomputation repeats the same computation on
+    the same shapes (and the same RNG state). A resumed run may switch it."""
+    real_build = train_mod.build_model
+    grad_calls = {}
+
+    def counting_build(config, seed=0):
+        model = real_build(config, seed=seed)
+        run = grad_calls.setdefault(len(grad_calls), [])
+        # A pre-hook inside the layer: the checkpoint replays the layer's forward (not its hooks) and
+        # stops the replay once the last saved tensor is back, before the MLP returns.
+        for layer in decoder_layers(model.llm):
+            layer.mlp.register_forward_pre_hook(lambda *_: run.append(torch.is_grad_enabled()))
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", counting_build)
+    logs = []
+    for name, on in (("plain", False), ("checkpointed", True)):
+        train_mod.train(_cfg(tmp_path / name, tone_corpus, max_steps=3, save_every=0, activation_checkpointing=on))
+        logs.append([(r["loss"], r["grad_norm"], r["lr"]) for r in _log(tmp_path / name) if "ntp" in r])
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+    plain, checkpointed = (sum(calls) for calls in grad_calls.values())
+    assert plain > 0 and checkpointed == 2 * plain
+    assert "activation_checkpointing" in train_mod.RESUMABLE_CHANGES
