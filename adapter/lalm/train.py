@@ -39,6 +39,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -631,7 +632,11 @@ def train(cfg: TrainConfig) -> dict:
             state["skipped"] += 1
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        with warnings.catch_warnings():
+            # A skipped step still advances the schedule (the step count does); where the very first
+            # step is skipped torch warns of a scheduler step before any optimizer step: intended.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            scheduler.step()
         state["step"] += 1
         state["position"] = dataclasses.asdict(stream.position)
         dt = time.perf_counter() - t0
