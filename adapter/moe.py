@@ -277,7 +277,7 @@ class MoEAdapter(nn.Module):
                 "grad (torch.utils.checkpoint with use_reentrant=True?): aux_loss carries no gradient "
                 "to the router. Pass use_reentrant=False, which keeps it; for inference call .eval().",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=2,  # names forward's line: Python's default filter shows it once per process
             )
 
     def routed_experts(self, z_TD: torch.Tensor, mask_T: torch.Tensor | None) -> moe_kernels.MoEOutput:

@@ -309,8 +309,9 @@ def test_activation_checkpointing_keeps_every_gradient(backend):
 def test_a_training_forward_without_gradients_warns_that_the_balance_loss_cannot_train():
     """The reentrant checkpoint runs forward without gradients and recomputes it in backward, where
     the aux_loss the loss reads is not seen: the router would get no balance gradient, silently.
-    Warned once per call site; eval mode, a frozen router, aux_loss_weight 0 or a no_grad forward of
-    data that wants no gradient (an evaluation left in training mode) do not warn."""
+    Warned (Python's default filter: once per process); eval mode, a frozen router,
+    aux_loss_weight 0 or a no_grad forward of data that wants no gradient (an evaluation left in
+    training mode) do not warn."""
     m = _adapter()
     x = torch.randn(2, 5, SMALL["in_dim"], dtype=torch.float64, requires_grad=True)
     w = torch.linspace(-1, 1, 2 * 5 * SMALL["out_dim"], dtype=torch.float64).view(2, 5, -1)
