@@ -72,6 +72,8 @@ TESTS_S=${TESTS_S:-180}
 
 # 1. GPU tests: bf16 against float64 and torch's own bf16, determinism, CUDA-graph capture.
 #    A box without pytest still gets its numbers: the stage is skipped, saying so.
+#    -v names each test as it ends (a stage stopped at its limit shows how far it got), and
+#    --durations the slowest: the first GPU run says whether TESTS_S fits the kernels' compiles.
 tests_state=ran
 if ! $PY -c "import pytest" >/dev/null 2>&1; then
     tests_state="SKIPPED (pytest is not installed for $PY)"
@@ -79,7 +81,7 @@ if ! $PY -c "import pytest" >/dev/null 2>&1; then
     tests_rc=4
 else
     echo "gpu test files: ${gpu_files[*]}"
-    timeout --kill-after=10 "$TESTS_S" $PY -m pytest -q -m gpu "${gpu_files[@]}" -p no:cacheprovider 2>&1 \
+    timeout --kill-after=10 "$TESTS_S" $PY -m pytest -v --durations=15 -m gpu "${gpu_files[@]}" -p no:cacheprovider 2>&1 \
         | tee "$RES/gpu-tests.log"
     tests_rc=${PIPESTATUS[0]}
     [ "$tests_rc" -ge 124 ] && echo "gpu tests stopped at their ${TESTS_S}s limit (rc=$tests_rc)" | tee -a "$RES/gpu-tests.log"
