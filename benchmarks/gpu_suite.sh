@@ -21,7 +21,7 @@ fi
 # $OUT set the results are written to a staging folder and packed into one archive after every
 # stage; only the archive, environment.txt and summary.txt are written to $OUT itself.
 if [ -n "${OUT:-}" ]; then
-    RES=$(mktemp -d "${TMPDIR:-/tmp}/moe-adapter-gpu-suite.XXXXXX")
+    RES=$(mktemp -d "${TMPDIR:-/tmp}/moe-adapter-gpu-suite.XXXXXX") || { echo "gpu_suite: no staging folder"; exit 2; }
     mkdir -p "$OUT"
 else
     RES=benchmarks/results
