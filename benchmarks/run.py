@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from adapter.cli import run_cli
 from adapter.environment import environment
 from benchmarks import report
 from benchmarks.providers import (
@@ -386,4 +387,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

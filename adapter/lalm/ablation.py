@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from adapter.cli import run_cli
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.plots import pyplot, save
 from adapter.presets import PRESETS, preset
@@ -148,4 +149,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from adapter.analysis import cosine_matrix, gradient_vector, influence_matrix
+from adapter.cli import run_cli
 from adapter.lalm.data import Batch, Example, FeatureSource, collate, read_manifest
 from adapter.lalm.evaluate import expert_rates
 from adapter.lalm.model import AudioLLM
@@ -271,4 +272,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

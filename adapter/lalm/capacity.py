@@ -43,6 +43,7 @@ import sys
 import time
 from pathlib import Path
 
+from adapter.cli import run_cli
 from adapter.lalm.backbone import frozen_llm, train_backbone
 from adapter.lalm.corpus.build import SHARED_ANSWERS
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
@@ -523,4 +524,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from adapter.cli import run_cli
 from adapter.lalm.evaluate import format_table
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.plots import pyplot, save
@@ -112,4 +113,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from adapter.cli import run_cli
 from adapter.lalm.analysis import answer_loss
 from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
@@ -478,4 +479,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

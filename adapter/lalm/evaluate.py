@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from adapter.analysis import activation_rates
+from adapter.cli import run_cli
 from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
 
@@ -346,4 +347,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

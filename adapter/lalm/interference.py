@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from adapter.cli import run_cli
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.model import AUDIO_CATEGORIES
 from adapter.lalm.paired import PairedDiff, aligned, paired_difference
@@ -301,4 +302,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

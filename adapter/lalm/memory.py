@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adapter.cli import run_cli
+
 GIB = 1024**3
 PAPER_AUDIO_DIM = 2560
 WHISPER_LARGE_V3_CHANNELS = 1280  # encoder width C; the fusion layer reads 4 stacked frames (4C)
@@ -157,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

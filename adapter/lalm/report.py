@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from adapter.cli import run_cli
 from adapter.environment import environment
 from adapter.lalm.ablation import TABLE_2_3, ablation_table, run_ablation
 from adapter.lalm.analysis import CATEGORIES, analyze_run, write_figures
@@ -414,4 +415,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

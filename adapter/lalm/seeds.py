@@ -21,6 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from adapter.cli import run_cli
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.plots import pyplot, save
 from adapter.presets import PRESETS
@@ -166,4 +167,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -24,8 +24,13 @@ Checkpoints hold what trains (safetensors; with --fsdp, torch.distributed.checkp
 any number of processes reads), the optimizer, the schedule, the data position and every RNG
 state; they are assembled in a temporary folder and renamed into place, so a run killed at any
 instant (SIGKILL included) resumes from its last checkpoint and continues with the same losses it
-would have logged uninterrupted, on the same or another number of processes. A step whose loss or
-gradient is not finite is skipped on every rank, counted and logged; it never reaches the weights.
+would have logged uninterrupted, on the same or another number of processes. SIGTERM or Ctrl-C
+(SIGINT) stops a run cleanly: the step in progress finishes, every rank saves a checkpoint of it and
+the program exits 128 + the signal (143, 130) naming the folder; a second signal stops at once.
+Under torchrun the launcher passes its SIGTERM on to the workers and kills them 30 s later (torch's
+shutdown timeout), so a save longer than that leaves the previous checkpoint the newest. A step
+whose loss or gradient is not finite is skipped on every rank, counted and logged; it never reaches
+the weights.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -48,6 +54,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
+from adapter.cli import Stopped, run_cli, stop_requests
 from adapter.lalm import parallel
 from adapter.lalm.build import build_model
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
@@ -467,6 +474,24 @@ def _clear_adapter_stats(adapters) -> None:
         a.aux_loss = a.expert_counts = a.last_topk_idx = None
 
 
+def _stop(ckpt: Checkpointer, state: dict, saved_step, objects, rank, world, signals) -> None:
+    """A stop asked for by a signal, at a step boundary: save the steps done (every rank takes part),
+    then raise `Stopped`. A step already saved (or a run stopped before its first step) saves nothing."""
+    step = state["step"]
+    if step and step != saved_step:
+        where = ckpt.save(step, *objects, state, rank, world)
+        done = f"after step {step}; saved {where}; add --resume to the same command to continue"
+    elif step:
+        done = f"after step {step}, which {ckpt.root} already holds; add --resume to the same command to continue"
+    else:
+        done = "before its first step: nothing to save"
+    if world > 1:
+        dist.destroy_process_group()
+    if signals:
+        raise Stopped(f"training stopped by {signal.Signals(signals[0]).name} {done}", signals[0])
+    raise Stopped(f"training stopped by a signal to another process {done}", signal.SIGTERM)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns a summary (steps, skipped steps, last losses)."""
     rank, world, device = distributed()
@@ -564,111 +589,118 @@ def train(cfg: TrainConfig) -> dict:
     )
     audio_pad = model.tokenizer.audio_pad_id
     global_scope = world > 1 and bool(adapters) and cfg.model.balance_scope == "global"
-    while state["step"] < cfg.max_steps:
-        t0 = time.perf_counter()
-        micro = [collate(b, model.tokenizer, source).to(device) for b in stream.next_step()]
-        counts = [
-            sum(int((b.labels_BL[:, 1:] != -100).sum()) for b in micro),
-            sum(int(b.attention_mask_BL.sum()) for b in micro),
-            *(int(bool((b.input_ids_BL == audio_pad).any())) for b in micro),  # which micro-batches hold audio
-        ]
-        counts = torch.tensor(counts, device=device)
-        if world > 1:
-            dist.all_reduce(counts)
-        n_answer, n_positions = int(counts[0]), int(counts[1])
-        ranks_with_audio = [int(c) for c in counts[2:]]  # per micro-batch index, over the ranks
-        n_audio = sum(ranks_with_audio)
-        # The balance loss is a mean over the micro-batches that ran the adapters, so lambda means the
-        # same whatever share of the step is text-only. Local scope: one loss per (rank, micro-batch).
-        # Global scope: one per micro-batch index, over all ranks' tokens; each rank's copy carries R x
-        # its share of the gradient (adapter/distributed.py), hence the extra 1/R.
-        n_aux = sum(1 for c in ranks_with_audio if c) if global_scope else n_audio
-        aux_div = n_aux * world if global_scope else n_audio
-        ntp_sum, aux_sum, raw_aux_sum = 0.0, 0.0, 0.0
-        loads = [torch.zeros(a.config.num_experts, device=device) for a in adapters]
-        for i, batch in enumerate(micro):
-            _clear_adapter_stats(adapters)
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if (world == 1 or last or sharded) else net.no_sync()
-            if sharded:  # reduce-scatter the gradients once per step, after the last micro-batch
-                model.set_requires_gradient_sync(last)
-            with sync, _autocast(device, cfg):
-                out = net(batch)
-                loss = out.ntp_sum / max(n_answer, 1)
-                if out.aux_loss is not None and cfg.aux_lambda:
-                    loss = loss + cfg.aux_lambda * out.aux_loss / aux_div
-                (loss * world).backward()  # DDP and FSDP average over ranks: undo it to get the step's sum
-            ntp_sum += float(out.ntp_sum.detach())
-            if out.aux_loss is None:  # text only: the adapter ran on zero frames, or not at all
-                continue
-            # A global loss is the same on every rank that holds audio: count it once in the log.
-            share = 1.0 / ranks_with_audio[i] if global_scope else 1.0
-            aux_sum += share * float(out.aux_loss.detach())
-            for load, a in zip(loads, adapters, strict=True):
-                load += a.expert_counts.to(load)
-                raw_aux_sum += share * float(a.aux_loss.detach())
-        stats = torch.tensor([ntp_sum, aux_sum, raw_aux_sum], device=device, dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(stats)
-            for load in loads:
-                dist.all_reduce(load)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
-            grad_norm = grad_norm.full_tensor()
-        ntp = float(stats[0]) / max(n_answer, 1)
-        # aux: the adapters' balance losses as they enter the loss (each times its aux_loss_weight);
-        # aux_raw: unweighted L_aux (eq. 10), logged even when its weight is 0 ("w/o EBL").
-        aux = float(stats[1]) / n_aux if n_aux else 0.0
-        aux_raw = float(stats[2]) / n_aux if n_aux and adapters else None
-        finite = (
-            math.isfinite(ntp)
-            and math.isfinite(aux)
-            and (aux_raw is None or math.isfinite(aux_raw))
-            and bool(torch.isfinite(grad_norm))
-        )
-        if finite:
-            optimizer.step()
-        else:
-            state["skipped"] += 1
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():
-            # A skipped step still advances the schedule (the step count does); where the very first
-            # step is skipped torch warns of a scheduler step before any optimizer step: intended.
-            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-            scheduler.step()
-        state["step"] += 1
-        state["position"] = dataclasses.asdict(stream.position)
-        dt = time.perf_counter() - t0
-        step = state["step"]
-        record = {
-            "step": step,
-            "loss": ntp + cfg.aux_lambda * aux,
-            "ntp": ntp,
-            "aux": aux_raw,
-            "aux_weighted": aux if n_audio else None,
-            "audio_batches": n_audio,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "answer_tokens": n_answer,
-            "tokens_per_s": n_positions / dt,
-            "skipped": not finite,
-            "skipped_total": state["skipped"],
-        }
-        for k, load in enumerate(loads):  # null on a step whose micro-batches were all text-only
-            total = load.sum()
-            record[f"expert_load_{k}"] = [round(v, 4) for v in (load / total).tolist()] if total > 0 else None
-        # FSDP: every rank takes part in every forward (each all-gathers), so every rank evaluates.
-        if cfg.eval_every and step % cfg.eval_every == 0 and val_examples and (is_main or sharded):
-            record.update(evaluate_loss(model, val_examples, source, cfg, device))
-        if is_main and (step % cfg.log_every == 0 or not finite or "val_loss" in record):
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step, model, optimizer, scheduler, state, rank, world)
-        summary = record
+    saved_step = state["step"] if latest is not None else None
+    with stop_requests(announce=is_main) as stop_signals:  # SIGINT/SIGTERM: save, then stop
+        while state["step"] < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro = [collate(b, model.tokenizer, source).to(device) for b in stream.next_step()]
+            counts = [
+                len(stop_signals),  # a stop asked of any rank stops every rank at this step boundary
+                sum(int((b.labels_BL[:, 1:] != -100).sum()) for b in micro),
+                sum(int(b.attention_mask_BL.sum()) for b in micro),
+                *(int(bool((b.input_ids_BL == audio_pad).any())) for b in micro),  # which micro-batches hold audio
+            ]
+            counts = torch.tensor(counts, device=device)
+            if world > 1:
+                dist.all_reduce(counts)
+            if int(counts[0]):
+                bar.close()
+                _stop(ckpt, state, saved_step, (model, optimizer, scheduler), rank, world, stop_signals)
+            n_answer, n_positions = int(counts[1]), int(counts[2])
+            ranks_with_audio = [int(c) for c in counts[3:]]  # per micro-batch index, over the ranks
+            n_audio = sum(ranks_with_audio)
+            # The balance loss is a mean over the micro-batches that ran the adapters, so lambda means the
+            # same whatever share of the step is text-only. Local scope: one loss per (rank, micro-batch).
+            # Global scope: one per micro-batch index, over all ranks' tokens; each rank's copy carries R x
+            # its share of the gradient (adapter/distributed.py), hence the extra 1/R.
+            n_aux = sum(1 for c in ranks_with_audio if c) if global_scope else n_audio
+            aux_div = n_aux * world if global_scope else n_audio
+            ntp_sum, aux_sum, raw_aux_sum = 0.0, 0.0, 0.0
+            loads = [torch.zeros(a.config.num_experts, device=device) for a in adapters]
+            for i, batch in enumerate(micro):
+                _clear_adapter_stats(adapters)
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if (world == 1 or last or sharded) else net.no_sync()
+                if sharded:  # reduce-scatter the gradients once per step, after the last micro-batch
+                    model.set_requires_gradient_sync(last)
+                with sync, _autocast(device, cfg):
+                    out = net(batch)
+                    loss = out.ntp_sum / max(n_answer, 1)
+                    if out.aux_loss is not None and cfg.aux_lambda:
+                        loss = loss + cfg.aux_lambda * out.aux_loss / aux_div
+                    (loss * world).backward()  # DDP and FSDP average over ranks: undo it to get the step's sum
+                ntp_sum += float(out.ntp_sum.detach())
+                if out.aux_loss is None:  # text only: the adapter ran on zero frames, or not at all
+                    continue
+                # A global loss is the same on every rank that holds audio: count it once in the log.
+                share = 1.0 / ranks_with_audio[i] if global_scope else 1.0
+                aux_sum += share * float(out.aux_loss.detach())
+                for load, a in zip(loads, adapters, strict=True):
+                    load += a.expert_counts.to(load)
+                    raw_aux_sum += share * float(a.aux_loss.detach())
+            stats = torch.tensor([ntp_sum, aux_sum, raw_aux_sum], device=device, dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(stats)
+                for load in loads:
+                    dist.all_reduce(load)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+                grad_norm = grad_norm.full_tensor()
+            ntp = float(stats[0]) / max(n_answer, 1)
+            # aux: the adapters' balance losses as they enter the loss (each times its aux_loss_weight);
+            # aux_raw: unweighted L_aux (eq. 10), logged even when its weight is 0 ("w/o EBL").
+            aux = float(stats[1]) / n_aux if n_aux else 0.0
+            aux_raw = float(stats[2]) / n_aux if n_aux and adapters else None
+            finite = (
+                math.isfinite(ntp)
+                and math.isfinite(aux)
+                and (aux_raw is None or math.isfinite(aux_raw))
+                and bool(torch.isfinite(grad_norm))
+            )
+            if finite:
+                optimizer.step()
+            else:
+                state["skipped"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            with warnings.catch_warnings():
+                # A skipped step still advances the schedule (the step count does); where the very first
+                # step is skipped torch warns of a scheduler step before any optimizer step: intended.
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                scheduler.step()
+            state["step"] += 1
+            state["position"] = dataclasses.asdict(stream.position)
+            dt = time.perf_counter() - t0
+            step = state["step"]
+            record = {
+                "step": step,
+                "loss": ntp + cfg.aux_lambda * aux,
+                "ntp": ntp,
+                "aux": aux_raw,
+                "aux_weighted": aux if n_audio else None,
+                "audio_batches": n_audio,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "answer_tokens": n_answer,
+                "tokens_per_s": n_positions / dt,
+                "skipped": not finite,
+                "skipped_total": state["skipped"],
+            }
+            for k, load in enumerate(loads):  # null on a step whose micro-batches were all text-only
+                total = load.sum()
+                record[f"expert_load_{k}"] = [round(v, 4) for v in (load / total).tolist()] if total > 0 else None
+            # FSDP: every rank takes part in every forward (each all-gathers), so every rank evaluates.
+            if cfg.eval_every and step % cfg.eval_every == 0 and val_examples and (is_main or sharded):
+                record.update(evaluate_loss(model, val_examples, source, cfg, device))
+            if is_main and (step % cfg.log_every == 0 or not finite or "val_loss" in record):
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                ckpt.save(step, model, optimizer, scheduler, state, rank, world)
+                saved_step = step
+            summary = record
     bar.close()
     if state["step"] and state["skipped"] == state["step"]:
         raise RuntimeError(
@@ -750,4 +782,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adapter.cli import run_cli
 from adapter.lalm.audio import SAMPLE_RATE, load_audio
 
 WINDOW = 30 * SAMPLE_RATE  # Whisper decodes 30 s windows
@@ -71,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -4,6 +4,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from adapter.cli import run_cli
 from adapter.lalm.corpus.build import SIZES, build_corpus
 
 
@@ -49,4 +50,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -104,35 +104,73 @@ def _cli(out, corpus, *extra):
     ]
 
 
-def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, tone_corpus):
-    args = ["--max-steps", "12", "--save-every", "3", "--eval-every", "0", "--semantic-codes", "8"]
-    full = tmp_path / "full"
-    subprocess.run(_cli(full, tone_corpus, *args), check=True, env=_env(), capture_output=True, timeout=600)
-    killed = tmp_path / "killed"
+RESUME_ARGS = ["--max-steps", "12", "--save-every", "3", "--eval-every", "0", "--semantic-codes", "8"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tone_corpus):
+    """The run the interrupted ones must reproduce: 12 steps, checkpoints every 3."""
+    full = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(_cli(full, tone_corpus, *RESUME_ARGS), check=True, env=_env(), capture_output=True, timeout=600)
+    return full
+
+
+def _start_and_signal(out, corpus, args, sig, after_steps: int) -> tuple[int, str]:
+    """Start a training run, send `sig` once `after_steps` steps are logged; its status and stderr."""
     proc = subprocess.Popen(
-        _cli(killed, tone_corpus, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _cli(out, corpus, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    log = killed / "log.jsonl"
+    log = out / "log.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline:  # kill between checkpoints: after step 7 is logged, before 9 is saved
-        if log.is_file() and sum(1 for _ in log.open()) >= 7:
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and sum(1 for _ in log.open()) >= after_steps:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=300)[1]
+    return proc.returncode, err
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ra = [r for r in _log(a) if "ntp" in r]
+    rb = [r for r in _log(b) if "ntp" in r]
+    assert [r["step"] for r in rb] == list(range(1, 13))  # the redone steps replaced, not duplicated
+    # A resume reruns the same computation from the saved state: the same numbers to the bit.
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in ra] == [(r["loss"], r["grad_norm"], r["lr"]) for r in rb]
+    wa = load_file(str(a / "checkpoints" / "step_0000012" / "model.safetensors"))
+    wb = load_file(str(b / "checkpoints" / "step_0000012" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigkill_and_resume_gives_the_uninterrupted_losses(tmp_path, tone_corpus, uninterrupted):
+    killed = tmp_path / "killed"
+    # Kill between checkpoints: after step 7 is logged, before 9 is saved.
+    status, _ = _start_and_signal(killed, tone_corpus, RESUME_ARGS, signal.SIGKILL, after_steps=7)
+    assert status == -signal.SIGKILL
     steps_before = [r["step"] for r in _log(killed)]
     assert 7 <= max(steps_before) < 12, steps_before
     subprocess.run(
-        _cli(killed, tone_corpus, *args, "--resume"), check=True, env=_env(), capture_output=True, timeout=600
+        _cli(killed, tone_corpus, *RESUME_ARGS, "--resume"), check=True, env=_env(), capture_output=True, timeout=600
     )
-    a = [r for r in _log(full) if "ntp" in r]
-    b = [r for r in _log(killed) if "ntp" in r]
-    assert [r["step"] for r in b] == list(range(1, 13))  # the redone steps replaced, not duplicated
-    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in a] == [(r["loss"], r["grad_norm"], r["lr"]) for r in b]
-    wa = load_file(str(full / "checkpoints" / "step_0000012" / "model.safetensors"))
-    wb = load_file(str(killed / "checkpoints" / "step_0000012" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_same_run(uninterrupted, killed)
+
+
+def test_sigterm_saves_the_step_it_stops_at_and_resume_continues(tmp_path, tone_corpus, uninterrupted):
+    """No periodic checkpoints: the one the stop writes is all a resume has."""
+    stopped = tmp_path / "stopped"
+    args = [*RESUME_ARGS, "--save-every", "0"]  # the last flag given wins
+    status, err = _start_and_signal(stopped, tone_corpus, args, signal.SIGTERM, after_steps=5)
+    assert status == 128 + signal.SIGTERM, err[-3000:]
+    step = max(r["step"] for r in _log(stopped))
+    assert 5 <= step < 12, step
+    saved = stopped / "checkpoints" / f"step_{step:07d}"
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["latest", saved.name]
+    assert json.loads((saved / "state.json").read_text())["step"] == step
+    assert f"training stopped by SIGTERM after step {step}; saved {saved}" in err and "Traceback" not in err
+    subprocess.run(
+        _cli(stopped, tone_corpus, *args, "--resume"), check=True, env=_env(), capture_output=True, timeout=600
+    )
+    _assert_same_run(uninterrupted, stopped)
 
 
 def test_non_finite_loss_is_skipped_not_applied(tmp_path, tone_corpus, monkeypatch):
@@ -222,6 +260,46 @@ def test_two_process_ddp_equals_one_process(tmp_path, mixed_corpus):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6), k
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of `rank` (a child of the launcher with RANK=rank), if started."""
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (proc / "environ").read_bytes().split(b"\0") if ppid == launcher_pid else []
+        except (OSError, ValueError, IndexError):  # not a process, or one that just ended
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_one_checkpoint(tmp_path, tone_corpus):
+    """SIGTERM to rank 1 alone: rank 0 learns of it at the next step boundary (the step's counts
+    all-reduce carries the request), both save that step together and exit; nobody hangs."""
+    out = tmp_path / "ddp"
+    args = ["--max-steps", "200", "--save-every", "0", "--eval-every", "0"]
+    cmd = [*torchrun(2), "-m", "adapter.lalm.train", "--train-manifest", str(tone_corpus[0])]
+    cmd += ["--output-dir", str(out), *SMALL, *args]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and sum(1 for _ in log.open()) >= 2:
+            break
+        time.sleep(0.05)
+    worker = _worker_pid(proc.pid, rank=1)
+    assert worker is not None, "no rank-1 worker found"
+    os.kill(worker, signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode != 0, err[-3000:]  # torchrun reports the workers' 143 as a failure
+    step = max(r["step"] for r in _log(out))
+    assert 2 <= step < 200, step
+    saved = out / "checkpoints" / f"step_{step:07d}"
+    assert json.loads((saved / "state.json").read_text())["step"] == step
+    assert (out / "checkpoints" / "latest").read_text().strip() == saved.name
+    assert f"training stopped by a signal to another process after step {step}; saved {saved}" in err, err[-3000:]
 
 
 def test_cli_has_help_for_every_flag():
