@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from adapter.cli import Stopped
 from adapter.lalm.config import ModelConfig, TrainConfig, _f, add_dataclass_args, dataclass_from_args
 from adapter.lalm.corpus import SIZES, build_corpus
 from adapter.lalm.corpus.build import QUESTIONS
@@ -157,13 +158,18 @@ def train_and_evaluate(
         summary = {**last, **final, "steps": last["step"], "skipped_total": last.get("skipped_total", 0)}
         seconds = json.loads(timing.read_text())["seconds"]
         return {"eval": json.loads(done.read_text()), "summary": summary, "log": log, "seconds": seconds}
+    # Wall time summed over the calls that trained this run (a resumed run adds to its earlier time,
+    # a call stopped by a signal leaves its own for the resume to add to).
+    earlier = json.loads(timing.read_text())["seconds"] if exp.resume and timing.is_file() else 0.0
     t0 = time.perf_counter()
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Stopped:
+        timing.write_text(json.dumps({"seconds": earlier + time.perf_counter() - t0}))
+        raise
     seconds = time.perf_counter() - t0
     print(f"{name or preset}: at step {exp.steps}, {seconds:.0f} s in this call", flush=True)
-    # Wall time summed over the calls that trained this run (a resumed run adds to its earlier time).
-    if exp.resume and timing.is_file():
-        seconds += json.loads(timing.read_text())["seconds"]
+    seconds += earlier
     timing.write_text(json.dumps({"seconds": seconds}))
     model = load_trained(run_dir)
     result = evaluate(model, read_manifest(manifests["test"]), run_features(run_dir, model), seed=exp.seed)

@@ -1,0 +1,39 @@
+"""adapter/lalm/experiment.py: a run's training time is summed over the calls that trained it,
+a call stopped by a signal included."""
+
+import dataclasses
+import json
+import signal
+import time
+
+import pytest
+
+from adapter.cli import Stopped
+from adapter.lalm import experiment
+
+
+def test_a_stopped_call_keeps_its_time_for_the_resume(tmp_path, tiny_experiment, monkeypatch):
+    exp = tiny_experiment(steps=2)
+    manifests = exp.build_corpus()
+    timing = tmp_path / "runs" / "dense" / "train_seconds.json"
+    real_train = experiment.train
+
+    def stopped_train(cfg):
+        (tmp_path / "runs" / "dense").mkdir(parents=True, exist_ok=True)
+        time.sleep(0.5)
+        raise Stopped("training stopped by SIGTERM after step 1", signal.SIGTERM)
+
+    monkeypatch.setattr(experiment, "train", stopped_train)
+    with pytest.raises(Stopped):
+        experiment.train_and_evaluate(exp, "dense", manifests)
+    stopped = json.loads(timing.read_text())["seconds"]
+    assert 0.5 <= stopped < 5.0, stopped
+    monkeypatch.setattr(experiment, "train", real_train)
+    t0 = time.perf_counter()
+    result = experiment.train_and_evaluate(dataclasses.replace(exp, resume=True), "dense", manifests)
+    this_call = time.perf_counter() - t0  # training and evaluation: an upper bound of the training part
+    assert stopped < result["seconds"] < stopped + this_call, (stopped, result["seconds"], this_call)
+    assert json.loads(timing.read_text())["seconds"] == result["seconds"]
+    # A fresh (not resumed) run starts its count again.
+    fresh = experiment.train_and_evaluate(exp, "dense", manifests)
+    assert fresh["seconds"] < this_call and json.loads(timing.read_text())["seconds"] == fresh["seconds"]
