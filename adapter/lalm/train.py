@@ -18,7 +18,9 @@ micro-batch), and clips and checks for non-finite values on the norm over all sh
 A run folder holds one run: a fresh run refuses a folder that holds one (unless --overwrite), a
 --resume refuses a configuration that differs from the saved one except in logging, evaluation
 and checkpoint cadence (and grad_accum where grad_accum x processes is unchanged), and nothing is
-written before these checks pass. Loading is strict.
+written before these checks pass. A folder in which a run is training is refused, naming its
+process (`RunFolderLock`: a lock the OS drops when that process ends, however it ends). Loading
+is strict.
 
 Checkpoints hold what trains (safetensors; with --fsdp, torch.distributed.checkpoint shards that
 any number of processes reads), the optimizer, the schedule, the data position and every RNG
@@ -37,12 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -235,6 +239,46 @@ class Checkpointer:
                 return path
         done = sorted(self.root.glob("step_*")) if self.root.is_dir() else []
         return done[-1] if done else None
+
+
+class RunFolderLock:
+    """<run folder>/.lock, held (flock) while a run trains there: a second run in the folder (another
+    terminal, a requeued job whose predecessor still runs) is refused by name instead of mixing its
+    checkpoints and log lines with the first. The OS drops the lock when its process ends, however
+    it ends (SIGKILL included), so no stale lock outlives a crash; the file stays, emptied."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / ".lock"
+        self._fh = None
+
+    def acquire(self) -> str | None:
+        """None once this process holds the lock; otherwise who holds it."""
+        if self._fh is not None:
+            return None
+        fh = open(self.path, "a+")  # noqa: SIM115 (held open until release)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            return holder
+        except OSError as exc:  # a file system without locks (some network mounts): run unguarded
+            fh.close()
+            warnings.warn(f"cannot lock {self.path} ({exc}): nothing stops a second run in this folder", stacklevel=3)
+            return None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return None
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.truncate(0)  # still locked: nobody reads a holder that has gone
+            self._fh.close()
+            self._fh = None
 
 
 def _barrier(world: int) -> None:
@@ -492,11 +536,34 @@ def _stop(ckpt: Checkpointer, state: dict, saved_step, objects, rank, world, sig
     raise Stopped(f"training stopped by a signal to another process {done}", signal.SIGTERM)
 
 
+def _refuse_if_busy(busy: str | None, out_dir: Path, world: int, device) -> None:
+    """Every rank raises, or none: only rank 0 knows who holds the folder's lock."""
+    refused = torch.tensor([int(busy is not None)], device=device)
+    if world > 1:
+        dist.all_reduce(refused)
+    if refused.item():
+        raise ValueError(
+            f"{out_dir} is in use by another training run ({busy or 'rank 0 found it locked'}); wait "
+            "for it to end, stop it, or train elsewhere (--output-dir)"
+        )
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns a summary (steps, skipped steps, last losses)."""
-    rank, world, device = distributed()
     out_dir = Path(cfg.output_dir)
+    lock = RunFolderLock(out_dir)
+    try:
+        return _train(cfg, out_dir, lock)
+    finally:  # however training ends, in this process too (a caller may train in the folder again)
+        lock.release()
+
+
+def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
+    rank, world, device = distributed()
     is_main = rank == 0
+    # Rank 0 locks a folder that exists before reading what it holds (it may be training there now).
+    busy = lock.acquire() if is_main and out_dir.is_dir() else None
+    _refuse_if_busy(busy, out_dir, world, device)
     ckpt = Checkpointer(out_dir, cfg.keep_checkpoints, sharded=cfg.fsdp)
     previous = ckpt.latest()
     _check_run_folder(cfg, out_dir, previous, world)
@@ -513,11 +580,14 @@ def train(cfg: TrainConfig) -> dict:
     # and a global balance loss hold collectives in forward.
     model.run_audio_path_always = world > 1
     # Everything is checked: only now does the run touch its folder.
-    if world > 1:
-        dist.barrier()
-    latest = previous if cfg.resume else None
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        busy = lock.acquire()
+        if busy is None and ckpt.latest() != previous:  # a run that made the folder since the checks
+            busy = "a run that started there meanwhile"
+    _refuse_if_busy(busy, out_dir, world, device)  # also holds every rank here until rank 0 is done
+    latest = previous if cfg.resume else None
+    if is_main:
         if cfg.overwrite and not cfg.resume:
             shutil.rmtree(ckpt.root, ignore_errors=True)
         if latest is None:  # a fresh start: no earlier log lines may survive

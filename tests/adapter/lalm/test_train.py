@@ -115,8 +115,9 @@ def uninterrupted(tmp_path_factory, tone_corpus):
     return full
 
 
-def _start_and_signal(out, corpus, args, sig, after_steps: int) -> tuple[int, str]:
-    """Start a training run, send `sig` once `after_steps` steps are logged; its status and stderr."""
+def _start_and_signal(out, corpus, args, sig, after_steps: int, probe=None) -> tuple[int, str]:
+    """Start a training run, send `sig` once `after_steps` steps are logged (after `probe(pid)`, if
+    given, looked at the running run); its status and stderr."""
     proc = subprocess.Popen(
         _cli(out, corpus, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -126,6 +127,8 @@ def _start_and_signal(out, corpus, args, sig, after_steps: int) -> tuple[int, st
         if log.is_file() and sum(1 for _ in log.open()) >= after_steps:
             break
         time.sleep(0.05)
+    if probe is not None:
+        probe(proc.pid)
     proc.send_signal(sig)
     err = proc.communicate(timeout=300)[1]
     return proc.returncode, err
@@ -159,7 +162,10 @@ def test_sigterm_saves_the_step_it_stops_at_and_resume_continues(tmp_path, tone_
     """No periodic checkpoints: the one the stop writes is all a resume has."""
     stopped = tmp_path / "stopped"
     args = [*RESUME_ARGS, "--save-every", "0"]  # the last flag given wins
-    status, err = _start_and_signal(stopped, tone_corpus, args, signal.SIGTERM, after_steps=5)
+    held_by = []  # while it trains, the run holds its folder's lock (a second run there is refused)
+    probe = lambda pid: held_by.append((pid, train_mod.RunFolderLock(stopped).acquire()))  # noqa: E731
+    status, err = _start_and_signal(stopped, tone_corpus, args, signal.SIGTERM, after_steps=5, probe=probe)
+    assert held_by[0][1].startswith(f"pid {held_by[0][0]} on "), held_by
     assert status == 128 + signal.SIGTERM, err[-3000:]
     step = max(r["step"] for r in _log(stopped))
     assert 5 <= step < 12, step

@@ -207,3 +207,62 @@ def test_router_lr_expert_init_step_zero_and_resuming_a_run_from_before_them(tmp
     del saved["router_lr_scale"], saved["model"]["expert_init"]
     (old / "config.json").write_text(json.dumps(saved))
     assert train_mod.train(_cfg(old, tone_corpus, max_steps=2, eval_every=0, save_every=1, resume=True))["steps"] == 2
+
+
+def test_a_folder_in_use_is_refused_by_name_and_freed_when_its_holder_dies(tmp_path, tone_corpus):
+    """A second run in a folder where one trains is refused before anything is written, naming
+    the holder; the lock dies with its process (SIGKILL: no stale lock). A process that holds
+    the folder's lock stands in for the training (test_train.py shows a real run holds it)."""
+    base = dict(max_steps=2, eval_every=0, save_every=0)
+    train_mod.train(_cfg(tmp_path, tone_corpus, **base))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert before[".lock"] == b""  # released: no holder named
+    hold = (
+        "import sys, time; from pathlib import Path; from adapter.lalm.train import RunFolderLock; "
+        "lock = RunFolderLock(Path(sys.argv[1])); assert lock.acquire() is None; print('held', flush=True); "
+        "time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path)], env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for cfg in (_cfg(tmp_path, tone_corpus, resume=True, **base), _cfg(tmp_path, tone_corpus, **base)):
+            with pytest.raises(ValueError, match=rf"in use by another training run \(pid {holder.pid} on "):
+                train_mod.train(cfg)
+        after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **base))["steps"] == 2
+
+
+def test_the_lock_is_taken_before_a_new_folder_is_written(tmp_path, tone_corpus, monkeypatch):
+    """A fresh folder: the lock comes with the folder, before config.json; a run that appeared in the
+    folder between the checks and the lock is refused, not overwritten."""
+    out = tmp_path / "new"
+    seen = {}
+    real_write = train_mod._write_atomic
+
+    def spy(path, text):
+        if path.name == "config.json":
+            seen["holder"] = (out / ".lock").read_text()
+        real_write(path, text)
+
+    monkeypatch.setattr(train_mod, "_write_atomic", spy)
+    train_mod.train(_cfg(out, tone_corpus, max_steps=1, eval_every=0, save_every=0))
+    assert seen["holder"].startswith(f"pid {__import__('os').getpid()} on ")
+    real_latest = train_mod.Checkpointer.latest
+    calls = []
+
+    def appears(self):  # the second look finds a checkpoint the first did not
+        calls.append(1)
+        return None if len(calls) == 1 else real_latest(self)
+
+    monkeypatch.setattr(train_mod.Checkpointer, "latest", appears)
+    other = tmp_path / "other"
+    train_mod.train(_cfg(other, tone_corpus, max_steps=1, eval_every=0, save_every=0))  # makes step 1
+    calls.clear()
+    with pytest.raises(ValueError, match="a run that started there meanwhile"):
+        train_mod.train(_cfg(other, tone_corpus, max_steps=1, eval_every=0, save_every=0, overwrite=True))
