@@ -44,6 +44,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -186,6 +187,14 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+STEP_NAME = re.compile(r"step_\d{7}")  # a checkpoint folder (not step_0000004.bad, set aside by hand)
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The checkpoint folders under `root` (a run's checkpoints/), oldest first."""
+    return sorted(p for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name) and p.is_dir())
+
+
 class Checkpointer:
     """checkpoints/step_NNNNNNN/ and checkpoints/latest naming the newest; both replaced atomically.
 
@@ -226,7 +235,7 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_atomic(self.root / "latest", final.name)
-            for old in sorted(self.root.glob("step_*"))[: -self.keep]:
+            for old in step_folders(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(world)
         return final
@@ -237,7 +246,7 @@ class Checkpointer:
             path = self.root / pointer.read_text().strip()
             if path.is_dir():
                 return path
-        done = sorted(self.root.glob("step_*")) if self.root.is_dir() else []
+        done = step_folders(self.root)
         return done[-1] if done else None
 
 
@@ -309,7 +318,7 @@ def load_trainable(model: AudioLLM, path: Path, trained: set[str]) -> None:
         try:
             tensors = load_file(str(file))
         except Exception as exc:
-            raise ValueError(f"cannot read checkpoint weights {file}: {exc}") from exc
+            raise _damaged(file, exc) from exc
         held = set(tensors)
     missing, unexpected = sorted(expected - held), sorted(held - expected)
     if missing or unexpected:
@@ -346,11 +355,33 @@ def load_checkpoint(path: Path, model: AudioLLM, optimizer, scheduler, rank: int
         rng = rng if rng.is_file() else path / "rng_0.pt"
     else:
         load_trainable(model, path, trained_now(model))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(_read_checkpoint_file(path / "optimizer.pt"))
         rng = path / "rng.pt"
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    _set_rng_state(torch.load(rng, map_location="cpu", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict(_read_checkpoint_file(path / "scheduler.pt"))
+    _set_rng_state(_read_checkpoint_file(rng))
+    return _read_checkpoint_file(path / "state.json")
+
+
+def _read_checkpoint_file(file: Path):
+    """A checkpoint's .pt or .json file; a damaged one (copied in part, a failing disk: saves are
+    atomic) is named, with the way back to the checkpoint before it."""
+    try:
+        if file.suffix == ".json":
+            return json.loads(file.read_text())
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _damaged(file, exc) from exc
+
+
+def _damaged(file: Path, exc: Exception) -> ValueError:
+    step = file.parent
+    earlier = [p.name for p in step_folders(step.parent) if p.name < step.name]
+    way_back = (
+        f"delete {step} or move it out of {step.parent}, and --resume continues from {earlier[-1]}"
+        if earlier
+        else "no earlier checkpoint exists: start afresh (--overwrite)"
+    )
+    return ValueError(f"cannot read the checkpoint file {file} ({type(exc).__name__}: {exc}); {way_back}")
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -478,7 +509,7 @@ def _check_run_folder(cfg: TrainConfig, out_dir: Path, previous: Path | None, wo
     saved_cfg = out_dir / "config.json"
     if cfg.resume and previous is not None and saved_cfg.is_file():
         saved = json.loads(saved_cfg.read_text())
-        state = json.loads((previous / "state.json").read_text())
+        state = _read_checkpoint_file(previous / "state.json")
         per_step = state.get("micro_batches_per_step", saved.get("grad_accum", 1) * world)
         if per_step != cfg.grad_accum * world:
             raise ValueError(
@@ -794,7 +825,7 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
 def checkpoint_steps(output_dir: str | Path) -> list[int]:
     """Steps of the checkpoints a run holds, oldest first."""
     root = Path(output_dir) / "checkpoints"
-    return sorted(int(p.name.removeprefix("step_")) for p in root.glob("step_*") if p.is_dir())
+    return [int(p.name.removeprefix("step_")) for p in step_folders(root)]
 
 
 def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) -> AudioLLM:

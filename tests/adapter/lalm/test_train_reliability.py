@@ -5,6 +5,7 @@ would mix runs, refused runs, config files with flags, non-finite settings, torn
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -266,3 +267,35 @@ def test_the_lock_is_taken_before_a_new_folder_is_written(tmp_path, tone_corpus,
     calls.clear()
     with pytest.raises(ValueError, match="a run that started there meanwhile"):
         train_mod.train(_cfg(other, tone_corpus, max_steps=1, eval_every=0, save_every=0, overwrite=True))
+
+
+DAMAGE_RUN = dict(max_steps=4, eval_every=0, save_every=2, keep_checkpoints=2)
+
+
+@pytest.fixture(scope="module")
+def run_with_two_checkpoints(tmp_path_factory, tone_corpus):
+    out = tmp_path_factory.mktemp("two-checkpoints")
+    train_mod.train(_cfg(out, tone_corpus, **DAMAGE_RUN))
+    return out
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"])
+def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, tone_corpus, damaged, run_with_two_checkpoints):
+    """Saves are atomic, so only something outside (a partial copy, a failing disk) damages one.
+    The resume names the file and the earlier checkpoint; following that advice resumes from it,
+    and the folder set aside is neither taken for a checkpoint nor pruned."""
+    run = tmp_path / "run"
+    shutil.copytree(run_with_two_checkpoints, run)
+    step4 = run / "checkpoints" / "step_0000004"
+    (step4 / damaged).write_bytes((step4 / damaged).read_bytes()[:40])
+    with pytest.raises(ValueError) as info:
+        train_mod.train(_cfg(run, tone_corpus, resume=True, **DAMAGE_RUN))
+    msg = str(info.value)
+    assert msg.startswith(f"cannot read the checkpoint file {step4 / damaged} (") and msg.endswith(
+        f"delete {step4} or move it out of {step4.parent}, and --resume continues from step_0000002"
+    ), msg
+    step4.rename(step4.with_name("step_0000004.bad"))  # set aside beside the others, by hand
+    assert train_mod.checkpoint_steps(run) == [2]
+    assert train_mod.train(_cfg(run, tone_corpus, resume=True, **DAMAGE_RUN))["steps"] == 4
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["latest", "step_0000002", "step_0000004", "step_0000004.bad"], names
