@@ -58,6 +58,8 @@ class Example:
 
 def _resampled_length(path: Path) -> int:
     """Samples at 16 kHz of a file, from its header (scipy's resample_poly output length)."""
+    if not Path(path).is_file():  # libsndfile says only "System error"
+        raise FileNotFoundError(f"audio file not found: {path}")
     try:
         info = soundfile.info(str(path))
     except Exception as exc:

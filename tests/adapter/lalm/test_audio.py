@@ -89,6 +89,18 @@ def test_huge_float_samples_are_refused_with_file_and_manifest_line(tmp_path):
     ex = read_manifest(manifest)[1]
     with pytest.raises(AudioError, match=r"m.jsonl:2: .*huge.wav peaks"):
         FeatureSource(80).mel(ex)
+    # A manifest naming a file that is not there, or is not audio: the line and the file, plainly.
+    rows[1]["audio"] = "gone.wav"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FileNotFoundError, match=r"m.jsonl:2: audio file not found: .*gone.wav$"):
+        read_manifest(manifest)
+    with pytest.raises(FileNotFoundError, match=r"^audio file not found: .*gone.wav$"):
+        _resampled_length(tmp_path / "gone.wav")  # a path given on the command line (evaluate --audio)
+    (tmp_path / "text.wav").write_text("not audio")
+    rows[1]["audio"] = "text.wav"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(AudioError, match=r"m.jsonl:2: cannot read audio header of .*text.wav: .*not recogni"):
+        read_manifest(manifest)
 
 
 @pytest.mark.parametrize(
