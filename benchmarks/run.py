@@ -317,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--tokens must all be > 0, got {args.tokens}")
     if args.budget_s is not None and not args.budget_s >= 0:  # 0: start nothing, report every case as not run
         p.error(f"--budget-s must be >= 0, got {args.budget_s}")
+    try:  # before any measurement, not after minutes of them
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out {args.out}: cannot make the results folder ({exc.strerror or exc})")
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -167,6 +167,13 @@ def test_entry_point_says_why_nothing_can_run(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             run.main(["--plan", "smoke", "--out", str(tmp_path), *bad])
         assert "must" in capsys.readouterr().err
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit):  # a results folder that cannot be made: before any measurement
+        run.main(["--plan", "smoke", "--out", str(blocked / "results")])
+    out = capsys.readouterr()
+    assert f"--out {blocked / 'results'}: cannot make the results folder" in out.err
+    assert "measured ceilings" not in out.out
     assert time_cpu_interleaved({}) == {}
 
 
