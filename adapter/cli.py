@@ -46,6 +46,10 @@ def _is_input_error(exc: BaseException) -> bool:
     return isinstance(exc, INPUT_ERRORS) or (isinstance(exc, OSError) and exc.filename is not None)
 
 
+def _want_traceback() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
 def _prog(main: Callable) -> str:
     """`python -m <module>` as the user typed it (argparse's prog for these entry points)."""
     module = main.__module__
@@ -68,12 +72,12 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
             print(f"{prog}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if _want_traceback():
             raise
         print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     except Exception as exc:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or not _is_input_error(exc):
+        if _want_traceback() or not _is_input_error(exc):
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         print(f"({TRACEBACK_ENV}=1 shows where it was raised)", file=sys.stderr, flush=True)
@@ -91,8 +95,8 @@ def stop_requests(announce: bool = True) -> Iterator[list[int]]:
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
 
     def restore() -> None:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, handler in previous.items():  # None: a handler installed outside Python
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
     def record(signum: int, frame) -> None:
         received.append(signum)

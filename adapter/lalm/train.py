@@ -17,10 +17,10 @@ micro-batch), and clips and checks for non-finite values on the norm over all sh
 
 A run folder holds one run: a fresh run refuses a folder that holds one (unless --overwrite), a
 --resume refuses a configuration that differs from the saved one except in logging, evaluation
-and checkpoint cadence (and grad_accum where grad_accum x processes is unchanged), and nothing is
-written before these checks pass. A folder in which a run is training is refused, naming its
-process (`RunFolderLock`: a lock the OS drops when that process ends, however it ends). Loading
-is strict.
+and checkpoint cadence (and grad_accum where grad_accum x processes is unchanged), and nothing but
+the folder's lock file is written before these checks pass. A folder in which a run is training is
+refused, naming its process (`RunFolderLock`: a lock the OS drops when that process ends, however
+it ends). Loading is strict.
 
 Checkpoints hold what trains (safetensors; with --fsdp, torch.distributed.checkpoint shards that
 any number of processes reads), the optimizer, the schedule, the data position and every RNG
