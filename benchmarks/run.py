@@ -324,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and args.plan in ("gpu", "gpu-block") and args.budget_s is None:
+        p.error(
+            f"--plan {args.plan} times the paper's shapes up to 65536 tokens: hours without CUDA; on "
+            "this machine use --plan cpu or layouts, or bound it with --budget-s"
+        )
     plan = _plan(args.plan or ("gpu" if device.type == "cuda" else "cpu"))
     if args.level:
         plan.level = args.level

@@ -167,6 +167,11 @@ def test_entry_point_says_why_nothing_can_run(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             run.main(["--plan", "smoke", "--out", str(tmp_path), *bad])
         assert "must" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the GPU plans on a CPU: hours, unless bounded
+        for plan in ("gpu", "gpu-block"):
+            with pytest.raises(SystemExit):
+                run.main(["--plan", plan, "--out", str(tmp_path)])
+            assert f"--plan {plan} times the paper's shapes" in capsys.readouterr().err
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     with pytest.raises(SystemExit):  # a results folder that cannot be made: before any measurement
