@@ -115,18 +115,23 @@ def uninterrupted(tmp_path_factory, tone_corpus):
     return full
 
 
+def _wait_for_steps(proc: subprocess.Popen, out: Path, steps: int) -> None:
+    """Until the run in `out` has logged `steps` steps (or ended, or 300 s passed)."""
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and sum(1 for _ in log.open()) >= steps:
+            return
+        time.sleep(0.05)
+
+
 def _start_and_signal(out, corpus, args, sig, after_steps: int, probe=None) -> tuple[int, str]:
     """Start a training run, send `sig` once `after_steps` steps are logged (after `probe(pid)`, if
     given, looked at the running run); its status and stderr."""
     proc = subprocess.Popen(
         _cli(out, corpus, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    log = out / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and sum(1 for _ in log.open()) >= after_steps:
-            break
-        time.sleep(0.05)
+    _wait_for_steps(proc, out, after_steps)
     if probe is not None:
         probe(proc.pid)
     proc.send_signal(sig)
@@ -289,12 +294,7 @@ def test_a_signal_to_one_rank_stops_every_rank_with_one_checkpoint(tmp_path, ton
     cmd = [*torchrun(2), "-m", "adapter.lalm.train", "--train-manifest", str(tone_corpus[0])]
     cmd += ["--output-dir", str(out), *SMALL, *args]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    log = out / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and sum(1 for _ in log.open()) >= 2:
-            break
-        time.sleep(0.05)
+    _wait_for_steps(proc, out, 2)
     worker = _worker_pid(proc.pid, rank=1)
     assert worker is not None, "no rank-1 worker found"
     os.kill(worker, signal.SIGTERM)
