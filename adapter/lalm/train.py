@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -263,6 +262,11 @@ class RunFolderLock:
     def acquire(self) -> str | None:
         """None once this process holds the lock; otherwise who holds it."""
         if self._fh is not None:
+            return None
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            warnings.warn("no fcntl on this platform: nothing stops a second run in this folder", stacklevel=3)
             return None
         fh = open(self.path, "a+")  # noqa: SIM115 (held open until release)
         try:

@@ -299,3 +299,20 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, tone_corpus, 
     assert train_mod.train(_cfg(run, tone_corpus, resume=True, **DAMAGE_RUN))["steps"] == 4
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "step_0000002", "step_0000004", "step_0000004.bad"], names
+
+
+def test_where_nothing_can_lock_a_run_still_trains_and_says_so(tmp_path, monkeypatch):
+    """No fcntl (Windows) or a file system that refuses locks (ENOLCK on some network mounts): the
+    lock warns that nothing guards the folder and lets the run go on."""
+    import errno
+    import fcntl
+
+    def refuse(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.warns(UserWarning, match=r"cannot lock .*\.lock \(\[Errno \d+\] No locks available\)"):
+        assert train_mod.RunFolderLock(tmp_path).acquire() is None
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    with pytest.warns(UserWarning, match="no fcntl on this platform"):
+        assert train_mod.RunFolderLock(tmp_path).acquire() is None
