@@ -17,7 +17,7 @@ import torch
 
 from adapter.lalm import train as train_mod
 from adapter.lalm.config import TrainConfig
-from tests.adapter.lalm.test_train import SMALL, _cfg, _env, _log
+from tests.adapter.lalm.test_train import SMALL, _cfg, _env, _log, _wait_for_steps
 from tests.utils import assert_close, torchrun
 
 STEPS = ["--max-steps", "6", "--save-every", "2", "--eval-every", "0", "--semantic-codes", "8"]
@@ -135,6 +135,29 @@ def test_fsdp_sigkill_and_resume_gives_the_uninterrupted_losses(fsdp_runs, tmp_p
     assert max(r["step"] for r in _rows(killed)) < 6
     _run(killed, corpus, 2, "--grad-accum", "1", "--resume", *TRAINABLE_ENCODER)
     a, b = _rows(root / "two"), _rows(killed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    # The same processes redo the same computation from the checkpoint: identical numbers.
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+
+
+@pytest.mark.slow
+def test_fsdp_sigterm_to_the_launcher_saves_and_resumes_with_the_same_losses(fsdp_runs, tmp_path):
+    """A scheduler's stop: SIGTERM to torchrun, which passes it to both workers; they finish the
+    step, save it together (sharded) and exit; the resume logs what the uninterrupted run did."""
+    root, corpus = fsdp_runs
+    stopped = tmp_path / "stopped"
+    cmd = _cmd(stopped, corpus, 2, "--grad-accum", "1", *TRAINABLE_ENCODER)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(proc, stopped, 2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode != 0, err[-4000:]  # the launcher reports its stop as a failure
+    step = max(r["step"] for r in _rows(stopped))
+    assert 2 <= step < 6, step
+    assert f"training stopped by SIGTERM after step {step}" in err, err[-4000:]
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == f"step_{step:07d}"
+    _run(stopped, corpus, 2, "--grad-accum", "1", "--resume", *TRAINABLE_ENCODER)
+    a, b = _rows(root / "two"), _rows(stopped)
     assert [r["step"] for r in b] == list(range(1, 7))
     # The same processes redo the same computation from the checkpoint: identical numbers.
     assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
