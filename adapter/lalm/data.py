@@ -122,8 +122,6 @@ def read_manifest(path: str | Path) -> list[Example]:
             if rec.get("audio"):
                 audio = Path(rec["audio"])
                 audio = audio if audio.is_absolute() else path.parent / audio
-                if not audio.is_file():
-                    raise FileNotFoundError(f"{path}:{lineno}: audio file not found: {audio}")
             ex = Example(
                 id=str(rec["id"]),
                 question=rec["question"],
@@ -140,9 +138,9 @@ def read_manifest(path: str | Path) -> list[Example]:
             if audio is not None and ex.context:
                 raise ValueError(f"{path}:{lineno}: an example has either audio or a context, not both")
             if audio is not None:
-                try:
+                try:  # a missing file or an unreadable header, with the manifest line
                     ex.num_samples = _resampled_length(audio)
-                except ValueError as exc:
+                except (ValueError, FileNotFoundError) as exc:
                     raise type(exc)(f"{path}:{lineno}: {exc}") from exc
             examples.append(ex)
     return examples

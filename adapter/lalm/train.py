@@ -694,6 +694,8 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
     )
     audio_pad = model.tokenizer.audio_pad_id
     global_scope = world > 1 and bool(adapters) and cfg.model.balance_scope == "global"
+    # Tracked, not read from the folder: every rank must agree whether a stop saves (a collective
+    # when sharded), and under DDP only rank 0 writes checkpoints that other nodes may not see.
     saved_step = state["step"] if latest is not None else None
     with stop_requests(announce=is_main) as stop_signals:  # SIGINT/SIGTERM: save, then stop
         while state["step"] < cfg.max_steps:

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +61,13 @@ def _assert_same_run(a, b, rel=1e-5):
         assert x["answer_tokens"] == y["answer_tokens"] and x["audio_batches"] == y["audio_batches"]
         assert x["loss"] == pytest.approx(y["loss"], rel=rel) and x["lr"] == y["lr"]
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def _assert_identical_rerun(a, b):
+    """The same processes redo the same computation from the checkpoint: identical numbers."""
+    ra, rb = _rows(a), _rows(b)
+    assert [r["step"] for r in rb] == list(range(1, 7))
+    assert [(r["loss"], r["grad_norm"]) for r in ra] == [(r["loss"], r["grad_norm"]) for r in rb]
 
 
 @pytest.fixture(scope="module")
@@ -126,18 +132,12 @@ def test_fsdp_sigkill_and_resume_gives_the_uninterrupted_losses(fsdp_runs, tmp_p
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # SIGKILL the launcher and both workers at once, as a lost node would
     )
-    log = killed / "log.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.is_file() and sum(1 for _ in log.open()) >= 3):
-        time.sleep(0.02)
+    _wait_for_steps(proc, killed, 3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(r["step"] for r in _rows(killed)) < 6
     _run(killed, corpus, 2, "--grad-accum", "1", "--resume", *TRAINABLE_ENCODER)
-    a, b = _rows(root / "two"), _rows(killed)
-    assert [r["step"] for r in b] == list(range(1, 7))
-    # The same processes redo the same computation from the checkpoint: identical numbers.
-    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    _assert_identical_rerun(root / "two", killed)
 
 
 @pytest.mark.slow
@@ -157,10 +157,7 @@ def test_fsdp_sigterm_to_the_launcher_saves_and_resumes_with_the_same_losses(fsd
     assert f"training stopped by SIGTERM after step {step}" in err, err[-4000:]
     assert (stopped / "checkpoints" / "latest").read_text().strip() == f"step_{step:07d}"
     _run(stopped, corpus, 2, "--grad-accum", "1", "--resume", *TRAINABLE_ENCODER)
-    a, b = _rows(root / "two"), _rows(stopped)
-    assert [r["step"] for r in b] == list(range(1, 7))
-    # The same processes redo the same computation from the checkpoint: identical numbers.
-    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    _assert_identical_rerun(root / "two", stopped)
 
 
 @pytest.mark.slow
