@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapter.lalm.semantic import SemanticTokenizer
+from adapter.lalm.semantic import SemanticTokenizer, _squared_distances
 from adapter.lalm.tokenizer import AUDIO_TOKENS, GPT2AudioTokenizer, HFAudioTokenizer, load_tokenizer
 
 
@@ -24,6 +24,29 @@ def test_kmeans_recovers_separated_clusters_deterministically():
     assert torch.equal(loaded(x), ids)
 
 
+def test_codes_are_the_nearest_centroids_in_float64():
+    """Fit and lookup use ||c||^2 - 2 x.c in float32; the ids must be float64's exact nearest
+    centroid wherever the two nearest differ by more than float32 rounding can move them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 48, generator=g) * 3 + 1  # an offset, so ||x||^2 is large against the differences
+    tok = SemanticTokenizer(16, 48).fit(x, seed=0)
+    ids = tok(x.view(20, 30, 48))  # a (B, F, dim) batch, as the model passes it
+    assert ids.shape == (20, 30) and ids.dtype == torch.int64
+    d2 = torch.cdist(x.double(), tok.codebook.double()).pow(2)
+    two = d2.topk(2, dim=1, largest=False).values
+    # float32 rounding of a distance is about eps * (||x||^2 + ||c||^2) (each term's size);
+    # a gap between the two nearest 100 times that is no tie
+    scale = x.double().pow(2).sum(1, keepdim=True) + tok.codebook.double().pow(2).sum(1)
+    clear = (two[:, 1] - two[:, 0]) > 100 * torch.finfo(torch.float32).eps * scale.max(1).values
+    assert clear.float().mean() > 0.95  # the check is not vacuous
+    assert torch.equal(ids.reshape(-1)[clear], d2.argmin(1)[clear])
+    # the squared distances k-means++ samples by: within that rounding of float64's, never negative
+    sq = _squared_distances(x, x.pow(2).sum(1), tok.codebook)
+    err = (sq.double() - d2).abs() / scale
+    assert err.max() < 8 * torch.finfo(torch.float32).eps, f"max relative error {err.max():.3g}"
+    assert sq.min() >= 0
+
+
 def test_semantic_tokenizer_errors():
     with pytest.raises(RuntimeError, match="fit must run"):
         SemanticTokenizer(4, 2)(torch.randn(5, 2))
@@ -31,6 +54,11 @@ def test_semantic_tokenizer_errors():
         SemanticTokenizer(4, 2).fit(torch.randn(3, 2))
     with pytest.raises(ValueError, match=r"expected features \(N, 2\)"):
         SemanticTokenizer(4, 2).fit(torch.randn(30, 3))
+    bad = torch.randn(30, 2)
+    bad[7, 1] = float("nan")
+    bad[9, 0] = float("inf")
+    with pytest.raises(ValueError, match="must be finite; 2 of 30 frames hold NaN or inf"):
+        SemanticTokenizer(4, 2).fit(bad)
 
 
 def test_offline_gpt2_tokenizer():
