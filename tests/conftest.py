@@ -1,6 +1,9 @@
 """Test setup: Triton's interpreter must be on before anything imports triton."""
 
+import hashlib
 import os
+import platform
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -12,6 +15,27 @@ import torch  # noqa: E402
 # Subprocesses the tests start choose their own threads (most pass OMP_NUM_THREADS=1).
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _cpu_kind() -> str:
+    """ATen's vector capability (ATEN_CPU_CAPABILITY included) and a hash of the CPU's feature flags."""
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return f"{torch.backends.cpu.get_cpu_capability().lower()}-{hashlib.sha256(flags.encode()).hexdigest()[:8]}"
+
+
+# Inductor's FX graph cache (torch 2.13) keys its entries without the CPU vector ISA the C++ was
+# generated for, so a cache directory that saw another ISA hands back code for the wrong vector
+# width: the compiled adapter returned NaN under ATEN_CPU_CAPABILITY=avx2 after an AVX-512 run,
+# and an AVX-512 run after an AVX2 one corrupted the heap (this Xeon, 2026-12-03; a fresh
+# directory passes both). Unless the user chose a directory, the tests (and the processes they
+# start) use one per kind of CPU, so a cache restored from another machine cannot reach them.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(default_cache_dir()) / f"moe-adapter-tests-{_cpu_kind()}")
 
 
 def pytest_configure(config):
