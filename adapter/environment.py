@@ -29,7 +29,11 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
         info["cuda"] = torch.version.cuda or ""
     else:
         info["device"] = f"CPU: {cpu_model()}"
-        info["device_detail"] = f"{os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
+        # the vector kernels ATen runs (AVX2 on a CPU without AVX-512, or as ATEN_CPU_CAPABILITY says)
+        info["device_detail"] = (
+            f"{os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, "
+            f"ATen {torch.backends.cpu.get_cpu_capability()}"
+        )
     return info
 
 

@@ -22,3 +22,4 @@ def test_cpu_environment_names_versions_and_device():
     info = environment(torch.device("cpu"))
     assert info["torch"] == torch.__version__ and info["device"].startswith("CPU: ")
     assert "cuda" not in info and info["date"].endswith("UTC")
+    assert info["device_detail"].endswith(f"ATen {torch.backends.cpu.get_cpu_capability()}")
