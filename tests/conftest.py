@@ -3,6 +3,7 @@
 import hashlib
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -33,9 +34,13 @@ def _cpu_kind() -> str:
 # directory passes both). Unless the user chose a directory, the tests (and the processes they
 # start) use one per kind of CPU, so a cache restored from another machine cannot reach them.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    try:  # torch's default folder (per user); a private helper, so older torch (a lent GPU's) may lack it
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(default_cache_dir()) / f"moe-adapter-tests-{_cpu_kind()}")
+        base = Path(default_cache_dir())
+    except ImportError:
+        base = Path(tempfile.gettempdir()) / f"torchinductor-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / f"moe-adapter-tests-{_cpu_kind()}")
 
 
 def pytest_configure(config):

@@ -8,10 +8,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cache_dir(**env: str) -> str:
-    """TORCHINDUCTOR_CACHE_DIR as tests/conftest.py leaves it in a fresh process with env set."""
+def _cache_dir(before: str = "pass", **env: str) -> str:
+    """TORCHINDUCTOR_CACHE_DIR as tests/conftest.py leaves it in a fresh process with env set
+    (after running `before`)."""
     base = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
-    code = "import os, tests.conftest; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    code = f"import os, sys; {before}; import tests.conftest; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=120
     )
@@ -20,8 +21,10 @@ def _cache_dir(**env: str) -> str:
 
 
 def test_inductor_cache_is_one_per_cpu_kind_unless_chosen(tmp_path):
-    scalar, avx2 = _cache_dir(ATEN_CPU_CAPABILITY="default"), _cache_dir(ATEN_CPU_CAPABILITY="avx2")
-    assert Path(scalar).name.startswith("moe-adapter-tests-default-")
-    assert Path(avx2).name.startswith("moe-adapter-tests-avx2-")
-    assert Path(scalar).parent == Path(avx2).parent  # torch's default folder (per user)
+    scalar = Path(_cache_dir(ATEN_CPU_CAPABILITY="default"))
+    assert scalar.name.startswith("moe-adapter-tests-default-")
+    # another capability, on a torch without the private helper naming its default folder (an
+    # older torch on a lent GPU): a folder of its own, under a fallback parent
+    avx2 = Path(_cache_dir("sys.modules['torch._inductor.runtime.cache_dir_utils'] = None", ATEN_CPU_CAPABILITY="avx2"))
+    assert avx2.name.startswith("moe-adapter-tests-avx2-") and avx2.parent != scalar.parent
     assert _cache_dir(TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) == str(tmp_path)  # the user's choice stands
