@@ -87,23 +87,29 @@ def peak_memory_gpu(fn: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, cpu_budget_s: float = 3.0) -> float:
     """The achievable dense GEMM rate: one large square matmul through torch (cuBLAS / CPU BLAS)."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     fn = lambda: torch.matmul(a, b)  # noqa: E731
-    ms = time_gpu(fn).median_ms if device.type == "cuda" else time_cpu_interleaved({"mm": fn})["mm"].median_ms
+    if device.type == "cuda":
+        ms = time_gpu(fn).median_ms
+    else:
+        ms = time_cpu_interleaved({"mm": fn}, budget_s=cpu_budget_s)["mm"].median_ms
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def measured_copy_gbs(device: torch.device) -> float:
+def measured_copy_gbs(device: torch.device, cpu_budget_s: float = 3.0) -> float:
     """Device-memory bandwidth from a large copy, counting bytes read plus bytes written."""
     n = (1 << 30) if device.type == "cuda" else (1 << 26)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     fn = lambda: dst.copy_(src)  # noqa: E731
-    ms = time_gpu(fn).median_ms if device.type == "cuda" else time_cpu_interleaved({"cp": fn})["cp"].median_ms
+    if device.type == "cuda":
+        ms = time_gpu(fn).median_ms
+    else:
+        ms = time_cpu_interleaved({"cp": fn}, budget_s=cpu_budget_s)["cp"].median_ms
     return 2 * n / (ms * 1e-3) / 1e9
 
 

@@ -102,6 +102,7 @@ def test_entry_point_writes_every_output(tmp_path):
     assert {r["provider"] for r in rows} == set(PROVIDERS)
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok and all(float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["p80_ms"]) for r in ok)
+    assert {r["reps"] for r in ok} == {"5"}  # the smoke plan times the CPU timer's minimum rounds, no more
     assert all(r["status"].startswith("not run: GPU only") for r in rows if r["provider"] == "moe-triton")
     dense = [r for r in ok if r["provider"] == "dense"]
     assert all(float(r["time_vs_dense"]) == 1.0 for r in dense)
