@@ -84,21 +84,34 @@ def test_fp32_within_1e5_of_float64(T, D, F, E, K, routing):
 
 @pytest.mark.parametrize("balance_p", ["topk", "softmax"])
 def test_gradcheck_through_triton(balance_p):
-    """Fast-mode gradcheck (random directions) over all four inputs, plus the full Jacobian for
-    the router path (z and router weight), where the top-k softmax and balance loss meet. Four
-    tokens (one masked out) on three experts with k = 2 load them 2, 1, 3: every expert routed,
-    one of them every valid token's; the Jacobian costs a forward per input element and a backward
-    per output element in the interpreter (29 s on a 2-core Xeon; 39 s at five tokens of width 6)."""
+    """Fast-mode gradcheck (random directions, finite differences of the Triton forward) over all
+    four inputs, plus the full Jacobian of the router path (z and router weight), where the top-k
+    softmax and balance loss meet: every row of the Triton backward (one per output element) equals
+    the torch path's, whose Jacobian gradcheck holds to finite differences in full. Finite
+    differences of the Triton forward itself would cost two interpreted forwards per input element
+    (22 of this test's 33 s on a 2-core Xeon); the two forwards agree to float64 rounding (checked
+    here and in test_triton_equals_torch_in_float64). Four tokens (one masked out) on three experts
+    with k = 2 load them 2, 1, 3: every expert routed, one of them every valid token's."""
     z, wr, w1, w2 = make_moe_inputs(4, 5, 4, 3, routing="uniform", seed=3)
     mask = torch.tensor([True, True, False, True])
 
-    def fn(z, wr, w1, w2):
-        out = moe_ffn(z, wr, w1, w2, top_k=2, token_mask_T=mask, balance_p=balance_p, backend="triton")
+    def fn(z, wr, w1, w2, backend="triton"):
+        out = moe_ffn(z, wr, w1, w2, top_k=2, token_mask_T=mask, balance_p=balance_p, backend=backend)
         return out.h_TD, out.aux_loss
 
     assert torch.autograd.gradcheck(fn, (z, wr, w1, w2), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
     w1c, w2c = w1.detach(), w2.detach()
-    assert torch.autograd.gradcheck(lambda z, wr: fn(z, wr, w1c, w2c), (z, wr), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(lambda z, wr: fn(z, wr, w1c, w2c, "torch"), (z, wr), eps=1e-6, atol=1e-8, rtol=1e-6)
+    for name, out, ref in zip(("h", "aux"), fn(z, wr, w1c, w2c), fn(z, wr, w1c, w2c, "torch"), strict=True):
+        assert_close(out, ref, rtol=1e-12, atol=1e-14, name=name)
+    jacobians = [
+        torch.autograd.functional.jacobian(lambda z, wr, b=backend: fn(z, wr, w1c, w2c, b), (z, wr))
+        for backend in ("triton", "torch")
+    ]  # [output][input]: d h / d z, d h / d router, d aux / d z, d aux / d router
+    for i, out_name in enumerate(("h", "aux")):
+        for j, in_name in enumerate(("z", "router")):
+            got, want = jacobians[0][i][j], jacobians[1][i][j]
+            assert_close(got, want, rtol=1e-9, atol=1e-11, name=f"d{out_name}/d{in_name}")
 
 
 def test_bit_identical_across_runs():
