@@ -34,6 +34,7 @@ from benchmarks.providers import (
 )
 from benchmarks.routing_patterns import ROUTINGS, make_tokens, set_router
 from benchmarks.timing import (
+    CEILING_CPU_BUDGET_S,
     datasheet_for,
     measured_copy_gbs,
     measured_matmul_tflops,
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no selected provider can run on this machine: nothing to measure", file=sys.stderr)
         return 2
     dtypes = sorted({c.dtype for c in plan.cases})
-    ceiling_s = 3.0 if plan.cpu_budget_s is None else plan.cpu_budget_s  # CPU only: GPU ceilings use events
+    ceiling_s = CEILING_CPU_BUDGET_S if plan.cpu_budget_s is None else plan.cpu_budget_s  # GPU: events
     ceilings = {
         "matmul_tflops": {dt: measured_matmul_tflops(device, DTYPES[dt], ceiling_s) for dt in dtypes},
         "copy_gbs": measured_copy_gbs(device, ceiling_s),

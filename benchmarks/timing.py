@@ -17,6 +17,8 @@ DATASHEET = {
     "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9, "hbm_gbs": 4800.0},
 }
 
+CEILING_CPU_BUDGET_S = 3.0  # seconds of timer rounds per ceiling on a CPU (a plan may ask for fewer)
+
 
 @dataclass
 class Timing:
@@ -87,7 +89,9 @@ def peak_memory_gpu(fn: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, cpu_budget_s: float = 3.0) -> float:
+def measured_matmul_tflops(
+    device: torch.device, dtype: torch.dtype, cpu_budget_s: float = CEILING_CPU_BUDGET_S
+) -> float:
     """The achievable dense GEMM rate: one large square matmul through torch (cuBLAS / CPU BLAS)."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -100,7 +104,7 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, cpu_budget_
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def measured_copy_gbs(device: torch.device, cpu_budget_s: float = 3.0) -> float:
+def measured_copy_gbs(device: torch.device, cpu_budget_s: float = CEILING_CPU_BUDGET_S) -> float:
     """Device-memory bandwidth from a large copy, counting bytes read plus bytes written."""
     n = (1 << 30) if device.type == "cuda" else (1 << 26)
     src = torch.empty(n, dtype=torch.uint8, device=device)
