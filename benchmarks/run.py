@@ -89,14 +89,18 @@ class Plan:
     cases: list[Case] = field(default_factory=list)
     kernels: bool = False
     level: str = "adapter"  # providers.LEVELS: the whole adapter, or the routed-expert block alone
-    # Seconds the CPU timer spends on each case and each ceiling; None: 2 s at small widths, 6 s at
-    # the paper's (enough rounds for a stable median on a 2-core CPU).
+    # Seconds of CPU timer rounds per case and per ceiling; None: the defaults below. The smoke
+    # plan sets 0 (the timer's minimum rounds): it checks that everything runs, not how fast.
     cpu_budget_s: float | None = None
 
-    def cpu_budget(self) -> float:
+    def case_budget_s(self) -> float:
+        """Enough rounds for a stable median on a 2-core CPU: 2 s below d = 512, 6 s at the paper's."""
         if self.cpu_budget_s is not None:
             return self.cpu_budget_s
         return 2.0 if self.d < 512 else 6.0
+
+    def ceiling_budget_s(self) -> float:
+        return CEILING_CPU_BUDGET_S if self.cpu_budget_s is None else self.cpu_budget_s
 
 
 def _plan(name: str) -> Plan:
@@ -216,7 +220,7 @@ def run_adapter_benchmarks(
                     peaks[n] = peak_memory_gpu(fn)
                     reset()
             else:
-                timings = time_cpu_interleaved(steps, reset=reset, budget_s=plan.cpu_budget())
+                timings = time_cpu_interleaved(steps, reset=reset, budget_s=plan.case_budget_s())
             for n in providers:
                 m = mods.get(n)
                 row = _row(n, mode, case, plan)
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no selected provider can run on this machine: nothing to measure", file=sys.stderr)
         return 2
     dtypes = sorted({c.dtype for c in plan.cases})
-    ceiling_s = CEILING_CPU_BUDGET_S if plan.cpu_budget_s is None else plan.cpu_budget_s  # GPU: events
+    ceiling_s = plan.ceiling_budget_s()  # CPU only: GPU ceilings are timed with events
     ceilings = {
         "matmul_tflops": {dt: measured_matmul_tflops(device, DTYPES[dt], ceiling_s) for dt in dtypes},
         "copy_gbs": measured_copy_gbs(device, ceiling_s),
