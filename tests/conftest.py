@@ -43,9 +43,31 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(base / f"moe-adapter-tests-{_cpu_kind()}")
 
 
+# The test files that take longest, longest first (seconds of setup + call summed per file, from
+# `--junitxml` of the full suite on the 2-core Xeon, 2026-12-03; every other file took <= 30 s).
+# `-n 2 --dist loadfile` hands whole files to the two workers in collection order, which
+# pytest-xdist first sorts by test count (`--loadscope-reorder`): these few-test, long files then
+# came last and one worker ran them while the other idled (15:25 wall for 23:05 of CPU). Longest
+# first, the short files fill in at the end: 11:45 for the same tests, 20:20 of CPU, within the
+# hour (with a first cut of this list, read off `--durations`; these times come from that run).
+LONGEST_FILES_FIRST = (
+    "tests/adapter/lalm/test_train_fsdp.py",  # 283 s, 7 tests: 2-process runs
+    "tests/adapter/lalm/test_train.py",  # 229 s
+    "tests/benchmarks/test_inspect_sm90.py",  # 118 s: sm_90 compiles
+    "tests/moe_kernels/test_functions.py",  # 99 s
+    "tests/benchmarks/test_gpu_suite.py",  # 88 s
+    "tests/moe_kernels/test_custom_ops.py",  # 79 s
+    "tests/moe_kernels/test_grouped_gemm.py",  # 73 s
+    "tests/moe_kernels/test_routing.py",  # 47 s
+)
+
+
 def pytest_configure(config):
-    """Fail at once, with the fix, where the installed Triton interpreter cannot run the kernels
-    (rather than with hundreds of identical TypeErrors from inside Triton)."""
+    """Keep the collection's order under pytest-xdist (above), and fail at once, with the fix, where
+    the installed Triton interpreter cannot run the kernels (rather than with hundreds of identical
+    TypeErrors from inside Triton)."""
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
+        config.option.loadscopereorder = False
     if os.environ["TRITON_INTERPRET"] == "1":
         from moe_kernels.backend import installed_interpreter_incompatibility
 
@@ -54,6 +76,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="gpu: needs a CUDA GPU (benchmarks/gpu_suite.sh runs these)")

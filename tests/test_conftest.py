@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +29,21 @@ def test_inductor_cache_is_one_per_cpu_kind_unless_chosen(tmp_path):
     avx2 = Path(_cache_dir("sys.modules['torch._inductor.runtime.cache_dir_utils'] = None", ATEN_CPU_CAPABILITY="avx2"))
     assert avx2.name.startswith("moe-adapter-tests-avx2-") and avx2.parent != scalar.parent
     assert _cache_dir(TORCHINDUCTOR_CACHE_DIR=str(tmp_path)) == str(tmp_path)  # the user's choice stands
+
+
+def test_the_longest_files_lead_the_collection_and_xdist_keeps_that_order():
+    """The files tests/conftest.py orders for pytest-xdist exist (a renamed file would silently
+    drop out of the list), lead the collection in the listed order, the rest keep theirs, and
+    xdist's reordering by test count is switched off."""
+    from tests.conftest import LONGEST_FILES_FIRST, pytest_collection_modifyitems, pytest_configure
+
+    missing = [path for path in LONGEST_FILES_FIRST if not (ROOT / path).is_file()]
+    assert not missing, f"tests/conftest.py LONGEST_FILES_FIRST names missing files: {missing}"
+    others = ["tests/a/test_x.py::test_1", "tests/b/test_y.py::test_2", "tests/a/test_x.py::test_3"]
+    listed = [f"{path}::test_{i}" for i, path in enumerate(LONGEST_FILES_FIRST)]
+    items = [SimpleNamespace(nodeid=n, keywords={}) for n in [others[0], *listed[::-1], *others[1:]]]
+    pytest_collection_modifyitems(None, items)
+    assert [item.nodeid for item in items] == [*listed, *others]
+    config = SimpleNamespace(option=SimpleNamespace(loadscopereorder=True))
+    pytest_configure(config)
+    assert config.option.loadscopereorder is False
