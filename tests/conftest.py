@@ -44,7 +44,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 
 
 # The test files that take longest, longest first (seconds of setup + call summed per file, from
-# `--junitxml` of the full suite on the 2-core Xeon, 2026-12-03; every other file took <= 30 s).
+# `--junitxml` of the full suite on the 2-core Xeon, 2026-12-03; every other file took <= 33 s).
 # `-n 2 --dist loadfile` hands whole files to the two workers in collection order, which
 # pytest-xdist first sorts by test count (`--loadscope-reorder`): these few-test, long files then
 # came last and one worker ran them while the other idled (15:25 wall for 23:05 of CPU). Longest
