@@ -264,7 +264,7 @@ def _cuda_seconds(fn, args: tuple) -> float:
 def auto_candidates(args: tuple) -> list[str]:
     """What "auto" times for a call with inputs `args` (z, router, w1, w2, ...): "triton:<name>"
     for each gemm_config.distinct_schedules (tiles+split first), then "grouped_mm" where it runs.
-    Schedules that would run the same kernels (persistent GEMMs in fp32 or before Hopper; the
+    Schedules that would run the same kernels (persistent GEMMs in fp32 or where they do not run; the
     weight-gradient split without a backward) are left out rather than timed twice."""
     from moe_kernels.gemm_config import distinct_schedules
     from moe_kernels.grouped_mm_experts import grouped_mm_unavailable

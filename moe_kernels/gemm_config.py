@@ -80,20 +80,32 @@ def default_schedule() -> Schedule:
 
 def distinct_schedules(dtype: torch.dtype, device: torch.device, grad: bool) -> list[Schedule]:
     """The schedules that run different kernels for `dtype` on `device`: persistent row GEMMs only
-    for 16-bit dtypes where TMA exists (elsewhere gemm_config and grouped_mm fall back to the
-    tiles), and the weight-gradient choice only when a backward runs (`grad`)."""
+    for 16-bit dtypes where they run (runs_persistent; elsewhere gemm_config and grouped_mm fall
+    back to the tiles), and the weight-gradient choice only when a backward runs (`grad`)."""
     gemms = ["tiles"]
-    if dtype in (torch.float16, torch.bfloat16) and has_tma(device):
+    if dtype in (torch.float16, torch.bfloat16) and runs_persistent(device):
         gemms.append("persistent")
     wgrads = WGRAD_SCHEDULES if grad else WGRAD_SCHEDULES[:1]
     return [Schedule(g, w) for g in gemms for w in wgrads]
 
 
+# The most shared memory one block of a persistent row GEMM takes: 163,872 B, the 4-stage
+# 128x128x64 16-bit tiles on sm_90 (139,312 B on sm_100; inspect_sm90, Triton 3.9, 2026-12-03).
+# GPUs with TMA but less per block, the RTX 50 series and other sm_120 parts (99 KB; those tiles
+# took 106,520 B there), would fail that launch: the tile kernel serves them.
+PERSISTENT_SHARED_BYTES = 163_872
+
+
 @functools.cache
-def has_tma(device: torch.device) -> bool:
-    """TMA copies exist from sm_90 (Hopper) on; off a GPU (the interpreter, compile-only
-    inspection for sm_90) they are emulated or compiled, so True."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+def runs_persistent(device: torch.device) -> bool:
+    """The persistent row GEMMs run on `device`: TMA copies (sm_90 on) and PERSISTENT_SHARED_BYTES
+    of shared memory per block (the CUDA opt-in limit: 227 KB on H100/H200 and B200). Off a GPU
+    (the interpreter, compile-only inspection) True; a GPU that does not report the limit, False."""
+    if device.type != "cuda":
+        return True
+    props = torch.cuda.get_device_properties(device)
+    shared = getattr(props, "shared_memory_per_block_optin", 0)
+    return props.major >= 9 and shared >= PERSISTENT_SHARED_BYTES
 
 
 @functools.cache

@@ -49,9 +49,9 @@ from moe_kernels.gemm_config import (  # noqa: F401 (EPI_* are this kernel's epi
     Schedule,
     acc_dtype,
     gemm_config,
-    has_tma,
     precision,
     row_major,
+    runs_persistent,
     upcast,
 )
 from moe_kernels.permutation import ChunkTables, tile_of
@@ -282,7 +282,7 @@ def grouped_mm(
             raise ValueError(f"pre must be {tuple(out.shape)}, got {tuple(pre.shape)}")
         dw_part = extra = torch.empty(out_rows, num_n, dtype=weight_TK.dtype, device=dev)
     weight = weight_TK if weight_TK is not None else out
-    persistent = cfg.persistent and has_tma(a.device)  # before Hopper the tile kernel serves
+    persistent = cfg.persistent and runs_persistent(a.device)  # elsewhere the tile kernel serves
     b_desc = persistent_gemm.weight_descriptor(b_E, cfg.block_k, cfg.block_n) if persistent else None
     # TMA reads a sorted-order A only when it is row-major with 16-byte aligned rows.
     a_tma = gather_a or (a.is_contiguous() and (KD * a.element_size()) % 16 == 0)

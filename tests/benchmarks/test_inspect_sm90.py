@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from moe_kernels.gemm_config import PERSISTENT_SHARED_BYTES
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -42,6 +44,8 @@ def test_persistent_gemms_compile_with_tma(args):
         assert not rows
     else:
         assert len(rows) == 4 and all(int(r[9]) > 0 for r in rows), out  # the tma column
+        # gemm_config.runs_persistent admits a GPU by this bound on the shared memory per block
+        assert max(int(r[3]) for r in rows) <= PERSISTENT_SHARED_BYTES, out  # the smem column
 
 
 def _inspect(args: list[str], schedule: str) -> str:

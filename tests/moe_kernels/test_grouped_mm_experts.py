@@ -178,7 +178,7 @@ def test_auto_candidates_are_the_distinct_schedules(dtype, grad, tma, want, monk
     """auto times every schedule that runs different kernels, and no schedule twice."""
     from moe_kernels import gemm_config
 
-    monkeypatch.setattr(gemm_config, "has_tma", lambda device: tma)
+    monkeypatch.setattr(gemm_config, "runs_persistent", lambda device: tma)
     args = (*(t.detach().to(dtype).requires_grad_(grad) for t in make_moe_inputs(9, 16, 8, 4)), 2)
     assert backend.auto_candidates(args) == want
 

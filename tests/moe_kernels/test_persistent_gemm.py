@@ -2,6 +2,8 @@
 persistent TMA kernel against reference.expert_mlp + combine in float64, for fp32 and fp16; the
 kernel really runs (a spy counts its launches) and falls back where TMA cannot read a weight."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -130,10 +132,23 @@ def test_bf16_three_way_on_gpu(launches, T, D, F, E, K, routing):
         three_way_check(a.cpu(), t.cpu(), r, atol=1e-2, name=name)
 
 
-def test_tma_only_from_hopper(monkeypatch):
-    """An A100 (sm_80) has no TMA: the persistent schedule falls back to the tile kernel there."""
+def test_persistent_only_where_tma_and_its_shared_memory_exist(monkeypatch):
+    """The persistent schedule runs where TMA exists (sm_90 on) and a block may take the shared
+    memory its tiles need; an A100 (sm_80: no TMA) and an RTX 50-series GPU (sm_120: TMA, but 99 KB
+    per block, where the persistent tiles took 106,520 B) fall back to the tile kernel, as does a
+    GPU whose properties lack the limit."""
     cuda = torch.device("cuda", 0)
-    for capability, expected in (((8, 0), False), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
-        assert gemm_config.has_tma.__wrapped__(cuda) is expected
-    assert gemm_config.has_tma(torch.device("cpu"))
+    kib = 1024
+    for major, shared, expected in (
+        (8, 163 * kib, False),  # A100
+        (9, 227 * kib, True),  # H100 / H200
+        (10, 227 * kib, True),  # B200
+        (12, 99 * kib, False),  # RTX 5090
+        (9, None, False),  # no opt-in limit reported
+    ):
+        props = SimpleNamespace(major=major, minor=0)
+        if shared is not None:
+            props.shared_memory_per_block_optin = shared
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=props: p)
+        assert gemm_config.runs_persistent.__wrapped__(cuda) is expected, (major, shared)
+    assert gemm_config.runs_persistent(torch.device("cpu"))
