@@ -266,9 +266,10 @@ def grouped_mm(
     if weight_TK is not None:
         weight_TK = weight_TK.contiguous()
     aligned = KD % 16 == 0 and N % 16 == 0
-    cfg = gemm_config(
-        a.dtype, perm.sorted_pair_R.shape[0], E, aligned=aligned, epilogue=epilogue, persistent=persistent
-    )
+    rows = perm.sorted_pair_R.shape[0]
+    # Where the persistent kernel does not run, the tile kernel serves, on its own tiles.
+    persistent = persistent and runs_persistent(a.device)
+    cfg = gemm_config(a.dtype, rows, E, aligned=aligned, epilogue=epilogue, persistent=persistent)
     dev = a.device
     out = torch.empty(out_rows, N, dtype=out_dtype, device=dev)
     num_n = triton.cdiv(N, cfg.block_n)
@@ -282,8 +283,7 @@ def grouped_mm(
             raise ValueError(f"pre must be {tuple(out.shape)}, got {tuple(pre.shape)}")
         dw_part = extra = torch.empty(out_rows, num_n, dtype=weight_TK.dtype, device=dev)
     weight = weight_TK if weight_TK is not None else out
-    persistent = cfg.persistent and runs_persistent(a.device)  # elsewhere the tile kernel serves
-    b_desc = persistent_gemm.weight_descriptor(b_E, cfg.block_k, cfg.block_n) if persistent else None
+    b_desc = persistent_gemm.weight_descriptor(b_E, cfg.block_k, cfg.block_n) if cfg.persistent else None
     # TMA reads a sorted-order A only when it is row-major with 16-byte aligned rows.
     a_tma = gather_a or (a.is_contiguous() and (KD * a.element_size()) % 16 == 0)
     if b_desc is not None and a_tma:
@@ -304,9 +304,11 @@ def grouped_mm(
             tables=tables,
         )
         return out, extra
+    if cfg.persistent:  # TMA cannot read an operand: the tile kernel, without the persistent config's extra stage
+        cfg = gemm_config(a.dtype, rows, E, aligned=aligned, epilogue=epilogue)
     # Upper bound on M tiles: sum_e cdiv(c_e, BM) <= cdiv(R, BM) + E. Programs past the real
     # count exit at once; the bound comes from shapes, so nothing waits on the GPU.
-    max_m_tiles = triton.cdiv(perm.sorted_pair_R.shape[0], cfg.block_m) + E
+    max_m_tiles = triton.cdiv(rows, cfg.block_m) + E
     _grouped_mm_kernel[(max_m_tiles * num_n,)](
         a,
         b_E,
