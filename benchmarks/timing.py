@@ -96,11 +96,7 @@ def measured_matmul_tflops(
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    fn = lambda: torch.matmul(a, b)  # noqa: E731
-    if device.type == "cuda":
-        ms = time_gpu(fn).median_ms
-    else:
-        ms = time_cpu_interleaved({"mm": fn}, budget_s=cpu_budget_s)["mm"].median_ms
+    ms = _ceiling_ms(lambda: torch.matmul(a, b), device, cpu_budget_s)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
@@ -109,12 +105,15 @@ def measured_copy_gbs(device: torch.device, cpu_budget_s: float = CEILING_CPU_BU
     n = (1 << 30) if device.type == "cuda" else (1 << 26)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    fn = lambda: dst.copy_(src)  # noqa: E731
-    if device.type == "cuda":
-        ms = time_gpu(fn).median_ms
-    else:
-        ms = time_cpu_interleaved({"cp": fn}, budget_s=cpu_budget_s)["cp"].median_ms
+    ms = _ceiling_ms(lambda: dst.copy_(src), device, cpu_budget_s)
     return 2 * n / (ms * 1e-3) / 1e9
+
+
+def _ceiling_ms(fn: Callable[[], object], device: torch.device, cpu_budget_s: float) -> float:
+    """Median ms of one ceiling probe: CUDA events on a GPU, interleaved timer rounds on a CPU."""
+    if device.type == "cuda":
+        return time_gpu(fn).median_ms
+    return time_cpu_interleaved({"probe": fn}, budget_s=cpu_budget_s)["probe"].median_ms
 
 
 def datasheet_for(device_name: str) -> dict[str, float] | None:
