@@ -3,6 +3,7 @@
 import hashlib
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -89,3 +90,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(request, tmp_path_factory):
+    """A folder for the runs a module's tests share, removed once the module is done unless one of
+    its tests failed (what `tmp_path_retention_policy = "failed"` in pyproject.toml does for each
+    test's `tmp_path`). Kept to the end of the session, as pytest keeps `tmp_path_factory`'s
+    folders, the suite's training runs and checkpoints had filled 6.2 GB of /tmp by its end
+    (2026-12-03), and a CI machine with less free disk failed with ENOSPC."""
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The test setup itself: each kind of CPU compiles into an inductor cache of its own (conftest.py)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,31 @@ def test_the_longest_files_lead_the_collection_and_xdist_keeps_that_order():
     config = SimpleNamespace(option=SimpleNamespace(loadscopereorder=True))
     pytest_configure(config)
     assert config.option.loadscopereorder is False
+
+
+def test_the_runs_tests_share_and_each_tests_folder_leave_the_disk_when_they_pass(tmp_path, pytestconfig):
+    """A module's shared folder (`module_tmp_path`) goes when its tests pass and stays, for a look,
+    when one fails; a passing test's own `tmp_path` goes too (pyproject.toml's retention policy)."""
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "conftest.py").write_text("from tests.conftest import module_tmp_path  # noqa: F401\n")
+    body = (
+        "def test_{name}(module_tmp_path):\n"
+        "    (module_tmp_path / 'run').write_text('x')\n"
+        "    print(f'FOLDER={{module_tmp_path}}')\n"
+    )
+    (project / "test_passes.py").write_text(body.format(name="a") + body.format(name="b"))
+    (project / "test_fails.py").write_text(body.format(name="c") + "    assert False\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'base'}"],
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "1 failed, 2 passed" in proc.stdout, proc.stdout + proc.stderr
+    folders = {Path(path) for path in re.findall(r"FOLDER=(/\S+)", proc.stdout)}
+    kept = {folder.name: folder.is_dir() for folder in folders}
+    assert kept == {"test_passes0": False, "test_fails0": True}, kept

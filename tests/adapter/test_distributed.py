@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "results.pt"
+def two_process_results(module_tmp_path):
+    out = module_tmp_path / "results.pt"
     cmd = [*torchrun(2), str(ROOT / "tests" / "adapter" / "dist_worker.py"), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -14,9 +14,10 @@ CATS = ("speech", "sound", "music")
 
 
 @pytest.fixture(scope="module")
-def labelled(tone_corpus, tmp_path_factory):
+def labelled(tone_corpus, module_tmp_path):
     """The tone corpus with its clips spread over the three categories (train and val)."""
-    root = tmp_path_factory.mktemp("labelled")
+    root = module_tmp_path / "labelled"
+    root.mkdir()
     out = []
     for src in tone_corpus:
         recs = [json.loads(x) for x in src.read_text().splitlines()]
@@ -30,8 +31,9 @@ def labelled(tone_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(labelled, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
+def runs(labelled, module_tmp_path):
+    root = module_tmp_path / "runs"
+    root.mkdir()
     for adapter in ("dense", "moe-8c4"):
         train.train(
             TrainConfig(

@@ -23,11 +23,11 @@ def test_probe_separates_separable_classes_and_not_noise():
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory, ci_corpus):
+def tiny_runs(module_tmp_path, ci_corpus):
     from adapter.lalm.experiment import ExperimentConfig
     from tests.adapter.lalm.conftest import TINY_EXPERIMENT
 
-    root = tmp_path_factory.mktemp("diag")
+    root = module_tmp_path
     exp = ExperimentConfig(
         **{**TINY_EXPERIMENT, "out": str(root), "corpus": str(ci_corpus), "quiet": True, "steps": 4, "checkpoints": 2}
     )

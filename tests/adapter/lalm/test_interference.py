@@ -15,7 +15,9 @@ def test_alone_and_joint_runs_are_paired_per_category(tmp_path, tiny_experiment,
     corpora = tmp_path / "corpora"
     corpora.mkdir()
     (corpora / "seed-0").symlink_to(ci_corpus)  # the session's CI corpus serves as seed 0's
-    exp = tiny_experiment(corpus=str(corpora), out=str(tmp_path / "runs"))
+    # One checkpoint per run (kept with its predecessor): the runner reads only the last, and the
+    # default's five per run had this test write 1.3 GB.
+    exp = tiny_experiment(corpus=str(corpora), out=str(tmp_path / "runs"), checkpoints=1)
     manifests = interference.category_manifests(_corpus(ci_corpus))
     tests = {s: read_manifest(m["test"]) for s, m in manifests.items()}
     assert {ex.category for ex in tests["joint"]} == set(interference.CATEGORIES)
@@ -60,7 +62,7 @@ def test_alone_and_joint_runs_are_paired_per_category(tmp_path, tiny_experiment,
     # The CLI on the same folders with --resume reuses every run and writes the report.
     capsys.readouterr()
     argv = ["--presets", "dense", "--seeds", "0", "--epochs", "2", "--alone-steps", "joint", "--resume", "--quiet"]
-    argv += tiny_experiment_argv(corpus=corpora, out=tmp_path / "runs")
+    argv += tiny_experiment_argv(corpus=corpora, out=tmp_path / "runs", checkpoints=1)
     assert interference.main(argv + ["--test-per-task", "0"]) == 0
     out = capsys.readouterr().out
     assert out.count("reusing the finished, evaluated run") == len(interference.SETTINGS) + len(interference.CATEGORIES)

@@ -108,9 +108,10 @@ RESUME_ARGS = ["--max-steps", "12", "--save-every", "3", "--eval-every", "0", "-
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tone_corpus):
+def uninterrupted(module_tmp_path, tone_corpus):
     """The run the interrupted ones must reproduce: 12 steps, checkpoints every 3."""
-    full = tmp_path_factory.mktemp("uninterrupted")
+    full = module_tmp_path / "uninterrupted"
+    full.mkdir()
     subprocess.run(_cli(full, tone_corpus, *RESUME_ARGS), check=True, env=_env(), capture_output=True, timeout=600)
     return full
 

@@ -71,9 +71,9 @@ def _assert_identical_rerun(a, b):
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory, mixed_corpus):
+def fsdp_runs(module_tmp_path, mixed_corpus):
     """2 processes x 1 micro-batch and 1 process x 2 micro-batches, 6 steps, checkpoints at 2, 4, 6."""
-    root = tmp_path_factory.mktemp("fsdp")
+    root = module_tmp_path
     corpus = (mixed_corpus[0], None)
     # A trainable encoder (in the root unit; text-only micro-batches never run it) with the semantic
     # codebook fitted through it: the path that shards the most.

@@ -273,8 +273,9 @@ DAMAGE_RUN = dict(max_steps=4, eval_every=0, save_every=2, keep_checkpoints=2)
 
 
 @pytest.fixture(scope="module")
-def run_with_two_checkpoints(tmp_path_factory, tone_corpus):
-    out = tmp_path_factory.mktemp("two-checkpoints")
+def run_with_two_checkpoints(module_tmp_path, tone_corpus):
+    out = module_tmp_path / "two-checkpoints"
+    out.mkdir()
     train_mod.train(_cfg(out, tone_corpus, **DAMAGE_RUN))
     return out
 
