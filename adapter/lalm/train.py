@@ -201,7 +201,8 @@ class Checkpointer:
     writes) or, `sharded` (FSDP), dcp/ with every rank's shards and rng_<rank>.pt (every rank
     writes, adapter/lalm/parallel.py); then scheduler.pt and state.json. It is assembled in a
     temporary folder that only a complete save renames into place, so a crash (SIGKILL included)
-    at any instant leaves the last complete checkpoint the newest."""
+    at any instant leaves the last complete checkpoint the newest; a save that raises (a full disk)
+    also removes its partial folder and adds a note naming the checkpoint that stands."""
 
     def __init__(self, root: Path, keep: int, sharded: bool = False) -> None:
         self.root = root / "checkpoints"
@@ -219,20 +220,31 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         _barrier(world)
-        if self.sharded:
-            parallel.save_sharded(tmp, model, optimizer, _checkpoint_names(model, trained_now(model)))
-            torch.save(_rng_state(), tmp / f"rng_{rank}.pt")
-        elif rank == 0:
-            save_file(trainable_state(model), str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-        _barrier(world)
+        try:
+            if self.sharded:
+                parallel.save_sharded(tmp, model, optimizer, _checkpoint_names(model, trained_now(model)))
+                torch.save(_rng_state(), tmp / f"rng_{rank}.pt")
+            elif rank == 0:
+                save_file(trainable_state(model), str(tmp / "model.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(_rng_state(), tmp / "rng.pt")
+            _barrier(world)
+            if rank == 0:
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                _fsync_write(tmp / "state.json", json.dumps(state, indent=1).encode())
+                if final.exists():  # the same step saved again (after a resume): identical content
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except Exception as exc:
+            # A full disk is the usual cause: give back what the partial save took, and say what stands.
+            shutil.rmtree(tmp, ignore_errors=True)
+            newest = self.latest()
+            exc.add_note(
+                f"checkpoint {final.name} was not saved (its partial folder {tmp} is removed); the newest "
+                + (f"complete checkpoint, {newest}, stands: --resume continues from it" if newest else "run has none")
+            )
+            raise
         if rank == 0:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            _fsync_write(tmp / "state.json", json.dumps(state, indent=1).encode())
-            if final.exists():  # the same step saved again (after a resume): identical content
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             _write_atomic(self.root / "latest", final.name)
             for old in step_folders(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -214,10 +214,12 @@ def test_checkpoint_writes_are_atomic(tmp_path, tone_corpus, monkeypatch):
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full") as failure:
         train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2))
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002"]
+    assert sorted(p.name for p in ckpts.glob("*step_*")) == ["step_0000002"]  # the partial save's folder went
+    assert "step_0000004 was not saved" in str(failure.value.__notes__)
+    assert f"{ckpts / 'step_0000002'}, stands: --resume" in str(failure.value.__notes__)
     assert (ckpts / "latest").read_text() == "step_0000002"
     monkeypatch.setattr(torch, "save", real_save)
     summary = train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2, resume=True))
