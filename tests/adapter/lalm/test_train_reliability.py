@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -317,3 +318,29 @@ def test_where_nothing_can_lock_a_run_still_trains_and_says_so(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
     with pytest.warns(UserWarning, match="no fcntl on this platform"):
         assert train_mod.RunFolderLock(tmp_path).acquire() is None
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_said_before_the_first_step(tmp_path, tone_corpus, monkeypatch):
+    """The estimate is (kept + 1) checkpoints of 12 bytes per trained parameter (an fp32 weight and
+    AdamW's two moments); a run whose folder has less free space warns before it trains."""
+    real = shutil.disk_usage
+    free = {"bytes": 10**12}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free["bytes"]))
+    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
+    free["bytes"] = 35_999
+    short = train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2)
+    assert "0.00 GB free" in short and "(2 kept + the one being saved, 0.00 GB each for 1,000 trained" in short
+    free["bytes"] = 36_000  # exactly 3 x 12,000
+    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
+
+    free["bytes"] = 50_000_000  # the CI-size run's checkpoints are 40 MB each (3.35 M trained parameters)
+    said = r"has 0.05 GB free, .* about 0.12 GB at once \(2 kept"
+    early = tmp_path / "early"
+    with warnings.catch_warnings():  # as an error, it is raised where it is said: before any step
+        warnings.filterwarnings("error", message=".*checkpoints take about")
+        with pytest.raises(UserWarning, match=said):
+            train_mod.train(_cfg(early, tone_corpus, max_steps=1, eval_every=0, save_every=0))
+    assert not (early / "log.jsonl").exists() and not (early / "checkpoints").exists()
+    with pytest.warns(UserWarning, match=said):  # a warning: the run goes on
+        summary = train_mod.train(_cfg(tmp_path / "on", tone_corpus, max_steps=1, eval_every=0, save_every=0))
+    assert summary["steps"] == 1
