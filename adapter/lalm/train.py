@@ -261,21 +261,23 @@ class Checkpointer:
         return done[-1] if done else None
 
 
-def checkpoint_disk_shortfall(out_dir: Path, trained: int, keep: int) -> str | None:
+def checkpoint_disk_shortfall(out_dir: Path, trained: int, keep: int, existing: int = 0) -> str | None:
     """What to tell the user when `out_dir`'s file system has less free space than the run's
-    checkpoints take at their peak (`keep` kept plus the one being saved); None when it has enough.
+    checkpoints take at their peak (`keep` kept plus the one being saved, less the `existing` ones a
+    resume finds, which the free space already excludes); None when it has enough.
     Estimated from the `trained` parameter count: an fp32 weight and AdamW's two fp32 moments,
     12 bytes each (the checkpoints of the CI-size LALM: 13.4 MB of weights, 26.8 MB of optimizer
     state). Said before the first step, not hours later when a save fails on a full disk."""
-    need = (keep + 1) * 12 * trained
+    need = max(0, keep + 1 - existing) * 12 * trained
     free = shutil.disk_usage(out_dir).free
     if free >= need:
         return None
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     return (
-        f"{out_dir} has {gb(free)} free, but this run's checkpoints take about {gb(need)} at once ({keep} kept "
-        f"+ the one being saved, {gb(12 * trained)} each for {trained:,} trained parameters): free some space, "
-        "keep fewer (--keep-checkpoints; the experiment runners' --checkpoints) or choose another --output-dir"
+        f"{out_dir} has {gb(free)} free, but this run's checkpoints need about {gb(need)} more ({keep} kept + the "
+        f"one being saved - {existing} there, {gb(12 * trained)} each for {trained:,} trained parameters): free "
+        "some space, keep fewer (--keep-checkpoints; the experiment runners' --checkpoints) or choose another "
+        "--output-dir"
     )
 
 
@@ -676,8 +678,10 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
         param_groups(model, params, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
-    if is_main and (short := checkpoint_disk_shortfall(out_dir, sum(p.numel() for p in params), cfg.keep_checkpoints)):
-        warnings.warn(short, stacklevel=3)
+    if is_main:
+        trained, there = sum(p.numel() for p in params), len(step_folders(ckpt.root))
+        if short := checkpoint_disk_shortfall(out_dir, trained, cfg.keep_checkpoints, there):
+            warnings.warn(short, stacklevel=3)
     per_step = cfg.grad_accum * world
     state = {
         "step": 0,

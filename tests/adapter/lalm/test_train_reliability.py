@@ -329,18 +329,29 @@ def test_a_disk_too_small_for_the_checkpoints_is_said_before_the_first_step(tmp_
     assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
     free["bytes"] = 35_999
     short = train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2)
-    assert "0.00 GB free" in short and "(2 kept + the one being saved, 0.00 GB each for 1,000 trained" in short
+    assert "0.00 GB free" in short and "(2 kept + the one being saved - 0 there, 0.00 GB each for 1,000" in short
     free["bytes"] = 36_000  # exactly 3 x 12,000
     assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
+    free["bytes"] = 12_000  # a resume that finds its 2 checkpoints needs room for one more
+    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2, existing=2) is None
+    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2, existing=1) is not None
 
     free["bytes"] = 50_000_000  # the CI-size run's checkpoints are 40 MB each (3.35 M trained parameters)
-    said = r"has 0.05 GB free, .* about 0.12 GB at once \(2 kept"
+    said = r"has 0.05 GB free, .* about 0.12 GB more \(2 kept"
     early = tmp_path / "early"
     with warnings.catch_warnings():  # as an error, it is raised where it is said: before any step
-        warnings.filterwarnings("error", message=".*checkpoints take about")
+        warnings.filterwarnings("error", message=".*checkpoints need about")
         with pytest.raises(UserWarning, match=said):
             train_mod.train(_cfg(early, tone_corpus, max_steps=1, eval_every=0, save_every=0))
     assert not (early / "log.jsonl").exists() and not (early / "checkpoints").exists()
     with pytest.warns(UserWarning, match=said):  # a warning: the run goes on
         summary = train_mod.train(_cfg(tmp_path / "on", tone_corpus, max_steps=1, eval_every=0, save_every=0))
     assert summary["steps"] == 1
+    # Resumed (finished, it saves its last step again), its checkpoint is already on the disk: 90 MB
+    # free hold the 2 more it may need.
+    free["bytes"] = 90_000_000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = _cfg(tmp_path / "on", tone_corpus, max_steps=1, eval_every=0, save_every=0, resume=True)
+        assert train_mod.train(cfg)["steps"] == 1
+    assert not [w for w in caught if "checkpoints need about" in str(w.message)]
