@@ -227,12 +227,13 @@ def _timed_choice(key: str, candidates: dict[str, Callable[[], float]]) -> str:
     path = _cache_path()
     data = _read_cache(path)
     data[key] = {"choice": choice, "seconds": seconds, "candidates": sorted(candidates)}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         tmp.replace(path)
-    except OSError as exc:
+    except OSError as exc:  # a read-only or full disk: the old file stands, no partial one is left
+        tmp.unlink(missing_ok=True)
         log.warning("moe_kernels auto backend: cannot write %s (%s); the choice holds for this process", path, exc)
     times = ", ".join(f"{n} {1e3 * t:.3f} ms" for n, t in sorted(seconds.items()))
     log.info("moe_kernels auto backend for %s: %s (%s)", key, choice, times)

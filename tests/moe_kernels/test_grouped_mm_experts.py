@@ -4,8 +4,10 @@ the same bits; and "auto"'s choice among it and the Triton path's GEMM schedules
 each candidate against the reference, timed once, remembered in the cache file, pinned by the
 environment, reported."""
 
+import errno
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +152,23 @@ def test_auto_pin_and_a_corrupt_cache(cache, monkeypatch):
     monkeypatch.setenv(backend.AUTO_PIN_ENV, "cuda-magic")
     with pytest.raises(ValueError, match="MOE_ADAPTER_AUTO_BACKEND='cuda-magic'"):
         backend.choose_auto("k", {"triton": lambda: 1.0})
+
+
+def test_auto_on_a_full_disk_keeps_the_old_file_and_leaves_no_partial_one(cache, monkeypatch, caplog):
+    assert backend.choose_auto("k1", {"triton": lambda: 1.0, "grouped_mm": lambda: 2.0}) == "triton"
+    before = cache.read_text()
+    real_write = Path.write_text
+
+    def half_then_full(self, text, *a, **k):  # writes part of the file, then the disk is full
+        real_write(self, text[: len(text) // 2], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with caplog.at_level(logging.WARNING, logger="moe_kernels"):
+        assert backend.choose_auto("k2", {"triton": lambda: 2.0, "grouped_mm": lambda: 1.0}) == "grouped_mm"
+    assert "No space left on device" in caplog.text and "the choice holds for this process" in caplog.text
+    assert cache.read_text() == before and [p.name for p in cache.parent.iterdir()] == [cache.name]
+    assert backend.choose_auto("k2", {"triton": lambda: 0.1, "grouped_mm": lambda: 9.0}) == "grouped_mm"  # held
 
 
 def test_shape_class_rounds_tokens_and_names_the_setting():
