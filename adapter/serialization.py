@@ -101,6 +101,19 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`text` to `path` by atomic_write, on the disk (fsync) before the rename: a crash, power loss
+    included, leaves the old file or the new one, and a failed write (a full disk) neither."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(Path(path), write)
+
+
 def save_adapter(adapter: nn.Module, path: str | Path) -> None:
     """One adapter's weights and config in one safetensors file (written atomically)."""
     meta = {"format": FORMAT, "adapter": json.dumps(_describe(adapter))}

@@ -50,6 +50,7 @@ from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, exper
 from adapter.lalm.model import AUDIO_CATEGORIES
 from adapter.lalm.paired import PairedDiff, aligned, paired_difference
 from adapter.lalm.plots import pyplot, save
+from adapter.serialization import atomic_write_text
 
 WIDTHS = (0.125, 0.5, 2.0)
 """Adapter width scales: dense hidden 256, 1024 and 4096 at d = 256 (99k, 394k, 1.57M parameters
@@ -133,9 +134,7 @@ def mechanism(run_dir: Path, val_manifest: Path, quiet: bool = False) -> dict:
             return cached
     result = analyze_run(run_dir, read_manifest(val_manifest), analyses=("cosine", "influence"), progress=not quiet)
     result = {"last_step": last, "cosine": result["cosine"], "influence": result["influence"]}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(result))
     return result
 
 

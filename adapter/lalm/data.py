@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from adapter.lalm.audio import HOP_LENGTH, SAMPLE_RATE, audio_frames, load_audio, log_mel
 from adapter.lalm.model import AUDIO_CATEGORIES, IGNORE, Batch, pad_frames
-from adapter.serialization import atomic_write
+from adapter.serialization import atomic_write, atomic_write_text
 
 
 @dataclass
@@ -162,12 +162,7 @@ def read_manifests(spec: str) -> list[Example]:
 
 def write_manifest(path: str | Path, records: list[dict]) -> None:
     """Write records as JSONL atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in records))
 
 
 def prompt_ids(tokenizer, num_frames: int, question: str, context: str = "") -> list[int]:

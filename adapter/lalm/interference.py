@@ -48,6 +48,7 @@ from adapter.lalm.model import AUDIO_CATEGORIES
 from adapter.lalm.paired import PairedDiff, aligned, paired_difference
 from adapter.lalm.plots import pyplot, save
 from adapter.presets import PRESETS
+from adapter.serialization import atomic_write_text
 
 CATEGORIES = AUDIO_CATEGORIES
 SETTINGS = (*CATEGORIES, "joint")
@@ -76,9 +77,7 @@ def category_manifests(manifests: dict[str, Path]) -> dict[str, dict[str, Path]]
             path = root / f"interference-{setting}-{split}.jsonl"
             text = "".join(json.dumps(r) + "\n" for r in keep)
             if not path.is_file() or path.read_text() != text:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(text)
-                tmp.replace(path)
+                atomic_write_text(path, text)
             out[setting][split] = path
     return out
 

@@ -72,6 +72,7 @@ from adapter.lalm.data import (
     read_manifests,
 )
 from adapter.lalm.model import AudioLLM
+from adapter.serialization import atomic_write_text
 from adapter.stats import moe_adapters
 
 # ------------------------------------------------------------------------------ setup
@@ -245,7 +246,7 @@ class Checkpointer:
             )
             raise
         if rank == 0:
-            _write_atomic(self.root / "latest", final.name)
+            atomic_write_text(self.root / "latest", final.name)
             for old in step_folders(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(world)
@@ -489,9 +490,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); fix or remove the line to resume") from exc
         if record.get("step", 0) <= last_step:
             keep.append(ln)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 # Fields a resumed run may change: they steer logging, evaluation and checkpoint cadence, not what
@@ -570,12 +569,6 @@ def enable_activation_checkpointing(llm) -> None:
         llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _fsync_write(tmp, text.encode())
-    os.replace(tmp, path)
 
 
 def _clear_adapter_stats(adapters) -> None:
@@ -659,7 +652,7 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
             shutil.rmtree(ckpt.root, ignore_errors=True)
         if latest is None:  # a fresh start: no earlier log lines may survive
             (out_dir / "log.jsonl").unlink(missing_ok=True)
-        _write_atomic(out_dir / "config.json", cfg.to_json())
+        atomic_write_text(out_dir / "config.json", cfg.to_json())
     source = FeatureSource(
         model.encoder.dims.n_mels,
         encoder=model.encoder if cfg.freeze_encoder else None,

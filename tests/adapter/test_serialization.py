@@ -1,6 +1,8 @@
 """save/load of adapters and swapped models: exact round trips, no pickle, clear errors."""
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from adapter import DenseAdapter, MoEAdapter, build_adapter, preset, swap_adapter
-from adapter.serialization import load_adapter, load_swapped, save_adapter, save_swapped
+from adapter.serialization import atomic_write_text, load_adapter, load_swapped, save_adapter, save_swapped
 
 
 @pytest.mark.parametrize(
@@ -137,3 +139,21 @@ def test_saves_are_atomic_per_call_and_refuse_directories(tmp_path):
     assert not errors and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
     loaded = load_adapter(tmp_path / "a.safetensors")
     assert any(torch.equal(loaded.w1, m.w1) for m in adapters)
+
+
+def test_atomic_write_text_leaves_the_old_file_or_the_new_one_and_no_temporary(tmp_path, monkeypatch):
+    """What manifests, run configs, the checkpoint pointer and logs are written with."""
+    path = tmp_path / "manifest.jsonl"
+    atomic_write_text(path, "old\n")
+    atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n"
+
+    def full(fd):  # the data is written, the flush to the disk fails: a full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(path, "newer\n")
+    assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["manifest.jsonl"]
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        atomic_write_text(tmp_path, "x")

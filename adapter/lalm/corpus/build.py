@@ -56,6 +56,7 @@ from adapter.lalm.audio import load_audio
 from adapter.lalm.corpus import music, sounds, speech
 from adapter.lalm.corpus.banks import NOUNS, phrase_bank, question_bank, sentence_bank
 from adapter.lalm.data import write_manifest
+from adapter.serialization import atomic_write_text
 
 VERSION = 7
 QUESTIONS = 100  # distinct knowledge questions: few enough that the small LLM learns them all as text
@@ -321,7 +322,5 @@ def build_corpus(
     for split in SPLITS:
         write_manifest(manifests[split], builder.split_items(split, bar))
     write_manifest(manifests["text"], builder.text_items())
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(meta_path)
+    atomic_write_text(meta_path, json.dumps(meta))
     return manifests

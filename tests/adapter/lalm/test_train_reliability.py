@@ -245,14 +245,14 @@ def test_the_lock_is_taken_before_a_new_folder_is_written(tmp_path, tone_corpus,
     folder between the checks and the lock is refused, not overwritten."""
     out = tmp_path / "new"
     seen = {}
-    real_write = train_mod._write_atomic
+    real_write = train_mod.atomic_write_text
 
     def spy(path, text):
         if path.name == "config.json":
             seen["holder"] = (out / ".lock").read_text()
         real_write(path, text)
 
-    monkeypatch.setattr(train_mod, "_write_atomic", spy)
+    monkeypatch.setattr(train_mod, "atomic_write_text", spy)
     train_mod.train(_cfg(out, tone_corpus, max_steps=1, eval_every=0, save_every=0))
     assert seen["holder"].startswith(f"pid {__import__('os').getpid()} on ")
     real_latest = train_mod.Checkpointer.latest
