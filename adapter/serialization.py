@@ -103,7 +103,8 @@ def atomic_write(path: Path, write) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """`text` to `path` by atomic_write, on the disk (fsync) before the rename: a crash, power loss
-    included, leaves the old file or the new one, and a failed write (a full disk) neither."""
+    included, leaves the old file or the new one; a failed write (a full disk) leaves the old file
+    and no temporary."""
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as fh:
