@@ -101,18 +101,19 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def fsync_write(path: str | Path, data: bytes) -> None:
+    """`data` to `path`, on the disk (fsync) when it returns."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """`text` to `path` by atomic_write, on the disk (fsync) before the rename: a crash, power loss
+    """`text` (UTF-8) to `path` by atomic_write, on the disk before the rename: a crash, power loss
     included, leaves the old file or the new one; a failed write (a full disk) leaves the old file
     and no temporary."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    atomic_write(Path(path), write)
+    atomic_write(Path(path), lambda tmp: fsync_write(tmp, text.encode()))
 
 
 def save_adapter(adapter: nn.Module, path: str | Path) -> None:

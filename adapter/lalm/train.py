@@ -72,7 +72,7 @@ from adapter.lalm.data import (
     read_manifests,
 )
 from adapter.lalm.model import AudioLLM
-from adapter.serialization import atomic_write_text
+from adapter.serialization import atomic_write_text, fsync_write
 from adapter.stats import moe_adapters
 
 # ------------------------------------------------------------------------------ setup
@@ -180,13 +180,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 STEP_NAME = re.compile(r"step_\d{7}")  # a checkpoint folder (not step_0000004.bad, set aside by hand)
 
 
@@ -232,7 +225,7 @@ class Checkpointer:
             _barrier(world)
             if rank == 0:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-                _fsync_write(tmp / "state.json", json.dumps(state, indent=1).encode())
+                fsync_write(tmp / "state.json", json.dumps(state, indent=1).encode())
                 if final.exists():  # the same step saved again (after a resume): identical content
                     shutil.rmtree(final)
                 os.replace(tmp, final)
