@@ -35,7 +35,7 @@ PROVIDERS = (*MOE_PROVIDERS, "dense")
 """moe-grouped-mm: the routed experts in plain torch around torch._grouped_mm (a gathered copy of
 the rows, torch routing); moe-gmm-backend: our backend="grouped_mm" (Triton router and
 permutation, torch._grouped_mm experts); moe-auto: backend="auto", which times its candidates
-(the Triton GEMM schedules and grouped_mm) in its first call and runs the fastest: its row says
+(the Triton GEMM schedules, grouped_mm, the torch reference) in its first call and runs the fastest: its row says
 which (`auto_choice`), and the report checks it is never slower than the fastest other row by
 more than their timing spread."""
 LEVELS = ("adapter", "block")

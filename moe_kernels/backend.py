@@ -11,9 +11,11 @@
   "triton:persistent+split", see gemm_config.Schedule) for the call's (GPU, dtype, shape class),
   timed once (forward, and backward when gradients are needed) and remembered in a small JSON
   file (AUTO_CACHE_ENV, default ~/.cache/moe_adapter/backend_choice.json); where triton cannot run
-  (E > MAX_TRITON_EXPERTS, not installed), "torch". AUTO_PIN_ENV pins the choice ("triton": the
-  default schedule). On CPU "auto" is always "torch": the interpreter is a test vehicle, hundreds
-  of times slower.
+  (E > MAX_TRITON_EXPERTS, not installed), "torch"; "torch" is a candidate too, so auto never runs
+  a fused path slower than the reference's cuBLAS calls. On GPUs below sm_80 (T4, V100) "auto" is
+  "torch" without timing: Triton has no tensor-core dot there (TRITON_MMA_CAPABILITY).
+  AUTO_PIN_ENV pins the choice ("triton": the default schedule). On CPU "auto" is always "torch":
+  the interpreter is a test vehicle, hundreds of times slower.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import os
 import re
 import statistics
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +42,31 @@ log = logging.getLogger("moe_kernels")
 
 # The router kernel holds a (tokens x experts) tile in registers; past 128 experts it spills.
 MAX_TRITON_EXPERTS = 128
+
+
+# Triton lowers tl.dot to fp32 FMA below compute capability 8.0 (triton-lang/triton#5066: MMAv1
+# removed, no mma.sync for Volta or Turing). Measured on the sm_75 compile of _grouped_mm_kernel
+# (fp16 and bf16, Triton 3.9, benchmarks/inspect_sm90 --arch 75, 2026-12-03): 4096 FFMA and no HMMA
+# in its SASS, 2.9-7.5 KB spilled per thread; sm_80's has 64 HMMA. cuBLAS keeps the tensor cores
+# (a T4's peaks: 65 TFLOPS fp16 on them, 8 TFLOPS fp32 FMA), so below this auto runs the reference
+# (not timed on such a GPU: none lent).
+TRITON_MMA_CAPABILITY = (8, 0)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+# What torch.compiler.assume_constant_result(cuda_capability) does (it sets this attribute, torch
+# 2.0 to 2.13), without importing torch._dynamo with moe_kernels (2.8 s of a 5.3 s import, -X
+# importtime, 2-core Xeon, 2026-12-03): dynamo calls the function while tracing resolve_backend
+# (custom_ops.moe_ffn) and keeps the result as a constant, no graph break and no CUDA query traced.
+cuda_capability._dynamo_marked_constant = True
+
+
+def triton_has_tensor_cores(device: torch.device) -> bool:
+    """Triton's tl.dot runs on tensor cores on `device` (CUDA sm_80 on); True off CUDA."""
+    return device.type != "cuda" or cuda_capability(device) >= TRITON_MMA_CAPABILITY
 
 
 # Host facts, read once at import, so that under torch.compile the functions below return
@@ -100,7 +128,7 @@ def resolve_backend(backend: str, device: torch.device, num_experts: int) -> str
         return "torch"
     if backend == "auto":
         use_triton = device.type == "cuda" and triton_available() and num_experts <= MAX_TRITON_EXPERTS
-        return "triton" if use_triton else "torch"
+        return "triton" if use_triton and triton_has_tensor_cores(device) else "torch"
     if not triton_available():
         raise ValueError(f"backend={backend!r} but the triton package is not installed")
     if num_experts > MAX_TRITON_EXPERTS:
@@ -264,7 +292,9 @@ def _cuda_seconds(fn, args: tuple) -> float:
 
 def auto_candidates(args: tuple) -> list[str]:
     """What "auto" times for a call with inputs `args` (z, router, w1, w2, ...): "triton:<name>"
-    for each gemm_config.distinct_schedules (tiles+split first), then "grouped_mm" where it runs.
+    for each gemm_config.distinct_schedules (tiles+split first), "grouped_mm" where it runs, and
+    "torch" (the reference: a cuBLAS GEMM pair per expert), timed like the others so that auto
+    never runs a fused path slower than it, on any GPU and shape.
     Schedules that would run the same kernels (persistent GEMMs in fp32 or where they do not run; the
     weight-gradient split without a backward) are left out rather than timed twice."""
     from moe_kernels.gemm_config import distinct_schedules
@@ -275,7 +305,7 @@ def auto_candidates(args: tuple) -> list[str]:
     names = [f"triton:{s.name}" for s in distinct_schedules(z_TD.dtype, z_TD.device, grad)]
     if grouped_mm_unavailable(z_TD.device, z_TD.dtype) is None:
         names.append("grouped_mm")
-    return names
+    return [*names, "torch"]
 
 
 def moe_ffn_implementation(backend: str, device: torch.device, num_experts: int, args: tuple | None = None):
@@ -284,11 +314,18 @@ def moe_ffn_implementation(backend: str, device: torch.device, num_experts: int,
     chosen). All take (z, router, w1, w2, top_k, mask, balance_p). With `args` (that call's
     inputs), "auto" on CUDA picks among auto_candidates by timing (choose_auto)."""
     name = resolve_backend(backend, device, num_experts)
+    if name == "triton" and not triton_has_tensor_cores(device):  # only a request for "triton" gets here
+        sm = "".join(map(str, cuda_capability(device)))
+        warnings.warn(
+            f"backend='triton' on {torch.cuda.get_device_name(device)} (sm_{sm}): Triton has no tensor-core "
+            "dot below sm_80 (triton-lang/triton#5066), so the expert GEMMs run on fp32 FMA (a T4's peak: "
+            "8 TFLOPS, against 65 on the tensor cores cuBLAS uses); backend='torch' or 'auto' runs cuBLAS",
+            stacklevel=3,
+        )
     if backend == "auto" and name == "triton" and args is not None and os.environ.get(AUTO_PIN_ENV) != "triton":
         names = auto_candidates(args)
-        if len(names) > 1:
-            candidates = {c: functools.partial(_cuda_seconds, _implementation(c), args) for c in names}
-            name = choose_auto(shape_class(args), candidates)
+        candidates = {c: functools.partial(_cuda_seconds, _implementation(c), args) for c in names}
+        name = choose_auto(shape_class(args), candidates)
     return _implementation(name)
 
 

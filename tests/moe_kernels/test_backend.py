@@ -1,5 +1,9 @@
 """backend.resolve_backend: the one place that picks triton or torch, with clear refusals."""
 
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 
@@ -7,7 +11,21 @@ from moe_kernels import backend, moe_ffn, resolve_backend
 from tests.utils import make_moe_inputs
 
 
-def test_auto_picks_torch_on_cpu_and_triton_on_cuda():
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA device as the backend sees it, on a machine without one: set the returned list's
+    item to the compute capability the "GPU" reports (a Hopper by default). Dynamo may not trace
+    the query (the real one initializes CUDA and reads device properties), as on a GPU."""
+    capability = [(9, 0)]
+    query = torch.compiler.disable(lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", query)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_name", lambda device=None: "Tesla T4" if capability[0] < (8, 0) else "H100"
+    )
+    return capability
+
+
+def test_auto_picks_torch_on_cpu_and_triton_on_cuda(gpu):
     assert resolve_backend("auto", torch.device("cpu"), 8) == "torch"
     assert resolve_backend("auto", torch.device("cuda", 0), 8) == "triton"
     assert resolve_backend("auto", torch.device("cuda", 0), 129) == "torch"  # past the router's limit
@@ -39,6 +57,51 @@ def test_interpreter_incompatibility_by_version(triton_version, numpy_version, b
         assert f"Triton {triton_version}" in reason and f"numpy {numpy_version}" in reason and "#9171" in reason
 
 
+@pytest.mark.parametrize(
+    "capability,want", [((7, 0), "torch"), ((7, 5), "torch"), ((8, 0), "triton"), ((12, 0), "triton")]
+)
+def test_auto_runs_torch_where_triton_has_no_tensor_cores(gpu, capability, want):
+    """Below sm_80 Triton's tl.dot is fp32 FMA (the sm_75 compile: 4096 FFMA, no HMMA; inspect_sm90
+    --arch 75), so auto runs the reference's cuBLAS GEMMs on a T4 or V100 without timing Triton."""
+    gpu[0] = capability
+    assert resolve_backend("auto", torch.device("cuda", 0), 8) == want
+    assert resolve_backend("triton", torch.device("cuda", 0), 8) == "triton"  # asked for: it runs
+    assert backend.triton_has_tensor_cores(torch.device("cpu"))  # the interpreter: no such question
+
+
+def test_asking_for_triton_without_tensor_cores_warns_once_and_names_the_way_out(gpu):
+    gpu[0] = (7, 5)
+    with pytest.warns(UserWarning, match=r"Tesla T4 \(sm_75\).*fp32 FMA.*backend='torch' or 'auto'") as seen:
+        impl = backend.moe_ffn_implementation("triton", torch.device("cuda", 0), 8)
+    assert impl is backend._implementation("triton") and len(seen) == 1
+    assert backend.moe_ffn_implementation("auto", torch.device("cuda", 0), 8) is backend._implementation("torch")
+    gpu[0] = (8, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend.moe_ffn_implementation("triton", torch.device("cuda", 0), 8)  # an RTX 3090: no warning
+
+
+def test_auto_resolves_inside_a_fullgraph_compile(gpu):
+    """Under torch.compile the adapter resolves its backend while dynamo traces (custom_ops.moe_ffn):
+    the capability is read once, as a constant, without a graph break."""
+    gpu[0] = (7, 5)
+    cuda = torch.device("cuda", 0)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(x):
+        return x + 1 if resolve_backend("auto", cuda, 8) == "torch" else x - 1
+
+    assert pick(torch.zeros(2)).tolist() == [1.0, 1.0]
+
+
+def test_importing_the_kernels_leaves_dynamo_unloaded():
+    """The capability query is marked constant for dynamo by its attribute, not by importing
+    torch._dynamo (2.8 s of a 5.3 s import here): `import moe_kernels` stays light."""
+    code = "import sys, moe_kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_triton_on_cpu_refuses_a_broken_interpreter(monkeypatch):
     assert backend.installed_interpreter_incompatibility() is None  # else conftest would have stopped
     monkeypatch.setattr(backend, "installed_interpreter_incompatibility", lambda: "Triton 3.6.0's interpreter ...")
@@ -47,7 +110,7 @@ def test_triton_on_cpu_refuses_a_broken_interpreter(monkeypatch):
     assert resolve_backend("triton", torch.device("cuda", 0), 8) == "triton"  # compiled kernels are not affected
 
 
-def test_resolving_reads_no_package_metadata(monkeypatch):
+def test_resolving_reads_no_package_metadata(monkeypatch, gpu):
     """Which packages are installed is read once, at import: torch 2.11's dynamo will not trace
     importlib.util.find_spec, so a probe inside resolve_backend broke fullgraph compiles there."""
 

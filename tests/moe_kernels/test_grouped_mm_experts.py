@@ -186,15 +186,16 @@ TRITON_ALL = ["triton:tiles+split", "triton:tiles+nosplit", "triton:persistent+s
 @pytest.mark.parametrize(
     "dtype,grad,tma,want",
     [
-        (torch.float16, True, True, [*TRITON_ALL, "grouped_mm"]),
-        (torch.float16, False, True, ["triton:tiles+split", "triton:persistent+split", "grouped_mm"]),
-        (torch.float16, True, False, ["triton:tiles+split", "triton:tiles+nosplit", "grouped_mm"]),  # e.g. an A100
-        (torch.float32, True, True, ["triton:tiles+split", "triton:tiles+nosplit", "grouped_mm"]),  # fp32: tiles
-        (torch.float64, True, True, ["triton:tiles+split", "triton:tiles+nosplit"]),  # no grouped_mm
+        (torch.float16, True, True, [*TRITON_ALL, "grouped_mm", "torch"]),
+        (torch.float16, False, True, ["triton:tiles+split", "triton:persistent+split", "grouped_mm", "torch"]),
+        (torch.float16, True, False, ["triton:tiles+split", "triton:tiles+nosplit", "grouped_mm", "torch"]),  # A100
+        (torch.float32, True, True, ["triton:tiles+split", "triton:tiles+nosplit", "grouped_mm", "torch"]),  # tiles
+        (torch.float64, True, True, ["triton:tiles+split", "triton:tiles+nosplit", "torch"]),  # no grouped_mm
     ],
 )
 def test_auto_candidates_are_the_distinct_schedules(dtype, grad, tma, want, monkeypatch):
-    """auto times every schedule that runs different kernels, and no schedule twice."""
+    """auto times every schedule that runs different kernels, and no schedule twice, and the
+    reference last (what runs where no fused path beats cuBLAS)."""
     from moe_kernels import gemm_config
 
     monkeypatch.setattr(gemm_config, "runs_persistent", lambda device: tma)
@@ -245,8 +246,8 @@ def test_every_triton_candidate_runs_its_schedule_forward_and_backward(monkeypat
 
 @pytest.mark.gpu
 def test_auto_on_cuda_times_every_candidate_once(cache):
-    """bf16 on a Hopper GPU: the first call times every candidate (the four Triton schedules and
-    grouped_mm, forward + backward) and writes the choice; the Triton and grouped_mm paths agree
+    """bf16 on a Hopper GPU: the first call times every candidate (the four Triton schedules,
+    grouped_mm and the torch reference, forward + backward) and writes the choice; the Triton and grouped_mm paths agree
     within bf16 rounding."""
     dev = torch.device("cuda")
     inputs = [t.detach().to(dev, torch.bfloat16).requires_grad_(True) for t in make_moe_inputs(2048, 256, 128, 8)]
