@@ -8,18 +8,22 @@ nvdisasm read the cubins. Nothing runs, so values are never read: this also show
 makes no data-dependent decisions.
 
 Per kernel it prints registers, local-memory (spill) bytes, shared memory, blocks per SM (from
-registers, shared memory and threads), and the instruction mix that matters on Hopper: HGMMA
-(wgmma tensor cores), HMMA (older mma), LDGSTS (cp.async, with its width) and LDL/STL (spills).
+registers, shared memory and threads; Hopper's limits), and the instruction mix: the tensor-core
+instruction the GEMMs compiled to (`mma`: HGMMA, wgmma on sm_90; HMMA, mma.sync on sm_80-89 and
+sm_120; UTCHMMA, tcgen05 on sm_100; or FMA: no tensor cores, Triton's tl.dot below sm_80),
+LDGSTS (cp.async, with its width) and LDL/STL (spills).
 From the Triton IR after pipelining (TTGIR) it reads each GEMM's main loop (the scf.for holding
 the dot): stages in flight (the depth of its multi-buffered shared-memory operands, bounded by the
 loop's tightest async_wait: a wait for all copies leaves one in flight), whether the loop waits
 for its own wgmma to finish (warp_group_dot_wait with pendings = 0: a synchronous main loop), and
-whether it uses TMA. `--check` exits 1 when a kernel spills, or a 16-bit GEMM has no HGMMA, or
-(D and F multiples of 16) no 128-bit cp.async; `--check-pipeline` also when a GEMM keeps fewer
-than MIN_STAGES stages in flight or waits on its own wgmma.
+whether it uses TMA. `--check` exits 1 when a kernel spills, or a 16-bit GEMM lacks the tensor-core
+instruction of its `--arch` (tensor_core_op), or (D and F multiples of 16, sm_80 on) no 128-bit
+cp.async; `--check-pipeline` (sm_90 only) also when a GEMM keeps fewer than MIN_STAGES stages in
+flight or waits on its own wgmma.
 
     python -m benchmarks.inspect_sm90                      # paper shape, bf16
     python -m benchmarks.inspect_sm90 --tokens 512 --check # the small-T tile configs
+    python -m benchmarks.inspect_sm90 --arch 80 --check    # an A100
 """
 
 from __future__ import annotations
@@ -83,6 +87,19 @@ class _StubTarget:
         return torch.device("cpu")
 
 
+def tensor_core_op(arch: int) -> str | None:
+    """The SASS instruction a 16-bit tl.dot becomes on sm_<arch>, read from Triton 3.9's compiles
+    (2026-12-03): HGMMA on sm_90, UTCHMMA (tcgen05) on sm_100, HMMA on sm_80/86/89/120. Below
+    sm_80 none: Triton lowers tl.dot to FFMA there (triton-lang/triton#5066; sm_75: 4096 FFMA)."""
+    if arch < 80:
+        return None
+    if arch == 90:
+        return "HGMMA"
+    if 100 <= arch < 120:
+        return "UTCHMMA"
+    return "HMMA"
+
+
 def _bin(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
@@ -94,7 +111,7 @@ def analyse(name: str, kernel, constexprs: dict) -> dict:
         res = subprocess.run([_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([_bin("nvdisasm"), f.name], capture_output=True, text=True).stdout
     usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res))
-    ops = collections.Counter(re.findall(r"\b(HGMMA|HMMA|LDGSTS|LDL|STL)\b", sass))
+    ops = collections.Counter(re.findall(r"\b(HGMMA|HMMA|UTCHMMA|FFMA|LDGSTS|LDL|STL)\b", sass))
     ldgsts_widths = sorted({int(w) for w in re.findall(r"LDGSTS\S*?\.(\d+)\b", sass)}) or (
         [32] if ops["LDGSTS"] else []
     )
@@ -108,8 +125,8 @@ def analyse(name: str, kernel, constexprs: dict) -> dict:
         "registers": int(usage.get("REG", 0)),
         "spill_bytes": int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0)),
         "shared_bytes": kernel.metadata.shared,
-        "hgmma": ops["HGMMA"],
-        "hmma": ops["HMMA"],
+        "mma": {op: ops[op] for op in ("HGMMA", "HMMA", "UTCHMMA") if ops[op]},  # tensor-core instructions
+        "ffma": ops["FFMA"],
         "cp_async": ops["LDGSTS"],
         "cp_async_bits": max(ldgsts_widths) if ldgsts_widths else 0,
         "ldl_stl": ops["LDL"] + ops["STL"],
@@ -143,9 +160,13 @@ def compile_all(tokens: int, d: int, f: int, experts: int, top_k: int, dtype: to
     return seen
 
 
-def problems(rows: list[dict], dtype: torch.dtype, aligned: bool, check_pipeline: bool = False) -> list[str]:
-    """Spills anywhere; for 16-bit GEMMs no wgmma, or (widths multiples of 16) no 128-bit cp.async;
-    with check_pipeline, GEMM main loops with fewer than MIN_STAGES stages or a synchronous wait."""
+def problems(
+    rows: list[dict], dtype: torch.dtype, aligned: bool, check_pipeline: bool = False, arch: int = 90
+) -> list[str]:
+    """Spills anywhere; for 16-bit GEMMs no tensor-core instruction of `arch` (tensor_core_op), or
+    (widths multiples of 16, sm_80 on) no 128-bit cp.async; with check_pipeline (sm_90), GEMM main
+    loops with fewer than MIN_STAGES stages or a synchronous wgmma wait."""
+    want = tensor_core_op(arch)
     found = []
     for r in rows:
         label = f"{r['kernel']} {r['config']}"
@@ -157,8 +178,14 @@ def problems(rows: list[dict], dtype: torch.dtype, aligned: bool, check_pipeline
         if r["spill_bytes"] or r["ldl_stl"]:
             found.append(f"{label}: spills {r['spill_bytes']} B ({r['ldl_stl']} LDL/STL)")
         if r["kernel"] in GEMM_KERNELS and dtype != torch.float32:
-            if not r["hgmma"]:
-                found.append(f"{label}: no HGMMA (wgmma) instructions")
+            if want is None:
+                found.append(
+                    f"{label}: no tensor cores on sm_{arch} ({r['ffma']} FFMA): Triton lowers tl.dot to FMA below "
+                    "sm_80 (triton-lang/triton#5066); backend='auto' runs the torch reference on such GPUs"
+                )
+                continue
+            if not r["mma"].get(want):
+                found.append(f"{label}: no {want} (tensor-core) instructions for sm_{arch}")
             if aligned and r["cp_async_bits"] < 128 and not r["tma"]:  # TMA copies are the bulk path
                 found.append(f"{label}: no 128-bit cp.async (widest {r['cp_async_bits']} bit)")
     return found
@@ -179,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         "--check-pipeline",
         action="store_true",
         help=f"with --check, also exit 1 when a GEMM main loop keeps < {MIN_STAGES} stages in flight or waits on its "
-        "own wgmma",
+        "own wgmma (sm_90 only: the other architectures have no wgmma)",
     )
     args = p.parse_args(argv)
+    if args.check_pipeline and args.arch != 90:
+        p.error(f"--check-pipeline reads Hopper's wgmma pipeline: use it with --arch 90, got --arch {args.arch}")
     dtype = DTYPES[args.dtype]
     rows = compile_all(args.tokens, args.d, args.f, args.experts, args.top_k, dtype, args.arch)
     print(
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         f"E={args.experts} K={args.top_k} (triton {triton.__version__}, no GPU needed)"
     )
     header = (
-        f"{'kernel':24s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'blk/SM':>6s} {'wgmma':>5s} {'cp.async':>8s} "
+        f"{'kernel':24s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'blk/SM':>6s} {'mma':>9s} {'cp.async':>8s} "
         f"{'stages':>6s} {'sync':>4s} {'tma':>3s}  config"
     )
     print(header)
@@ -198,14 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         gemm = r["kernel"] in GEMM_KERNELS
         stages, sync = (str(r["stages"]), "yes" if r["wgmma_sync_wait"] else "no") if gemm else ("-", "-")
+        mma = ",".join(f"{n}x{op}" for op, n in r["mma"].items()) or ("FMA" if gemm and r["ffma"] else "-")
         print(
             f"{r['kernel']:24s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} "
-            f"{r['blocks_per_sm']:6d} {r['hgmma']:5d} {cp:>8s} {stages:>6s} {sync:>4s} {r['tma']:3d}  "
+            f"{r['blocks_per_sm']:6d} {mma:>9s} {cp:>8s} {stages:>6s} {sync:>4s} {r['tma']:3d}  "
             f"w{r['num_warps']} s{r['num_stages']} {cfg}"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    found = problems(rows, dtype, aligned=args.d % 16 == 0 and args.f % 16 == 0, check_pipeline=args.check_pipeline)
+    aligned = args.d % 16 == 0 and args.f % 16 == 0
+    found = problems(rows, dtype, aligned=aligned, check_pipeline=args.check_pipeline, arch=args.arch)
     for line in found:
         print("PROBLEM:", line)
     return 1 if (args.check and found) else 0

@@ -2,7 +2,8 @@
 the 16-bit GEMMs, 128-bit cp.async when the widths allow it, no register spills, and (read from
 the pipelined IR) >= 3 stages in flight and no synchronous wgmma wait in every 16-bit aligned GEMM
 main loop, weight gradients included. This is the CPU-side guard for GPU code the interpreter
-cannot check (compile errors, spills, fallbacks, unpipelined loops)."""
+cannot check (compile errors, spills, fallbacks, unpipelined loops). Other architectures: an
+A100's compile uses tensor cores (HMMA), a T4's cannot (Triton's FMA dot below sm_80)."""
 
 import os
 import subprocess
@@ -48,19 +49,45 @@ def test_persistent_gemms_compile_with_tma(args):
         assert max(int(r[3]) for r in rows) <= PERSISTENT_SHARED_BYTES, out  # the smem column
 
 
+SMALL = ["--tokens", "512", "--d", "256", "--f", "128", "--dtype", "float16"]  # compiles in ~20 s
+
+
+@pytest.mark.parametrize("arch,mma,rc", [(80, "HMMA", 0), (75, "FMA", 1)])
+def test_tensor_cores_by_architecture(arch, mma, rc):
+    """An A100 (sm_80): every GEMM on mma.sync (HMMA), no spills. A T4 (sm_75): Triton compiles
+    tl.dot to FFMA, no tensor-core instruction at all (triton-lang/triton#5066), which is why
+    backend="auto" runs the torch reference below sm_80; should a Triton release bring Turing's
+    mma back, this fails and that rule (backend.TRITON_MMA_CAPABILITY) wants revisiting."""
+    proc = _run(["--check", "--arch", str(arch), *SMALL], "tiles")
+    assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-4000:]
+    gemms = [line.split() for line in proc.stdout.splitlines() if line.startswith(("_grouped_mm_kernel", "_wgrad"))]
+    assert len(gemms) == 6 and all(r[5].endswith(mma) for r in gemms), proc.stdout  # the mma column
+    if rc:
+        assert proc.stdout.count("no tensor cores on sm_75") == 6 and "runs the torch reference" in proc.stdout
+
+
+def test_the_wgmma_pipeline_check_is_for_hopper_only():
+    proc = _run(["--check-pipeline", "--arch", "80"], "tiles")
+    assert proc.returncode == 2 and "use it with --arch 90, got --arch 80" in proc.stderr
+
+
 def _inspect(args: list[str], schedule: str) -> str:
+    proc = _run(["--check", *args], schedule)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "_wgrad_kernel" in proc.stdout and "_router_bwd_kernel" in proc.stdout
+    return proc.stdout
+
+
+def _run(args: list[str], schedule: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "0", "MOE_ADAPTER_GEMM": schedule}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.inspect_sm90", "--check", *args],
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.inspect_sm90", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "_wgrad_kernel" in proc.stdout and "_router_bwd_kernel" in proc.stdout
-    return proc.stdout
 
 
 ASYNC_LOOP = """
