@@ -18,8 +18,8 @@ loop's tightest async_wait: a wait for all copies leaves one in flight), whether
 for its own wgmma to finish (warp_group_dot_wait with pendings = 0: a synchronous main loop), and
 whether it uses TMA. `--check` exits 1 when a kernel spills, or a 16-bit GEMM lacks the tensor-core
 instruction of its `--arch` (tensor_core_op), or (D and F multiples of 16, sm_80 on) no 128-bit
-cp.async; `--check-pipeline` (sm_90 only) also when a GEMM keeps fewer than MIN_STAGES stages in
-flight or waits on its own wgmma.
+cp.async; `--check-pipeline` (sm_90, and the mma.sync GPUs: sm_80-89, sm_120) also when a GEMM
+keeps fewer than MIN_STAGES stages in flight or (sm_90) waits on its own wgmma.
 
     python -m benchmarks.inspect_sm90                      # paper shape, bf16
     python -m benchmarks.inspect_sm90 --tokens 512 --check # the small-T tile configs
@@ -164,8 +164,8 @@ def problems(
     rows: list[dict], dtype: torch.dtype, aligned: bool, check_pipeline: bool = False, arch: int = 90
 ) -> list[str]:
     """Spills anywhere; for 16-bit GEMMs no tensor-core instruction of `arch` (tensor_core_op), or
-    (widths multiples of 16, sm_80 on) no 128-bit cp.async; with check_pipeline (sm_90), GEMM main
-    loops with fewer than MIN_STAGES stages or a synchronous wgmma wait."""
+    (widths multiples of 16, sm_80 on) no 128-bit cp.async; with check_pipeline, GEMM main loops
+    with fewer than MIN_STAGES stages or a synchronous wgmma wait."""
     want = tensor_core_op(arch)
     found = []
     for r in rows:
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         "--check-pipeline",
         action="store_true",
         help=f"with --check, also exit 1 when a GEMM main loop keeps < {MIN_STAGES} stages in flight or waits on its "
-        "own wgmma (sm_90 only: the other architectures have no wgmma)",
+        "own wgmma (sm_90, and sm_80-89/120 where the IR pipelines cp.async copies for mma.sync)",
     )
     args = p.parse_args(argv)
-    if args.check_pipeline and args.arch != 90:
-        p.error(f"--check-pipeline reads Hopper's wgmma pipeline: use it with --arch 90, got --arch {args.arch}")
+    if args.check_pipeline and tensor_core_op(args.arch) not in ("HGMMA", "HMMA"):
+        p.error(f"--check-pipeline reads wgmma and mma.sync pipelines (sm_80-90, sm_120), got --arch {args.arch}")
     dtype = DTYPES[args.dtype]
     rows = compile_all(args.tokens, args.d, args.f, args.experts, args.top_k, dtype, args.arch)
     print(

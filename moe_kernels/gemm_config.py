@@ -129,8 +129,9 @@ def gemm_config(
     processes pick different BLOCK_K, and so different summation orders, breaking bit-identical
     results across runs. Every config here was compiled for sm_90 with Triton 3.9's ptxas
     (benchmarks/inspect_sm90.py): no register spills; 16-bit GEMMs use wgmma and, when `aligned`
-    (both GEMM widths multiples of 16, so loads vectorize), 128-bit cp.async in a 3-stage
-    pipeline. Not yet timed on a GPU (none lent so far). `persistent`: a row GEMM of the persistent
+    (both GEMM widths multiples of 16, so loads vectorize), 128-bit cp.async with 3 stages in
+    flight; on sm_80-89 and sm_120 (mma.sync) one more buffer keeps 3 there too (mma_sync_target).
+    Not yet timed on a GPU (none lent so far). `persistent`: a row GEMM of the persistent
     schedule (Schedule.gemm), where its kernel serves the dtype."""
     cfg = _tiles(dtype, rows, num_experts, aligned=aligned, epilogue=epilogue)
     if not persistent:
@@ -162,9 +163,24 @@ def _tiles(dtype: torch.dtype, rows: int, num_experts: int, *, aligned: bool, ep
     # still spills 40 B/thread (192 B when it also loaded act), at 128x64 it fits in 145 registers
     # (sm_90, Triton 3.9, 2026-12-02).
     block_n = 64 if epilogue == EPI_DSILU else 128
+    # On mma.sync GPUs Triton buffers num_stages - 1 copies, where Hopper's wgmma loop buffers
+    # num_stages (sm_80 compile, Triton 3.9, 2026-12-03: 2 buffers, 64 KB and 2 stages in flight at
+    # num_stages 3; 3 buffers, 96 KB, 3 in flight at 4, no spills): one more keeps sm_90's 3 in
+    # flight, in shared memory that fits the 99 KB per block of sm_86/89/120 parts.
+    stages = 4 if mma_sync_target() else 3
     if rows < 256 * num_experts:  # few rows per expert: halve M so fewer rows are padding
-        return GemmConfig(64, block_n, 64, 4, 3)
-    return GemmConfig(128, block_n, 64, 8, 3)
+        return GemmConfig(64, block_n, 64, 4, stages)
+    return GemmConfig(128, block_n, 64, 8, stages)
+
+
+def mma_sync_target() -> bool:
+    """Triton compiles for a GPU whose tensor cores it drives with mma.sync (HMMA): sm_80-89 and
+    sm_120 (RTX 50), not sm_90 (wgmma) or sm_100 (tcgen05). Read from Triton's active target, the
+    GPU the JIT compiles for (the stub of benchmarks/inspect_sm90 when compiling without one)."""
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return target.backend == "cuda" and (80 <= target.arch < 90 or target.arch >= 120)
 
 
 def acc_dtype(dtype: torch.dtype):

@@ -3,7 +3,8 @@ the 16-bit GEMMs, 128-bit cp.async when the widths allow it, no register spills,
 the pipelined IR) >= 3 stages in flight and no synchronous wgmma wait in every 16-bit aligned GEMM
 main loop, weight gradients included. This is the CPU-side guard for GPU code the interpreter
 cannot check (compile errors, spills, fallbacks, unpipelined loops). Other architectures: an
-A100's compile uses tensor cores (HMMA), a T4's cannot (Triton's FMA dot below sm_80)."""
+RTX 30's (and A100's) compile uses tensor cores (HMMA) in a 3-stage pipeline, a T4's cannot
+(Triton's FMA dot below sm_80)."""
 
 import os
 import subprocess
@@ -52,23 +53,28 @@ def test_persistent_gemms_compile_with_tma(args):
 SMALL = ["--tokens", "512", "--d", "256", "--f", "128", "--dtype", "float16"]  # compiles in ~20 s
 
 
-@pytest.mark.parametrize("arch,mma,rc", [(80, "HMMA", 0), (75, "FMA", 1)])
+@pytest.mark.parametrize("arch,mma,rc", [(86, "HMMA", 0), (75, "FMA", 1)])
 def test_tensor_cores_by_architecture(arch, mma, rc):
-    """An A100 (sm_80): every GEMM on mma.sync (HMMA), no spills. A T4 (sm_75): Triton compiles
-    tl.dot to FFMA, no tensor-core instruction at all (triton-lang/triton#5066), which is why
-    backend="auto" runs the torch reference below sm_80; should a Triton release bring Turing's
-    mma back, this fails and that rule (backend.TRITON_MMA_CAPABILITY) wants revisiting."""
-    proc = _run(["--check", "--arch", str(arch), *SMALL], "tiles")
+    """An RTX 30 part (sm_86; an A100's sm_80 compiles to the same tiles): every GEMM on mma.sync
+    (HMMA), 3 stages in flight, no spills, within the 99 KB of shared memory a block may take there.
+    A T4 (sm_75): Triton compiles tl.dot to FFMA, no tensor-core instruction at all
+    (triton-lang/triton#5066), which is why backend="auto" runs the torch reference below sm_80;
+    should a Triton release bring Turing's mma back, this fails and that rule
+    (backend.TRITON_MMA_CAPABILITY) wants revisiting."""
+    pipeline = ["--check-pipeline"] if rc == 0 else []
+    proc = _run(["--check", *pipeline, "--arch", str(arch), *SMALL], "tiles")
     assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-4000:]
     gemms = [line.split() for line in proc.stdout.splitlines() if line.startswith(("_grouped_mm_kernel", "_wgrad"))]
     assert len(gemms) == 6 and all(r[5].endswith(mma) for r in gemms), proc.stdout  # the mma column
     if rc:
         assert proc.stdout.count("no tensor cores on sm_75") == 6 and "runs the torch reference" in proc.stdout
+    else:
+        assert max(int(r[3]) for r in gemms) <= 99 * 1024, proc.stdout  # smem: sm_86/89/120's opt-in limit
 
 
-def test_the_wgmma_pipeline_check_is_for_hopper_only():
-    proc = _run(["--check-pipeline", "--arch", "80"], "tiles")
-    assert proc.returncode == 2 and "use it with --arch 90, got --arch 80" in proc.stderr
+def test_the_pipeline_check_refuses_an_architecture_it_cannot_read():
+    proc = _run(["--check-pipeline", "--arch", "100"], "tiles")  # tcgen05: neither wgmma nor mma.sync loops
+    assert proc.returncode == 2 and "got --arch 100" in proc.stderr
 
 
 def _inspect(args: list[str], schedule: str) -> str:
