@@ -140,7 +140,7 @@ class TrainConfig:
     )
     freeze_llm: bool = _f(False, "keep the LLM frozen (the paper's adapter-only setting)")
     train_adapter: bool = _f(True, "train the adapter (and the feature fusion and semantic embeddings)")
-    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
+    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU); refused below sm_80 (T4, V100): --no-bf16 there")
     log_every: int = _f(1, "steps between JSONL log lines")
     eval_every: int = _f(50, "steps between held-out evaluations (0: only at the end)")
     save_every: int = _f(50, "steps between checkpoints (0: only at the end)")

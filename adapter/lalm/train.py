@@ -601,6 +601,21 @@ def _refuse_if_busy(busy: str | None, out_dir: Path, world: int, device) -> None
         )
 
 
+def bf16_refusal(bf16: bool, device: torch.device) -> str | None:
+    """Why bf16 autocast cannot train on `device`, or None. Below sm_80 (T4, V100) a GPU has no bf16
+    hardware: torch.cuda.is_bf16_supported() still says True there (it tests that a bf16 tensor can
+    be made), but matmuls run emulated and cuDNN has no bf16 convolutions; the narrower question is
+    is_bf16_supported(including_emulation=False)."""
+    if not bf16 or device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False):
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return (
+        f"--bf16 (the default) on {torch.cuda.get_device_name(device)} (sm_{major}{minor}), which has no bf16 "
+        "hardware (sm_80 on): torch would emulate bf16 matmuls at fp32 speed or below and cuDNN has no bf16 "
+        "convolutions there; pass --no-bf16 to train in fp32"
+    )
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training; returns a summary (steps, skipped steps, last losses)."""
     out_dir = Path(cfg.output_dir)
@@ -613,6 +628,8 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
     rank, world, device = distributed()
+    if reason := bf16_refusal(cfg.bf16, device):
+        raise ValueError(reason)
     is_main = rank == 0
     # Rank 0 locks a folder that exists before reading what it holds (it may be training there now).
     busy = lock.acquire() if is_main and out_dir.is_dir() else None

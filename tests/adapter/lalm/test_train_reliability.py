@@ -180,6 +180,25 @@ def test_an_empty_training_manifest_is_named(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the folder was made
 
 
+def test_bf16_on_a_gpu_without_bf16_hardware_is_refused_before_anything(tmp_path, monkeypatch):
+    """A T4 (sm_75) answers torch.cuda.is_bf16_supported() with True (a bf16 tensor can be made) but
+    emulates bf16 matmuls and has no bf16 cuDNN convolutions: --bf16, the default, is refused with
+    the flag that trains in fp32, before the run folder exists. An A100 (sm_80) passes the check."""
+    cuda = torch.device("cuda", 0)
+    capability = [(7, 5)]
+    monkeypatch.setattr(train_mod, "distributed", lambda: (0, 1, cuda))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability[0] >= (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    cfg = TrainConfig(train_manifest=str(tmp_path / "none.jsonl"), output_dir=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match=r"--bf16 \(the default\) on Tesla T4 \(sm_75\).*pass --no-bf16"):
+        train_mod.train(cfg)
+    assert not (tmp_path / "run").exists()
+    assert train_mod.bf16_refusal(False, cuda) is None and train_mod.bf16_refusal(True, torch.device("cpu")) is None
+    capability[0] = (8, 0)
+    assert train_mod.bf16_refusal(True, cuda) is None
+
+
 def test_router_lr_expert_init_step_zero_and_resuming_a_run_from_before_them(tmp_path, tone_corpus):
     """router_lr_scale gives the routers their own AdamW group (lr x scale, the schedule on top);
     expert_init reaches the adapter; load_trained(step=0) is the run's initialization; a run whose
