@@ -37,3 +37,16 @@ def test_a_stopped_call_keeps_its_time_for_the_resume(tmp_path, tiny_experiment,
     # A fresh (not resumed) run starts its count again.
     fresh = experiment.train_and_evaluate(exp, "dense", manifests)
     assert fresh["seconds"] < this_call and json.loads(timing.read_text())["seconds"] == fresh["seconds"]
+
+
+def test_every_experiment_cli_can_train_in_fp32(tmp_path):
+    """The runners' --no-bf16 reaches the training config: the way out that training names on a GPU
+    without bf16 (train.bf16_refusal) exists in the demo, seeds, ablation and the other runners."""
+    import argparse
+
+    for argv, want in (([], True), (["--no-bf16"], False)):
+        parser = argparse.ArgumentParser()
+        experiment.add_experiment_args(parser)
+        exp = experiment.experiment_from_args(parser.parse_args(argv))
+        manifests = {"train": tmp_path / "train.jsonl", "val": tmp_path / "val.jsonl"}
+        assert exp.train_config("dense", manifests, tmp_path / "run").bf16 is want
