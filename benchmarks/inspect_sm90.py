@@ -18,8 +18,8 @@ loop's tightest async_wait: a wait for all copies leaves one in flight), whether
 for its own wgmma to finish (warp_group_dot_wait with pendings = 0: a synchronous main loop), and
 whether it uses TMA. `--check` exits 1 when a kernel spills, or a 16-bit GEMM lacks the tensor-core
 instruction of its `--arch` (tensor_core_op), or (D and F multiples of 16, sm_80 on) no 128-bit
-cp.async; `--check-pipeline` (sm_90, and the mma.sync GPUs: sm_80-89, sm_120) also when a GEMM
-keeps fewer than MIN_STAGES stages in flight or (sm_90) waits on its own wgmma.
+cp.async; `--check-pipeline` (sm_80 on) also when a GEMM keeps fewer than MIN_STAGES stages in
+flight or waits on the MMA it has just issued (wgmma on sm_90, tcgen05 on sm_100).
 
     python -m benchmarks.inspect_sm90                      # paper shape, bf16
     python -m benchmarks.inspect_sm90 --tokens 512 --check # the small-T tile configs
@@ -173,7 +173,7 @@ def problems(
         if check_pipeline and r["kernel"] in GEMM_KERNELS:
             if r["stages"] < MIN_STAGES:
                 found.append(f"{label}: {r['stages']} stage(s) in flight in the main loop (< {MIN_STAGES})")
-            if r["wgmma_sync_wait"]:
+            if r["mma_sync_wait"]:
                 found.append(f"{label}: the main loop waits for its own wgmma (pendings = 0)")
         if r["spill_bytes"] or r["ldl_stl"]:
             found.append(f"{label}: spills {r['spill_bytes']} B ({r['ldl_stl']} LDL/STL)")
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         "--check-pipeline",
         action="store_true",
         help=f"with --check, also exit 1 when a GEMM main loop keeps < {MIN_STAGES} stages in flight or waits on its "
-        "own wgmma (sm_90, and sm_80-89/120 where the IR pipelines cp.async copies for mma.sync)",
+        "own MMA (wgmma on sm_90, tcgen05 on sm_100; mma.sync on sm_80-89/120 reads stages only)",
     )
     args = p.parse_args(argv)
-    if args.check_pipeline and tensor_core_op(args.arch) not in ("HGMMA", "HMMA"):
-        p.error(f"--check-pipeline reads wgmma and mma.sync pipelines (sm_80-90, sm_120), got --arch {args.arch}")
+    if args.check_pipeline and tensor_core_op(args.arch) is None:
+        p.error(f"--check-pipeline reads tensor-core GEMM pipelines (sm_80 on), got --arch {args.arch}")
     dtype = DTYPES[args.dtype]
     rows = compile_all(args.tokens, args.d, args.f, args.experts, args.top_k, dtype, args.arch)
     print(
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         cp = f"{r['cp_async']}x{r['cp_async_bits']}b" if r["cp_async"] else "-"
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items())
         gemm = r["kernel"] in GEMM_KERNELS
-        stages, sync = (str(r["stages"]), "yes" if r["wgmma_sync_wait"] else "no") if gemm else ("-", "-")
+        stages, sync = (str(r["stages"]), "yes" if r["mma_sync_wait"] else "no") if gemm else ("-", "-")
         mma = ",".join(f"{n}x{op}" for op, n in r["mma"].items()) or ("FMA" if gemm and r["ffma"] else "-")
         print(
             f"{r['kernel']:24s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} "

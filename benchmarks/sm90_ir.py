@@ -23,7 +23,7 @@ def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
 
 
 def _main_loop(ttgir: str) -> str | None:
-    """The body of the innermost scf.for that holds a dot (wgmma or mma), from the TTGIR text."""
+    """The body of the innermost scf.for that holds a dot (wgmma, tcgen05 or mma), from the TTGIR text."""
     lines = ttgir.splitlines()
     best = None
     for i, line in enumerate(lines):
@@ -36,7 +36,8 @@ def _main_loop(ttgir: str) -> str | None:
                 break
             body.append(nxt)
         text = "\n".join(body)
-        if re.search(r"ttng\.warp_group_dot |tt\.dot ", text) and (best is None or len(text) < len(best)):
+        holds_dot = re.search(r"ttng\.warp_group_dot |ttng\.tc_gen5_mma |tt\.dot ", text)
+        if holds_dot and (best is None or len(text) < len(best)):
             best = text
     return best
 
@@ -58,15 +59,24 @@ def _unconditional(body: str) -> str:
     return "\n".join(out)
 
 
+def _waits_on_own_mma(body: str) -> bool:
+    """Whether an iteration waits for the MMA it has just issued. wgmma: a warp_group_dot_wait that
+    leaves none pending. tcgen05 (sm_100): a wait_barrier whose operands (`deps`) are the shared
+    buffers this iteration's tc_gen5_mma reads; a pipelined loop waits on the previous MMA's."""
+    pendings = [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^\n]*\{pendings = (\d+)", body)]
+    mma = re.search(r"ttng\.tc_gen5_mma (%[\w#]+), (%[\w#]+),", body)
+    deps = re.findall(r"ttng\.wait_barrier [^\n]*?deps (%[\w#]+), (%[\w#]+)", body)
+    return 0 in pendings or bool(mma and mma.groups() in deps)
+
+
 def pipeline(ttgir: str) -> dict:
-    """Stages in flight, a synchronous wgmma wait and TMA use in a kernel's GEMM main loop."""
+    """Stages in flight, a wait on the MMA just issued and TMA use in a kernel's GEMM main loop."""
     tma = len(re.findall(r"async_tma_copy|tt\.descriptor_load|ttng\.tensormap", ttgir))
     loop = _main_loop(ttgir)
     if loop is None:
-        return {"stages": 0, "wgmma_sync_wait": False, "tma": tma}
+        return {"stages": 0, "mma_sync_wait": False, "tma": tma}
     depths = [int(n) for n in re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
     depth = max(depths, default=1)
     waits = [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*\{num = (\d+)", loop)]
     stages = min(depth, min(waits) + 1) if waits else depth
-    pendings = [int(n) for n in re.findall(r"ttng\.warp_group_dot_wait[^\n]*\{pendings = (\d+)", _unconditional(loop))]
-    return {"stages": stages, "wgmma_sync_wait": 0 in pendings, "tma": tma}
+    return {"stages": stages, "mma_sync_wait": _waits_on_own_mma(_unconditional(loop)), "tma": tma}

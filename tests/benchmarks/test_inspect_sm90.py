@@ -3,8 +3,8 @@ the 16-bit GEMMs, 128-bit cp.async when the widths allow it, no register spills,
 the pipelined IR) >= 3 stages in flight and no synchronous wgmma wait in every 16-bit aligned GEMM
 main loop, weight gradients included. This is the CPU-side guard for GPU code the interpreter
 cannot check (compile errors, spills, fallbacks, unpipelined loops). Other architectures: an
-RTX 30's (and A100's) compile uses tensor cores (HMMA) in a 3-stage pipeline, a T4's cannot
-(Triton's FMA dot below sm_80)."""
+RTX 30's (and A100's) compile uses tensor cores (HMMA) in a 3-stage pipeline, a B200's tcgen05
+likewise, a T4's cannot (Triton's FMA dot below sm_80)."""
 
 import os
 import subprocess
@@ -53,28 +53,30 @@ def test_persistent_gemms_compile_with_tma(args):
 SMALL = ["--tokens", "512", "--d", "256", "--f", "128", "--dtype", "float16"]  # compiles in ~20 s
 
 
-@pytest.mark.parametrize("arch,mma,rc", [(86, "HMMA", 0), (75, "FMA", 1)])
-def test_tensor_cores_by_architecture(arch, mma, rc):
+@pytest.mark.parametrize(
+    "arch,mma,smem_kb", [(86, "HMMA", 99), (100, "UTCHMMA", 227), (75, "FMA", None)], ids=["sm86", "sm100", "sm75"]
+)
+def test_tensor_cores_by_architecture(arch, mma, smem_kb):
     """An RTX 30 part (sm_86; an A100's sm_80 compiles to the same tiles): every GEMM on mma.sync
     (HMMA), 3 stages in flight, no spills, within the 99 KB of shared memory a block may take there.
-    A T4 (sm_75): Triton compiles tl.dot to FFMA, no tensor-core instruction at all
-    (triton-lang/triton#5066), which is why backend="auto" runs the torch reference below sm_80;
-    should a Triton release bring Turing's mma back, this fails and that rule
-    (backend.TRITON_MMA_CAPABILITY) wants revisiting."""
-    pipeline = ["--check-pipeline"] if rc == 0 else []
+    A B200 (sm_100): tcgen05 (UTCHMMA), 3 stages, no wait on the MMA just issued. A T4 (sm_75):
+    Triton compiles tl.dot to FFMA, no tensor-core instruction at all (triton-lang/triton#5066),
+    which is why backend="auto" runs the torch reference below sm_80; should a Triton release bring
+    Turing's mma back, this fails and that rule (backend.TRITON_MMA_CAPABILITY) wants revisiting."""
+    pipeline = ["--check-pipeline"] if smem_kb else []
     proc = _run(["--check", *pipeline, "--arch", str(arch), *SMALL], "tiles")
-    assert proc.returncode == rc, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == (0 if smem_kb else 1), proc.stdout[-4000:] + proc.stderr[-4000:]
     gemms = [line.split() for line in proc.stdout.splitlines() if line.startswith(("_grouped_mm_kernel", "_wgrad"))]
     assert len(gemms) == 6 and all(r[5].endswith(mma) for r in gemms), proc.stdout  # the mma column
-    if rc:
-        assert proc.stdout.count("no tensor cores on sm_75") == 6 and "runs the torch reference" in proc.stdout
+    if smem_kb:
+        assert max(int(r[3]) for r in gemms) <= smem_kb * 1024, proc.stdout  # the part's per-block limit
     else:
-        assert max(int(r[3]) for r in gemms) <= 99 * 1024, proc.stdout  # smem: sm_86/89/120's opt-in limit
+        assert proc.stdout.count("no tensor cores on sm_75") == 6 and "runs the torch reference" in proc.stdout
 
 
-def test_the_pipeline_check_refuses_an_architecture_it_cannot_read():
-    proc = _run(["--check-pipeline", "--arch", "100"], "tiles")  # tcgen05: neither wgmma nor mma.sync loops
-    assert proc.returncode == 2 and "got --arch 100" in proc.stderr
+def test_the_pipeline_check_refuses_an_architecture_without_tensor_cores():
+    proc = _run(["--check-pipeline", "--arch", "75"], "tiles")  # FMA loops: no MMA pipeline to read
+    assert proc.returncode == 2 and "got --arch 75" in proc.stderr
 
 
 def _inspect(args: list[str], schedule: str) -> str:
@@ -109,15 +111,27 @@ ASYNC_LOOP = """
 """
 
 
+TCGEN05_LOOP = """
+    %a = ttg.local_alloc : () -> !ttg.memdesc<3x128x64xbf16, #shared1, #smem, mutable>
+    %b = ttg.local_alloc : () -> !ttg.memdesc<3x64x128xbf16, #shared1, #smem, mutable>
+    %r:4 = scf.for %k = %c0 to %n step %c64 iter_args(%a_prev = %a0, %b_prev = %b0) -> (i32) : i32 {
+      %t = ttg.async_wait %x, %y {num = 2 : i32}
+      ttng.tc_gen5_mma %a_cur, %b_cur, %acc, %true, %true, %bar[%true] {is_async} : !ttg.memdesc<128x64xbf16>
+      ttng.wait_barrier %bar, %ph deps %a_prev, %b_prev : !ttg.memdesc<1xi64, #shared, #smem, mutable>
+      scf.yield %a_cur, %b_cur : i32
+    }
+"""
+
+
 def test_pipeline_reader_on_hand_written_ir():
     """Three buffers and a wait that leaves two copy groups outstanding: 3 stages, asynchronous.
     A wait for every copy in the loop leaves one stage in flight; pendings = 0 waits on the wgmma."""
     from benchmarks.sm90_ir import blocks_per_sm, pipeline
 
-    assert pipeline(ASYNC_LOOP) == {"stages": 3, "wgmma_sync_wait": False, "tma": 0}
+    assert pipeline(ASYNC_LOOP) == {"stages": 3, "mma_sync_wait": False, "tma": 0}
     sync = ASYNC_LOOP.replace("{num = 2 : i32}", "{num = 0 : i32}").replace("pendings = 1", "pendings = 0")
-    assert pipeline(sync) == {"stages": 1, "wgmma_sync_wait": True, "tma": 0}
-    assert pipeline("tt.func @k() {\n  tt.return\n}") == {"stages": 0, "wgmma_sync_wait": False, "tma": 0}
+    assert pipeline(sync) == {"stages": 1, "mma_sync_wait": True, "tma": 0}
+    assert pipeline("tt.func @k() {\n  tt.return\n}") == {"stages": 0, "mma_sync_wait": False, "tma": 0}
     # A persistent kernel's flattened tile loop: TMA copies on barriers (no cp.async wait: the
     # buffers' depth is the stages in flight) and a full wgmma wait only in the epilogue branch.
     barrier_wait = ASYNC_LOOP.replace("%t = ttg.async_wait %x, %y {num = 2 : i32}", "ttng.wait_barrier %bar, %ph")
@@ -129,7 +143,12 @@ def test_pipeline_reader_on_hand_written_ir():
         "      }\n"
         "      scf.yield %w#0",
     )
-    assert pipeline(persistent) == {"stages": 3, "wgmma_sync_wait": False, "tma": 1}
+    assert pipeline(persistent) == {"stages": 3, "mma_sync_wait": False, "tma": 1}
+    # sm_100 (tcgen05): the loop waits on a barrier for the MMA whose buffers (`deps`) it reads
+    # next; waiting on the MMA it has just issued (its own buffers) serializes the loop.
+    assert pipeline(TCGEN05_LOOP) == {"stages": 3, "mma_sync_wait": False, "tma": 0}
+    own = TCGEN05_LOOP.replace("deps %a_prev, %b_prev", "deps %a_cur, %b_cur")
+    assert pipeline(own) == {"stages": 3, "mma_sync_wait": True, "tma": 0}
     # 128 registers x 256 threads = 32K of the SM's 64K; 98 KB + 1 KB reserved twice fits 228 KB.
     assert blocks_per_sm(128, 8, 98304) == 2 and blocks_per_sm(142, 8, 98304) == 1
     assert blocks_per_sm(32, 4, 0) == 16  # threads bound: 2048 / 128
