@@ -25,7 +25,8 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["device"] = torch.cuda.get_device_name(device)
-        info["device_detail"] = f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
+        sm = f"sm_{props.major}{props.minor}"  # which kernels ran: wgmma, mma.sync or none (README)
+        info["device_detail"] = f"{sm}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
         info["cuda"] = torch.version.cuda or ""
     else:
         info["device"] = f"CPU: {cpu_model()}"

@@ -1,6 +1,7 @@
 """What the pipelined Triton IR (TTGIR) and the resource usage of a compiled kernel say about it
-on Hopper (sm_90): pure text and arithmetic, no triton import, so tests and reports can use it in
-any process (benchmarks/inspect_sm90.py compiles the kernels and calls these).
+on Hopper (sm_90) and the other tensor-core GPUs: pure text and arithmetic, no triton import, so
+tests and reports can use it in any process (benchmarks/inspect_sm90.py compiles the kernels and
+calls these).
 """
 
 from __future__ import annotations
