@@ -8,10 +8,10 @@ nvdisasm read the cubins. Nothing runs, so values are never read: this also show
 makes no data-dependent decisions.
 
 Per kernel it prints registers, local-memory (spill) bytes, shared memory, blocks per SM (from
-registers, shared memory and threads; Hopper's limits), and the instruction mix: the tensor-core
-instruction the GEMMs compiled to (`mma`: HGMMA, wgmma on sm_90; HMMA, mma.sync on sm_80-89 and
-sm_120; UTCHMMA, tcgen05 on sm_100; or FMA: no tensor cores, Triton's tl.dot below sm_80),
-LDGSTS (cp.async, with its width) and LDL/STL (spills).
+registers, shared memory and threads: sm90_ir.SM_LIMITS, '-' for parts it lacks), and the
+instruction mix: the tensor-core instruction the GEMMs compiled to (`mma`: HGMMA, wgmma on sm_90;
+HMMA, mma.sync on sm_80-89 and sm_120; UTCHMMA, tcgen05 on sm_100; or FMA: no tensor cores,
+Triton's tl.dot below sm_80), LDGSTS (cp.async, with its width) and LDL/STL (spills).
 From the Triton IR after pipelining (TTGIR) it reads each GEMM's main loop (the scf.for holding
 the dot): stages in flight (the depth of its multi-buffered shared-memory operands, bounded by the
 loop's tightest async_wait: a wait for all copies leaves one in flight), whether the loop waits
@@ -130,7 +130,9 @@ def analyse(name: str, kernel, constexprs: dict) -> dict:
         "cp_async": ops["LDGSTS"],
         "cp_async_bits": max(ldgsts_widths) if ldgsts_widths else 0,
         "ldl_stl": ops["LDL"] + ops["STL"],
-        "blocks_per_sm": blocks_per_sm(int(usage.get("REG", 0)), kernel.metadata.num_warps, kernel.metadata.shared),
+        "blocks_per_sm": blocks_per_sm(
+            int(usage.get("REG", 0)), kernel.metadata.num_warps, kernel.metadata.shared, kernel.metadata.target.arch
+        ),
         **pipeline(kernel.asm["ttgir"]),
     }
 
@@ -228,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         gemm = r["kernel"] in GEMM_KERNELS
         stages, sync = (str(r["stages"]), "yes" if r["mma_sync_wait"] else "no") if gemm else ("-", "-")
         mma = ",".join(f"{n}x{op}" for op, n in r["mma"].items()) or ("FMA" if gemm and r["ffma"] else "-")
+        blocks = "-" if r["blocks_per_sm"] is None else str(r["blocks_per_sm"])
         print(
             f"{r['kernel']:24s} {r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} "
-            f"{r['blocks_per_sm']:6d} {mma:>9s} {cp:>8s} {stages:>6s} {sync:>4s} {r['tma']:3d}  "
+            f"{blocks:>6s} {mma:>9s} {cp:>8s} {stages:>6s} {sync:>4s} {r['tma']:3d}  "
             f"w{r['num_warps']} s{r['num_stages']} {cfg}"
         )
     if args.json:

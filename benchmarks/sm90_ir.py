@@ -9,18 +9,31 @@ from __future__ import annotations
 import re
 
 MIN_STAGES = 3  # stages in flight a Hopper GEMM main loop needs to hide global-memory latency
-# Hopper (sm_90) per-SM limits: 64K 32-bit registers, allocated per warp in units of 256; 228 KB of
-# shared memory, of which the runtime reserves 1 KB per block; 2048 threads; 32 blocks.
-SM90 = {"registers": 65536, "reg_unit": 256, "shared": 228 * 1024, "reserved": 1024, "threads": 2048, "blocks": 32}
+# Per-SM limits by compute capability (NVIDIA's cccl, cudax arch_traits.cuh; the CUDA C++
+# Programming Guide's table): shared memory, the part of it the runtime reserves per block, resident
+# threads and blocks. Every part has 64K 32-bit registers per SM, allocated per warp in units of 256.
+SM_LIMITS = {
+    75: {"shared": 64 * 1024, "reserved": 0, "threads": 1024, "blocks": 16},
+    80: {"shared": 164 * 1024, "reserved": 1024, "threads": 2048, "blocks": 32},
+    86: {"shared": 100 * 1024, "reserved": 1024, "threads": 1536, "blocks": 16},
+    89: {"shared": 100 * 1024, "reserved": 1024, "threads": 1536, "blocks": 24},
+    90: {"shared": 228 * 1024, "reserved": 1024, "threads": 2048, "blocks": 32},
+}
+REGISTERS, REG_UNIT = 65536, 256
 
 
-def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
-    """Blocks of a kernel that fit on one Hopper SM at once (the occupancy limit of its resources)."""
-    per_warp = -(-registers * 32 // SM90["reg_unit"]) * SM90["reg_unit"]
-    by_regs = SM90["registers"] // (per_warp * num_warps) if registers else SM90["blocks"]
-    by_smem = SM90["shared"] // (shared_bytes + SM90["reserved"])
-    by_threads = SM90["threads"] // (32 * num_warps)
-    return min(by_regs, by_smem, by_threads, SM90["blocks"])
+def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int, arch: int = 90) -> int | None:
+    """Blocks of a kernel that fit on one SM of sm_<arch> at once (the occupancy limit of its
+    resources); None for an architecture SM_LIMITS does not hold (not guessed)."""
+    if arch not in SM_LIMITS:
+        return None
+    lim = SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // REG_UNIT) * REG_UNIT
+    by_regs = REGISTERS // (per_warp * num_warps) if registers else lim["blocks"]
+    per_block = shared_bytes + lim["reserved"]
+    by_smem = lim["shared"] // per_block if per_block else lim["blocks"]
+    by_threads = lim["threads"] // (32 * num_warps)
+    return min(by_regs, by_smem, by_threads, lim["blocks"])
 
 
 def _main_loop(ttgir: str) -> str | None:

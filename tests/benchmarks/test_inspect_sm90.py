@@ -152,3 +152,7 @@ def test_pipeline_reader_on_hand_written_ir():
     # 128 registers x 256 threads = 32K of the SM's 64K; 98 KB + 1 KB reserved twice fits 228 KB.
     assert blocks_per_sm(128, 8, 98304) == 2 and blocks_per_sm(142, 8, 98304) == 1
     assert blocks_per_sm(32, 4, 0) == 16  # threads bound: 2048 / 128
+    # Other parts' limits: 48 KB blocks fit 2 on an sm_86 SM (100 KB) against 4 on Hopper's 228 KB;
+    # sm_75 holds 1024 threads; a part the table lacks gets no number rather than Hopper's.
+    assert blocks_per_sm(32, 8, 48 * 1024, 86) == 2 and blocks_per_sm(32, 8, 48 * 1024, 90) == 4
+    assert blocks_per_sm(32, 8, 0, 75) == 4 and blocks_per_sm(32, 8, 0, 100) is None
