@@ -51,6 +51,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from adapter.cli import run_cli  # noqa: E402
 from benchmarks.sm90_ir import MIN_STAGES, blocks_per_sm, pipeline  # noqa: E402
+from moe_kernels.backend import triton_mma  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GEMM_KERNELS = ("_grouped_mm_kernel", "_persistent_mm_kernel", "_wgrad_kernel")
@@ -88,16 +89,10 @@ class _StubTarget:
 
 
 def tensor_core_op(arch: int) -> str | None:
-    """The SASS instruction a 16-bit tl.dot becomes on sm_<arch>, read from Triton 3.9's compiles
-    (2026-12-03): HGMMA on sm_90, UTCHMMA (tcgen05) on sm_100, HMMA on sm_80/86/89/120. Below
-    sm_80 none: Triton lowers tl.dot to FFMA there (triton-lang/triton#5066; sm_75: 4096 FFMA)."""
-    if arch < 80:
-        return None
-    if arch == 90:
-        return "HGMMA"
-    if 100 <= arch < 120:
-        return "UTCHMMA"
-    return "HMMA"
+    """The SASS instruction a 16-bit tl.dot becomes on sm_<arch> (backend.triton_mma's path):
+    HGMMA (wgmma), UTCHMMA (tcgen05), HMMA (mma.sync); None below sm_80, where Triton lowers
+    tl.dot to FFMA (triton-lang/triton#5066; sm_75: 4096 FFMA)."""
+    return {"wgmma": "HGMMA", "tcgen05": "UTCHMMA", "mma.sync": "HMMA"}.get(triton_mma(arch))
 
 
 def _bin(name: str) -> str:
@@ -176,7 +171,7 @@ def problems(
             if r["stages"] < MIN_STAGES:
                 found.append(f"{label}: {r['stages']} stage(s) in flight in the main loop (< {MIN_STAGES})")
             if r["mma_sync_wait"]:
-                found.append(f"{label}: the main loop waits for its own wgmma (pendings = 0)")
+                found.append(f"{label}: the main loop waits for the MMA it has just issued")
         if r["spill_bytes"] or r["ldl_stl"]:
             found.append(f"{label}: spills {r['spill_bytes']} B ({r['ldl_stl']} LDL/STL)")
         if r["kernel"] in GEMM_KERNELS and dtype != torch.float32:

@@ -53,6 +53,18 @@ MAX_TRITON_EXPERTS = 128
 TRITON_MMA_CAPABILITY = (8, 0)
 
 
+def triton_mma(arch: int) -> str | None:
+    """The tensor-core path Triton compiles tl.dot to on sm_<arch> (capability x10): "wgmma" on
+    sm_90, "tcgen05" on sm_100-119, "mma.sync" on sm_80-89 and sm_120 on, None below
+    TRITON_MMA_CAPABILITY (fp32 FMA). Read from Triton 3.9's SASS (benchmarks/inspect_sm90 --arch N:
+    HGMMA, UTCHMMA, HMMA, FFMA); the one place the kernels, auto and the inspection tool ask."""
+    if arch < 10 * TRITON_MMA_CAPABILITY[0] + TRITON_MMA_CAPABILITY[1]:
+        return None
+    if arch == 90:
+        return "wgmma"
+    return "tcgen05" if 100 <= arch < 120 else "mma.sync"
+
+
 def cuda_capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))
 
@@ -66,7 +78,10 @@ cuda_capability._dynamo_marked_constant = True
 
 def triton_has_tensor_cores(device: torch.device) -> bool:
     """Triton's tl.dot runs on tensor cores on `device` (CUDA sm_80 on); True off CUDA."""
-    return device.type != "cuda" or cuda_capability(device) >= TRITON_MMA_CAPABILITY
+    if device.type != "cuda":
+        return True
+    major, minor = cuda_capability(device)
+    return triton_mma(10 * major + minor) is not None
 
 
 # Host facts, read once at import, so that under torch.compile the functions below return

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import triton.language as tl
 
-from moe_kernels.backend import interpreter_requested
+from moe_kernels.backend import interpreter_requested, triton_mma
 from moe_kernels.reference import Permutation
 
 # Epilogues of _grouped_mm_kernel.
@@ -180,7 +180,7 @@ def mma_sync_target() -> bool:
     from triton.runtime import driver
 
     target = driver.active.get_current_target()
-    return target.backend == "cuda" and (80 <= target.arch < 90 or target.arch >= 120)
+    return target.backend == "cuda" and triton_mma(target.arch) == "mma.sync"
 
 
 def acc_dtype(dtype: torch.dtype):
