@@ -48,7 +48,7 @@ MAX_TRITON_EXPERTS = 128
 # removed, no mma.sync for Volta or Turing). Measured on the sm_75 compile of _grouped_mm_kernel
 # (fp16 and bf16, Triton 3.9, benchmarks/inspect_sm90 --arch 75, 2026-12-03): 4096 FFMA and no HMMA
 # in its SASS, 2.9-7.5 KB spilled per thread; sm_80's has 64 HMMA. cuBLAS keeps the tensor cores
-# (a T4's peaks: 65 TFLOPS fp16 on them, 8 TFLOPS fp32 FMA), so below this auto runs the reference
+# (a T4's datasheet peaks: 65 TFLOPS fp16 on them, 8 TFLOPS fp32 FMA), so below this auto runs the reference
 # (not timed on such a GPU: none lent).
 TRITON_MMA_CAPABILITY = (8, 0)
 
@@ -333,7 +333,7 @@ def moe_ffn_implementation(backend: str, device: torch.device, num_experts: int,
         sm = "".join(map(str, cuda_capability(device)))
         warnings.warn(
             f"backend='triton' on {torch.cuda.get_device_name(device)} (sm_{sm}): Triton has no tensor-core "
-            "dot below sm_80 (triton-lang/triton#5066), so the expert GEMMs run on fp32 FMA (a T4's peak: "
+            "dot below sm_80 (triton-lang/triton#5066), so the expert GEMMs run on fp32 FMA (a T4's datasheet peak: "
             "8 TFLOPS, against 65 on the tensor cores cuBLAS uses); backend='torch' or 'auto' runs cuBLAS",
             stacklevel=3,
         )
