@@ -140,7 +140,20 @@ class TrainConfig:
     )
     freeze_llm: bool = _f(False, "keep the LLM frozen (the paper's adapter-only setting)")
     train_adapter: bool = _f(True, "train the adapter (and the feature fusion and semantic embeddings)")
-    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU); refused below sm_80 (T4, V100): --no-bf16 there")
+    bf16: bool = _f(
+        True, "bf16 autocast on CUDA (ignored on CPU); refused below sm_80 (T4, V100): --fp16 or --no-bf16 there"
+    )
+    fp16: bool = _f(
+        False,
+        "fp16 autocast with a dynamic loss scale (torch.amp.GradScaler; its state is checkpointed): the "
+        "tensor-core format of GPUs without bf16 (T4, V100); replaces --bf16. Also on CPU, where it is "
+        "slower than fp32 (a check of the numerics)",
+    )
+    fp16_init_scale: float = _f(
+        2.0**16,
+        "--fp16: the loss scale of the first step (GradScaler's default, 2^16); each step whose gradients "
+        "overflow is skipped and halves it, so a lower start skips fewer of the first steps",
+    )
     log_every: int = _f(1, "steps between JSONL log lines")
     eval_every: int = _f(50, "steps between held-out evaluations (0: only at the end)")
     save_every: int = _f(50, "steps between checkpoints (0: only at the end)")
@@ -170,6 +183,8 @@ class TrainConfig:
             raise ValueError(
                 f"decay_fraction and min_lr_ratio must be in [0, 1], got {self.decay_fraction}, {self.min_lr_ratio}"
             )
+        if not (math.isfinite(self.fp16_init_scale) and self.fp16_init_scale > 0):
+            raise ValueError(f"fp16_init_scale must be a positive finite number, got {self.fp16_init_scale}")
         if not (math.isfinite(self.router_lr_scale) and self.router_lr_scale > 0):
             raise ValueError(f"router_lr_scale must be a positive finite number, got {self.router_lr_scale}")
         for name in ("aux_lambda", "grad_clip", "weight_decay"):

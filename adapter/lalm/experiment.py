@@ -59,7 +59,8 @@ class ExperimentConfig:
     seed: int = _f(0, "seed of corpus, weights and data order")
     checkpoints: int = _f(4, "evenly spaced checkpoints kept per run (the gradient analysis reads them)")
     backend: str = _f("auto", "MoE kernels: auto (Triton on CUDA, torch on CPU), triton or torch")
-    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU); --no-bf16 trains in fp32, as GPUs below sm_80 need")
+    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU); GPUs below sm_80 (T4, V100): --fp16 or --no-bf16")
+    fp16: bool = _f(False, "fp16 autocast with a dynamic loss scale instead (T4, V100); see train --help")
     resume: bool = _f(False, "continue interrupted runs from their checkpoints instead of training afresh")
     quiet: bool = _f(False, "no progress bars")
 
@@ -106,6 +107,7 @@ class ExperimentConfig:
             ),
             seed=self.seed,
             bf16=self.bf16,
+            fp16=self.fp16,
             max_steps=self.steps,
             lr=self.lr,
             warmup_steps=max(1, self.steps // 20),

@@ -4,7 +4,7 @@ Computed, not measured: parameter counts come from the real architectures built 
 (Qwen3 through transformers, Whisper large-v3's encoder, the adapter preset and the fusion layer at
 the paper's d = 2560; nothing is downloaded and no memory is allocated), then bytes per parameter:
 
-  DDP (every GPU holds everything; bf16 autocast on fp32 weights)
+  DDP (every GPU holds everything; bf16 autocast on fp32 weights; --fp16 takes the same bytes)
     trained   4 (fp32 weight) + 4 (fp32 grad) + 8 (AdamW exp_avg, exp_avg_sq) = 16 B
     frozen    4 B
     transient 2 B per weight the forward casts to bf16 (autocast keeps the casts for the forward)

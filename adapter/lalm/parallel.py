@@ -6,8 +6,8 @@ and the root unit holds the rest that trains (embeddings, final norm, fusion, se
 embeddings, a trainable encoder). A trainable encoder is sharded in the root unit, not a unit of
 its own: a text-only micro-batch has no mel to run it on, and the root is gathered on every rank
 for every forward. A frozen encoder is left out (`ignored_params`): its features are computed
-once before training and it never runs in a training step. On CUDA with --bf16 the
-units compute in bf16 and reduce gradients in fp32 (MixedPrecisionPolicy).
+once before training and it never runs in a training step. Under autocast (--bf16 on CUDA, --fp16)
+the units gather their parameters in that dtype and reduce gradients in fp32 (MixedPrecisionPolicy).
 
 Units run on every rank for every micro-batch: a unit that all-gathers on one rank and not on
 another stops the run. So the audio path runs on zero frames for a text-only micro-batch
@@ -51,13 +51,13 @@ def decoder_layers(llm: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def shard_model(model, device: torch.device, bf16: bool) -> None:
+def shard_model(model, compute_dtype: torch.dtype | None) -> None:
     """fully_shard the model in place (see the module docstring); the caller then collects its
-    (now sharded) parameters for the optimizer."""
+    (now sharded) parameters for the optimizer. `compute_dtype`: the autocast dtype (None: fp32)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if device.type == "cuda" and bf16:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if compute_dtype is not None:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()
     for layer in decoder_layers(model.llm):

@@ -33,6 +33,11 @@ Under torchrun the launcher passes its SIGTERM on to the workers and kills them 
 shutdown timeout), so a save longer than that leaves the previous checkpoint the newest. A step
 whose loss or gradient is not finite is skipped on every rank, counted and logged; it never reaches
 the weights.
+
+Precision: bf16 autocast on CUDA (the default, sm_80 on); --fp16 for GPUs without bf16 (T4, V100):
+fp16 autocast with a dynamic loss scale (torch.amp.GradScaler), where a step whose scaled gradients
+overflow on any rank is such a skipped step and halves the scale on every rank (logged as
+loss_scale; the checkpoints carry it); --no-bf16 trains in fp32.
 """
 
 from __future__ import annotations
@@ -441,10 +446,17 @@ def evaluate_loss(model: AudioLLM, examples: list[Example], source: FeatureSourc
     return {"val_loss": total / max(tokens, 1), "val_tokens": tokens}
 
 
+def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """What the forward computes in under autocast, or None (fp32): fp16 where asked (on any device:
+    it is opt-in), else bf16 on CUDA (the default; ignored on CPU, where it is the slower choice)."""
+    if cfg.fp16:
+        return torch.float16
+    return torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
+
+
 def _autocast(device, cfg: TrainConfig):
-    if device.type == "cuda" and cfg.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    dtype = compute_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------ training
@@ -601,18 +613,19 @@ def _refuse_if_busy(busy: str | None, out_dir: Path, world: int, device) -> None
         )
 
 
-def bf16_refusal(bf16: bool, device: torch.device) -> str | None:
+def bf16_refusal(cfg: TrainConfig, device: torch.device) -> str | None:
     """Why bf16 autocast cannot train on `device`, or None. Below sm_80 (T4, V100) a GPU has no bf16
     hardware: torch.cuda.is_bf16_supported() still says True there (it tests that a bf16 tensor can
     be made), but matmuls run emulated and cuDNN has no bf16 convolutions; the narrower question is
     is_bf16_supported(including_emulation=False)."""
-    if not bf16 or device.type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False):
+    if compute_dtype(cfg, device) != torch.bfloat16 or torch.cuda.is_bf16_supported(including_emulation=False):
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return (
         f"--bf16 (the default) on {torch.cuda.get_device_name(device)} (sm_{major}{minor}), which has no bf16 "
         "hardware (sm_80 on): torch would emulate bf16 matmuls at fp32 speed or below and cuDNN has no bf16 "
-        "convolutions there; pass --no-bf16 to train in fp32"
+        "convolutions there; pass --fp16 (fp16 autocast with a loss scale, the tensor cores' format there) or "
+        "--no-bf16 (fp32)"
     )
 
 
@@ -628,7 +641,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
     rank, world, device = distributed()
-    if reason := bf16_refusal(cfg.bf16, device):
+    if reason := bf16_refusal(cfg, device):
         raise ValueError(reason)
     is_main = rank == 0
     # Rank 0 locks a folder that exists before reading what it holds (it may be training there now).
@@ -675,12 +688,16 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
         fit_semantic(model, train_examples, source, cfg.seed)  # before sharding: it may run the encoder
     sharded = cfg.fsdp and world > 1
     if sharded:
-        parallel.shard_model(model, device, cfg.bf16)
+        parallel.shard_model(model, compute_dtype(cfg, device))
         params = [p for p in model.parameters() if p.requires_grad]  # now sharded DTensors
     optimizer = torch.optim.AdamW(
         param_groups(model, params, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, wsd_schedule(cfg))
+    # fp16: the loss is scaled before backward so small gradients do not flush to zero; a step whose
+    # scaled gradients overflow is skipped and halves the scale, and 2000 clean steps double it
+    # (GradScaler's defaults). Disabled (bf16, fp32), it passes everything through unchanged.
+    scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, enabled=cfg.fp16)
     if is_main:
         trained, there = sum(p.numel() for p in params), len(step_folders(ckpt.root))
         if short := checkpoint_disk_shortfall(out_dir, trained, cfg.keep_checkpoints, there):
@@ -692,12 +709,16 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
         "position": dataclasses.asdict(DataPosition()),
         "micro_batches_per_step": per_step,
     }
+    if cfg.fp16:  # checkpointed with the step: a resume continues at the same scale
+        state["scaler"] = scaler.state_dict()
     if world > 1:
         dist.barrier()
     if latest is not None:
         if model.semantic is not None:
             model.semantic.fitted.fill_(True)  # the codebook comes from the checkpoint
         state = {**load_checkpoint(latest, model, optimizer, scheduler, rank), "micro_batches_per_step": per_step}
+        if cfg.fp16:
+            scaler.load_state_dict(state["scaler"])
         if is_main:
             _truncate_log(out_dir / "log.jsonl", state["step"])
             print(f"resumed from {latest} at step {state['step']}", flush=True)
@@ -774,7 +795,7 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
                     loss = out.ntp_sum / max(n_answer, 1)
                     if out.aux_loss is not None and cfg.aux_lambda:
                         loss = loss + cfg.aux_lambda * out.aux_loss / aux_div
-                    (loss * world).backward()  # DDP and FSDP average over ranks: undo it to get the step's sum
+                    scaler.scale(loss * world).backward()  # DDP and FSDP average over ranks: undo it
                 ntp_sum += float(out.ntp_sum.detach())
                 if out.aux_loss is None:  # text only: the adapter ran on zero frames, or not at all
                     continue
@@ -789,6 +810,8 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
                 dist.all_reduce(stats)
                 for load in loads:
                     dist.all_reduce(load)
+            loss_scale = scaler.get_scale() if cfg.fp16 else None
+            scaler.unscale_(optimizer)  # the true gradients, for the norm, the clip and the finite check
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
                 grad_norm = grad_norm.full_tensor()
@@ -804,9 +827,12 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
                 and bool(torch.isfinite(grad_norm))
             )
             if finite:
-                optimizer.step()
+                scaler.step(optimizer)  # fp16: the gradients are finite, so it steps
             else:
                 state["skipped"] += 1
+            scaler.update()  # fp16: an overflow (the unscale's finite check, over all ranks) halves the scale
+            if cfg.fp16:
+                state["scaler"] = scaler.state_dict()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():
@@ -832,6 +858,8 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
                 "skipped": not finite,
                 "skipped_total": state["skipped"],
             }
+            if cfg.fp16:
+                record["loss_scale"] = loss_scale
             for k, load in enumerate(loads):  # null on a step whose micro-batches were all text-only
                 total = load.sum()
                 record[f"expert_load_{k}"] = [round(v, 4) for v in (load / total).tolist()] if total > 0 else None
@@ -853,6 +881,12 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
             f"all {state['step']} steps of the run in {out_dir} were skipped as non-finite (a NaN or inf "
             "loss or gradient): nothing was learned and no final checkpoint is written; check the "
             "inputs (audio, manifests) and --lr / --aux-lambda"
+            + (
+                f"; under --fp16 the loss scale fell to {scaler.get_scale():g}: when the forward itself overflows "
+                "fp16 (an inf loss) no scale mends it: --bf16 (sm_80 on) or --no-bf16 (fp32)"
+                if cfg.fp16
+                else ""
+            )
         )
     final = {}
     if val_examples and (is_main or sharded):

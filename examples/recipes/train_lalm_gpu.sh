@@ -2,7 +2,8 @@
 # The paper's setting (section 4.1, Table 4) on GPUs: Whisper large-v3 encoder (frozen) from a local
 # checkpoint file, Qwen3-1.7B from a local directory, d = 2560, MoE adapter 8 experts top-4 with the
 # aggregation block, AdamW (0.9, 0.95), Warmup-Stable-Decay with peak lr 1e-5 and 20 warmup steps,
-# bf16 autocast, the fused Triton kernels. Nothing is downloaded: give local paths.
+# bf16 autocast, the fused Triton kernels. Nothing is downloaded: give local paths. On a GPU without
+# bf16 (T4, V100) add --fp16 (fp16 autocast with a loss scale; it replaces --bf16).
 #   NPROC=8 bash examples/recipes/train_lalm_gpu.sh WHISPER.pt QWEN3_DIR TRAIN.jsonl VAL.jsonl [OUT] [flags...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -74,7 +74,7 @@ class _StandIn(torch.nn.Module):
     """What adapter.lalm.parallel.shard_model shards (llm, adapter, encoder), without the LALM's
     audio packages, which the lent GPU machines lack."""
 
-    def __init__(self):
+    def __init__(self, backend="triton"):
         super().__init__()
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -88,38 +88,43 @@ class _StandIn(torch.nn.Module):
             head_dim=16,
         )
         self.llm = Qwen3ForCausalLM(cfg)
-        self.adapter = MoEAdapter(MoEAdapterConfig(in_dim=32, out_dim=64, expert_dim=16, backend="triton"))
+        self.adapter = MoEAdapter(MoEAdapterConfig(in_dim=32, out_dim=64, expert_dim=16, backend=backend))
         self.encoder = torch.nn.Linear(8, 8).requires_grad_(False)
 
     def forward(self, x):
         return self.llm(inputs_embeds=self.adapter(x)).logits.float().logsumexp(-1).mean()
 
 
-@pytest.mark.gpu
-def test_lalm_sharding_computes_in_bf16_and_keeps_fp32_shards(tmp_path):
-    """--fsdp on CUDA: units compute in bf16, master weights and gradients stay fp32 (one rank)."""
+@pytest.mark.parametrize(
+    ("device_type", "dtype"), [("cpu", torch.float16), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)]
+)
+def test_lalm_sharding_computes_in_the_autocast_dtype_and_keeps_fp32_shards(tmp_path, device_type, dtype):
+    """--fsdp under autocast (--bf16 on CUDA, --fp16 on any device): the units compute in that
+    dtype, master weights and gradients stay fp32 (one rank)."""
     import torch.distributed as dist
 
     from adapter.lalm import parallel
 
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    cuda = device_type == "cuda"
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=store, rank=0, world_size=1)
     try:
-        device = torch.device("cuda", 0)
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         torch.manual_seed(0)
-        ref = _StandIn().to(device)
-        model = _StandIn().to(device)
+        ref = _StandIn("triton" if cuda else "torch").to(device)
+        model = _StandIn("triton" if cuda else "torch").to(device)
         model.load_state_dict(ref.state_dict())
         x = torch.randn(2, 7, 32, device=device)
         want = ref(x).item()
-        parallel.shard_model(model, device, bf16=True)
+        parallel.shard_model(model, dtype)
         seen = []
         model.adapter.register_forward_pre_hook(lambda m, args: seen.append(m.w1.dtype))
         loss = model(x)
         loss.backward()
-        assert seen == [torch.bfloat16]
+        assert seen == [dtype]
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
         assert model.encoder.weight.grad is None and not hasattr(model.encoder.weight, "placements")  # ignored
-        assert loss.item() == pytest.approx(want, rel=2e-2)  # bf16 compute: about 3 significant digits
+        assert loss.item() == pytest.approx(want, rel=2e-2)  # bf16 computes to about 3 significant digits
     finally:
         dist.destroy_process_group()

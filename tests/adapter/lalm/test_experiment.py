@@ -39,14 +39,16 @@ def test_a_stopped_call_keeps_its_time_for_the_resume(tmp_path, tiny_experiment,
     assert fresh["seconds"] < this_call and json.loads(timing.read_text())["seconds"] == fresh["seconds"]
 
 
-def test_every_experiment_cli_can_train_in_fp32(tmp_path):
-    """The runners' --no-bf16 reaches the training config: the way out that training names on a GPU
-    without bf16 (train.bf16_refusal) exists in the demo, seeds, ablation and the other runners."""
+def test_every_experiment_cli_can_train_in_fp16_or_fp32(tmp_path):
+    """The runners' --fp16 and --no-bf16 reach the training config: the ways out that training
+    names on a GPU without bf16 (train.bf16_refusal) exist in the demo, seeds, ablation and the
+    other runners."""
     import argparse
 
-    for argv, want in (([], True), (["--no-bf16"], False)):
+    for argv, want in (([], (True, False)), (["--no-bf16"], (False, False)), (["--fp16"], (True, True))):
         parser = argparse.ArgumentParser()
         experiment.add_experiment_args(parser)
         exp = experiment.experiment_from_args(parser.parse_args(argv))
         manifests = {"train": tmp_path / "train.jsonl", "val": tmp_path / "val.jsonl"}
-        assert exp.train_config("dense", manifests, tmp_path / "run").bf16 is want
+        cfg = exp.train_config("dense", manifests, tmp_path / "run")
+        assert (cfg.bf16, cfg.fp16) == want

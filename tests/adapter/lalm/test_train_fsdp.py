@@ -172,6 +172,28 @@ def test_fsdp_skips_a_step_that_is_not_finite_on_one_rank(mixed_corpus, tmp_path
 
 
 @pytest.mark.slow
+def test_fsdp_fp16_an_overflow_in_one_ranks_shard_halves_the_scale_on_both(tone_corpus, tmp_path):
+    """--fp16 under FSDP: an inf in one element of rank 1's gradient shard (where a scaled gradient
+    that overflows fp16 in one place lands after the reduce-scatter) skips the step and halves the
+    loss scale on both ranks: rank 0 logs the scale and losses of one process with the same overflow."""
+    fp16 = ["--fp16", "--fp16-init-scale", "1024"]  # no overflow of its own (see test_train_reliability)
+    module = "tests.adapter.lalm.poisoned_train"
+    for nproc, rank, out in ((2, "1", "two"), (1, "0", "one")):
+        env = {**_env(), "POISON_RANK": rank, "POISON_UNSCALE": "3"}
+        cmd = _cmd(tmp_path / out, (tone_corpus[0], None), nproc, "--grad-accum", str(3 - nproc), *fp16, module=module)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    two, one = _rows(tmp_path / "two"), _rows(tmp_path / "one")
+    assert [r["skipped"] for r in two] == [r["skipped"] for r in one] == [False, False, True, False, False, False]
+    assert [r["loss_scale"] for r in two] == [r["loss_scale"] for r in one] == [1024.0] * 3 + [512.0] * 3
+    # FSDP gathers every weight in fp16 (the norms' and embeddings' too, which autocast keeps fp32):
+    # fp16 rounding apart: measured 2.0e-4 relative at most (2-core AMD EPYC, 2026-12-04); 2e-3 is
+    # four fp16 ulps (2^-11 each).
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=2e-3)
+    assert all(torch.isfinite(p).all() for p in train_mod.load_trained(tmp_path / "two").parameters())
+
+
+@pytest.mark.slow
 def test_global_balance_scope_under_ddp_and_fsdp(fsdp_runs, mixed_corpus, tmp_path):
     """--balance-scope global trains under DDP and FSDP alike, text-only micro-batches included
     (the value and gradient over the global batch are checked on the adapter itself in

@@ -16,6 +16,7 @@ import torch
 from adapter.lalm import train as train_mod
 from adapter.lalm.config import TrainConfig, train_config_from_argv
 from adapter.lalm.model import AudioLLM
+from tests.adapter.lalm.poisoned_train import overflow_gradient_shard
 from tests.adapter.lalm.test_train import ROOT, _cfg, _env, _log
 
 
@@ -141,7 +142,7 @@ def test_a_run_whose_every_step_is_skipped_fails(tmp_path, tone_corpus, monkeypa
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("flag", ["--aux-lambda", "--grad-clip", "--weight-decay", "--lr"])
+@pytest.mark.parametrize("flag", ["--aux-lambda", "--grad-clip", "--weight-decay", "--lr", "--fp16-init-scale"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_settings_are_refused(flag, value):
     with pytest.raises(ValueError, match=flag[2:].replace("-", "_")):
@@ -183,7 +184,8 @@ def test_an_empty_training_manifest_is_named(tmp_path):
 def test_bf16_on_a_gpu_without_bf16_hardware_is_refused_before_anything(tmp_path, monkeypatch):
     """A T4 (sm_75) answers torch.cuda.is_bf16_supported() with True (a bf16 tensor can be made) but
     emulates bf16 matmuls and has no bf16 cuDNN convolutions: --bf16, the default, is refused with
-    the flag that trains in fp32, before the run folder exists. An A100 (sm_80) passes the check."""
+    the flags that train there (--fp16, --no-bf16), before the run folder exists. --fp16 passes the
+    check (it replaces bf16), and so does an A100 (sm_80)."""
     cuda = torch.device("cuda", 0)
     capability = [(7, 5)]
     monkeypatch.setattr(train_mod, "distributed", lambda: (0, 1, cuda))
@@ -191,12 +193,63 @@ def test_bf16_on_a_gpu_without_bf16_hardware_is_refused_before_anything(tmp_path
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     cfg = TrainConfig(train_manifest=str(tmp_path / "none.jsonl"), output_dir=str(tmp_path / "run"), progress=False)
-    with pytest.raises(ValueError, match=r"--bf16 \(the default\) on Tesla T4 \(sm_75\).*pass --no-bf16"):
+    with pytest.raises(ValueError, match=r"--bf16 \(the default\) on Tesla T4 \(sm_75\).*pass --fp16 .* or --no-bf16"):
         train_mod.train(cfg)
     assert not (tmp_path / "run").exists()
-    assert train_mod.bf16_refusal(False, cuda) is None and train_mod.bf16_refusal(True, torch.device("cpu")) is None
+    fp16, fp32 = dataclasses.replace(cfg, fp16=True), dataclasses.replace(cfg, bf16=False)
+    assert train_mod.bf16_refusal(fp16, cuda) is None and train_mod.bf16_refusal(fp32, cuda) is None
+    assert train_mod.compute_dtype(fp16, cuda) == torch.float16 and train_mod.compute_dtype(fp32, cuda) is None
+    assert train_mod.bf16_refusal(cfg, torch.device("cpu")) is None
+    assert train_mod.compute_dtype(cfg, torch.device("cpu")) is None  # bf16 is ignored on CPU ...
+    assert train_mod.compute_dtype(fp16, torch.device("cpu")) == torch.float16  # ... fp16 is not: it is asked for
     capability[0] = (8, 0)
-    assert train_mod.bf16_refusal(True, cuda) is None
+    assert train_mod.bf16_refusal(cfg, cuda) is None and train_mod.compute_dtype(cfg, cuda) == torch.bfloat16
+
+
+def test_fp16_scales_the_loss_skips_an_overflow_at_half_the_scale_and_resumes_at_it(tmp_path, tone_corpus, monkeypatch):
+    """--fp16 (fp16 autocast, on CPU too): the loss scale starts at --fp16-init-scale and is logged;
+    a step whose scaled gradients overflow (an inf put into one gradient as the scaler unscales it)
+    is skipped, counted, and halves the scale; the weights stay fp32 and finite; a crash after the
+    checkpoint of that step resumes at the halved scale with the uninterrupted run's numbers."""
+    # A start of 2^10 keeps the scaled gradients of this model (norm <= 10) far from fp16's 65504,
+    # so the one overflow is the injected one on every CPU; 2^16, the default, overflows here too.
+    kw = dict(max_steps=5, eval_every=0, fp16=True, fp16_init_scale=1024.0)
+    overflow_gradient_shard(3, monkeypatch.setattr)
+    full = tmp_path / "full"
+    train_mod.train(_cfg(full, tone_corpus, save_every=0, **kw))
+    rows = _steps(full)
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False]
+    assert [r["loss_scale"] for r in rows] == [1024.0] * 3 + [512.0] * 2
+    assert math.isfinite(rows[2]["loss"]) and rows[2]["grad_norm"] == math.inf and rows[-1]["skipped_total"] == 1
+    model = train_mod.load_trained(full)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
+    state = json.loads((full / "checkpoints/step_0000005/state.json").read_text())
+    assert state["scaler"]["scale"] == 512.0
+    # fp32 from the same start: step 1's loss is the same forward, its matmuls in fp16 (inputs
+    # rounded to 2^-11 relative; measured 5e-7 apart here, the sums average the rounding out).
+    fp32 = tmp_path / "fp32"
+    train_mod.train(_cfg(fp32, tone_corpus, save_every=0, max_steps=1, eval_every=0))
+    assert rows[0]["loss"] == pytest.approx(_steps(fp32)[0]["loss"], rel=1e-3)
+    assert "loss_scale" not in _steps(fp32)[0]
+    # Crash in step 4, after the checkpoint of the skipped step 3; the resume starts at 512.
+    crashed = tmp_path / "crashed"
+    overflow_gradient_shard(3, monkeypatch.setattr)  # counts anew (the first one's count is past 3)
+    original = AudioLLM.forward
+    calls = {"n": 0}
+
+    def crash_in_step_4(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(AudioLLM, "forward", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_mod.train(_cfg(crashed, tone_corpus, save_every=3, **kw))
+    monkeypatch.setattr(AudioLLM, "forward", original)
+    train_mod.train(_cfg(crashed, tone_corpus, save_every=3, resume=True, **kw))
+    keys = ("loss", "grad_norm", "loss_scale", "skipped", "skipped_total")
+    assert [[r[k] for k in keys] for r in _steps(crashed)] == [[r[k] for k in keys] for r in rows]
 
 
 def test_router_lr_expert_init_step_zero_and_resuming_a_run_from_before_them(tmp_path, tone_corpus):
