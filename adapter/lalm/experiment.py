@@ -23,7 +23,7 @@ from adapter.lalm.corpus import SIZES, build_corpus
 from adapter.lalm.corpus.build import QUESTIONS
 from adapter.lalm.data import read_manifest
 from adapter.lalm.evaluate import evaluate
-from adapter.lalm.train import config_differences, load_trained, run_features, train
+from adapter.lalm.train import config_differences, load_trained, log_lines, run_features, train
 from adapter.presets import PRESETS
 
 
@@ -126,7 +126,7 @@ class ExperimentConfig:
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
+    return [record for _, record in log_lines(Path(run_dir) / "log.jsonl")]
 
 
 def train_and_evaluate(

@@ -478,23 +478,31 @@ def fit_semantic(
     model.semantic.fit(feats, seed=seed)
 
 
+def log_lines(path: Path, fix: str = "fix or remove the line") -> list[tuple[str, dict]]:
+    """(line, record) for each line of a run's log.jsonl, in order. A torn final line (a crash in
+    mid-append, or a run appending it right now) is left out, saying so on stderr; a bad line
+    before the last one is an error naming file:line and `fix`."""
+    numbered = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    out = []
+    for i, (lineno, ln) in enumerate(numbered):
+        try:
+            out.append((ln, json.loads(ln)))
+        except json.JSONDecodeError as exc:
+            if i == len(numbered) - 1:
+                print(f"{path}: left out a torn last line (a crash, or a run writing it now)", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); {fix}") from exc
+    return out
+
+
 def _truncate_log(path: Path, last_step: int) -> None:
     """Drop log lines of steps after the checkpoint a run resumes from (they will be redone), and a
     torn final line (a crash in mid-append); a bad line before the last one is an error."""
     if not path.is_file():
         return
-    numbered = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
-    keep = []
-    for i, (lineno, ln) in enumerate(numbered):
-        try:
-            record = json.loads(ln)
-        except json.JSONDecodeError as exc:
-            if i == len(numbered) - 1:
-                print(f"{path}: dropped a torn last line (a crash while it was written)", file=sys.stderr)
-                break
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc}); fix or remove the line to resume") from exc
-        if record.get("step", 0) <= last_step:
-            keep.append(ln)
+    keep = [
+        ln for ln, record in log_lines(path, "fix or remove the line to resume") if record.get("step", 0) <= last_step
+    ]
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

@@ -1,0 +1,179 @@
+"""Training curves of runs of `adapter.lalm.train` (your own, the demo's, the experiment runners'),
+read from each run folder's log.jsonl, in one figure:
+
+    python -m adapter.lalm.curves runs/demo/dense runs/demo/moe-8c4-parallel --out curves.png
+
+One colour per run; a run still training is read as far as it has written. Panels:
+  next-token loss   on answer tokens: each logged step (faint), the moving mean over --smooth
+                    logged steps, held-out evaluations (markers); log scale
+  learning rate     the schedule as it ran (router group excluded)
+  gradient norm     before clipping (log scale), the clip level dashed; a step skipped as
+                    non-finite (or, under --fp16, as an overflow) is a red x at the panel's top
+  balance loss      the unweighted L_aux of MoE runs (eq. 10; steps without audio leave gaps),
+                    dotted at k, its value when every expert gets the same share
+  expert load       the busiest and the idlest expert's share of the step's routed tokens, times E
+                    (1: balanced; 0: an expert nobody routes to), of the run's first MoE adapter
+  tokens / s        padded positions per second of each step
+  loss scale        --fp16 runs only: the dynamic loss scale (halved at each overflow)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from adapter.cli import run_cli
+from adapter.lalm.plots import pyplot, save
+from adapter.lalm.train import log_lines
+
+SKIP_MARK = "x"
+PANELS = ("next-token loss", "learning rate", "gradient norm", "balance loss L_aux", "expert load x E", "tokens / s")
+FP16_PANEL = "loss scale (fp16)"
+LINES = (("learning rate", "lr"), ("tokens / s", "tokens_per_s"), (FP16_PANEL, "loss_scale"))  # (panel, log key)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """{'name', 'steps': the per-step records, 'evals': (step, val_loss) pairs, 'top_k', 'clip'} of a
+    run folder (config.json gives k and the clip level where it is there)."""
+    run = Path(run_dir)
+    log = run / "log.jsonl"
+    if not log.is_file():
+        raise FileNotFoundError(f"{run} holds no training log ({log} is missing): is it a run folder?")
+    records = [r for _, r in log_lines(log)]
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    evals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    return {
+        "name": run.name if run.name not in ("", ".") else str(run.resolve().name),
+        "steps": [r for r in records if "ntp" in r],
+        "evals": sorted(set(evals)),  # a final evaluation repeats the last step's
+        "top_k": _top_k(cfg.get("model") or {}),
+        "clip": cfg.get("grad_clip") or None,
+    }
+
+
+def _top_k(model_cfg: dict) -> int | None:
+    """k of a run's MoE adapter (None for the dense one or an unknown preset)."""
+    from adapter.presets import PRESETS, preset
+
+    name = model_cfg.get("adapter")
+    if name not in PRESETS:
+        return None
+    try:
+        k = getattr(preset(name, 64, 64), "top_k", None)  # k does not depend on the widths
+    except ValueError:
+        return None
+    return (model_cfg.get("top_k") or k) if k is not None else None
+
+
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the last `window` finite values at each point (non-finite ones are left out; a
+    point before any finite value is NaN)."""
+    out, recent = [], []
+    for v in values:
+        if v is not None and math.isfinite(v):
+            recent = (recent + [v])[-window:]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [s for s, _ in pts], [float(v) for _, v in pts]
+
+
+def plot_runs(runs: list[dict], path: str | Path, smooth: int = 20) -> dict:
+    """Draw the panels (module docstring) for `runs` (from read_run) into `path`; returns
+    {panel title: {run name: (steps, values)}} of what was drawn, for tests and for reading."""
+    if not runs:
+        raise ValueError("no runs to plot")
+    if len({run["name"] for run in runs}) < len(runs):
+        raise ValueError(f"two runs share a name ({[run['name'] for run in runs]}): give them distinct names")
+    if smooth < 1:
+        raise ValueError(f"smooth must be >= 1, got {smooth}")
+    plt = pyplot()
+    fp16 = any(r.get("loss_scale") is not None for run in runs for r in run["steps"])
+    titles = [*PANELS, FP16_PANEL] if fp16 else list(PANELS)
+    cols = 4 if fp16 else 3
+    fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 7.5), squeeze=False)
+    ax = dict(zip(titles, axes.flat, strict=False))
+    for extra in list(axes.flat)[len(titles) :]:
+        extra.axis("off")
+    drawn: dict = {t: {} for t in titles}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        c, name, rows = colors[i % len(colors)], run["name"], run["steps"]
+        steps, ntp = _series(rows, "ntp")
+        smooth_ntp = moving_mean(ntp, smooth)
+        ax["next-token loss"].plot(steps, ntp, color=c, alpha=0.25, lw=0.8)
+        ax["next-token loss"].plot(steps, smooth_ntp, color=c, label=f"{name} train")
+        drawn["next-token loss"][name] = (steps, smooth_ntp)
+        if run["evals"]:
+            es, ev = zip(*run["evals"], strict=True)
+            ax["next-token loss"].plot(es, ev, "o--", color=c, ms=4, label=f"{name} held-out")
+        for title, key in LINES:
+            if title in ax:
+                s, v = _series(rows, key)
+                if v:
+                    ax[title].plot(s, v, color=c, label=name)
+                    drawn[title][name] = (s, v)
+        s, v = _series([r for r in rows if not r.get("skipped")], "grad_norm")
+        ax["gradient norm"].plot(s, v, color=c, lw=0.9, label=name)
+        drawn["gradient norm"][name] = (s, v)
+        skipped = [r["step"] for r in rows if r.get("skipped")]
+        if skipped:
+            top = ax["gradient norm"].get_xaxis_transform()  # x in steps, y in axes fraction
+            ax["gradient norm"].plot(skipped, [0.97] * len(skipped), SKIP_MARK, color="red", transform=top)
+        if run["clip"]:
+            ax["gradient norm"].axhline(run["clip"], color=c, ls="--", lw=0.8)
+        s, v = _series(rows, "aux")
+        if v:
+            ax["balance loss L_aux"].plot(s, v, color=c, label=name)
+            drawn["balance loss L_aux"][name] = (s, v)
+            if run["top_k"]:
+                ax["balance loss L_aux"].axhline(run["top_k"], color=c, ls=":", lw=1)
+        loads = [(r["step"], r["expert_load_0"]) for r in rows if r.get("expert_load_0")]
+        if loads:
+            s = [st for st, _ in loads]
+            hi = [max(sh) * len(sh) for _, sh in loads]
+            lo = [min(sh) * len(sh) for _, sh in loads]
+            ax["expert load x E"].plot(s, hi, color=c, label=f"{name} busiest")
+            ax["expert load x E"].plot(s, lo, color=c, ls="--", label=f"{name} idlest")
+            drawn["expert load x E"][name] = (s, hi, lo)
+    for title, a in ax.items():
+        a.set_title(title)
+        a.set_xlabel("step")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    for title in ("next-token loss", "gradient norm", FP16_PANEL):
+        if title in ax and drawn[title]:
+            ax[title].set_yscale("log")
+    if drawn["expert load x E"]:
+        ax["expert load x E"].axhline(1.0, color="gray", ls=":", lw=1)
+    save(fig, path)
+    return drawn
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m adapter.lalm.curves", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("runs", nargs="+", help="run folders of adapter.lalm.train (each holds log.jsonl)")
+    p.add_argument("--out", default="curves.png", help="the figure's path (default: curves.png)")
+    p.add_argument("--smooth", type=int, default=20, help="logged steps in the loss's moving mean (default: 20)")
+    args = p.parse_args(argv)
+    if args.smooth < 1:
+        p.error(f"--smooth must be >= 1, got {args.smooth}")
+    runs = [read_run(r) for r in args.runs]
+    if len({run["name"] for run in runs}) < len(runs):  # runs/seed-0/dense, runs/seed-1/dense: name them by path
+        for run, path in zip(runs, args.runs, strict=True):
+            run["name"] = path.rstrip("/")
+    plot_runs(runs, args.out, args.smooth)
+    print(f"curves: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
