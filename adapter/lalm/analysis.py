@@ -30,7 +30,14 @@ from adapter.lalm.data import Batch, Example, FeatureSource, collate, read_manif
 from adapter.lalm.evaluate import expert_rates
 from adapter.lalm.model import AudioLLM
 from adapter.lalm.plots import pyplot, save
-from adapter.lalm.train import checkpoint_steps, load_trained, run_features
+from adapter.lalm.train import (
+    DEVICE_HELP,
+    checkpoint_steps,
+    default_device,
+    load_trained,
+    resolve_device,
+    run_features,
+)
 
 CATEGORIES = ("speech", "sound", "music")
 ANALYSES = ("heatmap", "cosine", "influence")
@@ -47,7 +54,8 @@ def category_batches(
     seed: int = 0,
 ) -> list[dict[str, Batch]]:
     """`num_batches` sets of {category: a batch of that category's audio examples}, drawn once
-    from a seeded shuffle (the same for every model and checkpoint given the same examples)."""
+    from a seeded shuffle (the same for every model and checkpoint given the same examples), on
+    the model's device."""
     by_cat = {c: [ex for ex in examples if ex.audio is not None and ex.category == c] for c in categories}
     empty = [c for c, exs in by_cat.items() if not exs]
     if empty:
@@ -56,14 +64,11 @@ def category_batches(
     rng = random.Random(seed)
     for exs in by_cat.values():
         rng.shuffle(exs)
+    device = next(model.parameters()).device
     sets = []
     for b in range(num_batches):
-        sets.append(
-            {
-                c: collate([exs[(b * batch_size + i) % len(exs)] for i in range(batch_size)], model.tokenizer, source)
-                for c, exs in by_cat.items()
-            }
-        )
+        pick = {c: [exs[(b * batch_size + i) % len(exs)] for i in range(batch_size)] for c, exs in by_cat.items()}
+        sets.append({c: collate(chosen, model.tokenizer, source).to(device) for c, chosen in pick.items()})
     return sets
 
 
@@ -110,15 +115,20 @@ def analyze_run(
     step_size: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> dict:
-    """Every requested analysis of one run (see the module docstring)."""
+    """Every requested analysis of one run (see the module docstring), on `device` (default: the
+    GPU when there is one)."""
     from tqdm import tqdm
 
-    model = load_trained(run)
+    device = device or default_device()
+    model = load_trained(run, device=device)
     source = run_features(run, model)
     result: dict = {"run": str(run)}
     if "heatmap" in analyses:
-        result["heatmap"] = expert_rates(model, [ex for ex in examples if ex.category in CATEGORIES], source)
+        result["heatmap"] = expert_rates(
+            model, [ex for ex in examples if ex.category in CATEGORIES], source, device=device
+        )
     sets = None
     if "influence" in analyses:
         sets = category_batches(model, examples, source, batch_size=batch_size, num_batches=num_batches, seed=seed)
@@ -127,7 +137,7 @@ def analyze_run(
         track = []
         steps = checkpoint_steps(run)
         for step in tqdm(steps, desc=f"gradients {Path(run).name}", disable=not progress):
-            m = load_trained(run, step=step)
+            m = load_trained(run, step=step, device=device)
             if sets is None:
                 sets = category_batches(m, examples, source, batch_size=batch_size, num_batches=num_batches, seed=seed)
             track.append({"step": step, **gradient_cosine(m, sets)})
@@ -245,7 +255,12 @@ def main(argv=None) -> int:
     p.add_argument("--step-size", type=float, default=1e-2, help="lambda: length of the simulated step (eq. 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch draw")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", help=DEVICE_HELP)
     args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     for run in args.runs:
         if not (run / "config.json").is_file():
             p.error(f"{run} is not a training run folder (no config.json)")
@@ -261,6 +276,7 @@ def main(argv=None) -> int:
             step_size=args.step_size,
             seed=args.seed,
             progress=not args.quiet,
+            device=device,
         )
         for label, run in zip(run_labels(args.runs), args.runs, strict=True)
     }

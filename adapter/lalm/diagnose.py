@@ -39,7 +39,14 @@ from adapter.lalm.analysis import answer_loss
 from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
 from adapter.lalm.plots import pyplot, save
-from adapter.lalm.train import checkpoint_steps, load_trained, run_features
+from adapter.lalm.train import (
+    DEVICE_HELP,
+    checkpoint_steps,
+    default_device,
+    load_trained,
+    resolve_device,
+    run_features,
+)
 
 PROBE_TASKS = ("instrument", "which sound", "gender", "direction", "mode", "background")
 SITES = ("input", "middle", "output")
@@ -65,8 +72,10 @@ def _pool(a_BFC: torch.Tensor, mask_BF: torch.Tensor) -> dict[str, torch.Tensor]
 @torch.no_grad()
 def capture(model: AudioLLM, examples: list[Example], source: FeatureSource, batch_size: int = 32) -> dict:
     """Pooled activations per site and pooling, (N, width) each, and for an MoE adapter the routing
-    of every real token: router probabilities (T, E), top-k experts and gates (T, K), categories."""
+    of every real token: router probabilities (T, E), top-k experts and gates (T, K), categories.
+    Computed on the model's device, returned on the CPU."""
     adapter = model.adapter
+    device = next(model.parameters()).device
     acts: dict = {}
     hooks = [adapter.register_forward_hook(lambda m, args, out: acts.update(input=args[0], output=out))]
     is_moe = hasattr(adapter, "routed_experts")
@@ -87,21 +96,21 @@ def capture(model: AudioLLM, examples: list[Example], source: FeatureSource, bat
         model.eval()
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = collate(chunk, model.tokenizer, source, with_answer=False)
+            batch = collate(chunk, model.tokenizer, source, with_answer=False).to(device)
             feats, mask_BF = model.audio_inputs(batch)
             model.embed_audio(feats, mask_BF, batch.category_B)
             B, Fr = mask_BF.shape
             for site in SITES:
                 if site in acts:
                     for pooling, v in _pool(acts[site].reshape(B, Fr, -1), mask_BF).items():
-                        pooled[(site, pooling)].append(v)
+                        pooled[(site, pooling)].append(v.cpu())
             if is_moe:
                 keep_T = mask_BF.reshape(-1)
                 out = acts["routing"]
                 probs_TE = torch.softmax(adapter.router(acts["z"]).float(), dim=-1)
-                routing["probs"].append(probs_TE[keep_T])
-                routing["idx"].append(out.topk_idx_TK[keep_T].long())
-                routing["gates"].append(out.topk_weight_TK[keep_T].float())
+                routing["probs"].append(probs_TE[keep_T].cpu())
+                routing["idx"].append(out.topk_idx_TK[keep_T].long().cpu())
+                routing["gates"].append(out.topk_weight_TK[keep_T].float().cpu())
                 cats = [ex.category for ex in chunk for _ in range(Fr)]
                 routing["category"] += [c for c, k in zip(cats, keep_T.tolist(), strict=True) if k]
     finally:
@@ -262,25 +271,30 @@ def _run_label(run: Path) -> tuple[str, int]:
     return label, int(cfg["seed"])
 
 
-def diagnose_run(run: Path, train: list[Example], test: list[Example], *, progress: bool = True) -> dict:
-    """Every measurement of the module docstring for one run."""
+def diagnose_run(
+    run: Path, train: list[Example], test: list[Example], *, progress: bool = True, device: torch.device | None = None
+) -> dict:
+    """Every measurement of the module docstring for one run, on `device` (default: the GPU when
+    there is one)."""
     from tqdm import tqdm
 
+    device = device or default_device()
     label, seed = _run_label(run)
     steps = [0, *checkpoint_steps(run)]
-    final = load_trained(run)
+    final = load_trained(run, device=device)
     source = run_features(run, final)
     probe_train = [ex for ex in train if ex.task in PROBE_TASKS and ex.audio is not None]
     probe_test = [ex for ex in test if ex.task in PROBE_TASKS and ex.audio is not None]
     routing_test = [ex for ex in test if ex.audio is not None]
     rng = random.Random(seed)
-    grad_batch = collate(rng.sample([ex for ex in train if ex.audio is not None], GRAD_BATCH), final.tokenizer, source)
+    grad_examples = rng.sample([ex for ex in train if ex.audio is not None], GRAD_BATCH)
+    grad_batch = collate(grad_examples, final.tokenizer, source).to(device)
     result: dict = {"run": str(run), "label": label, "seed": seed, "steps": steps, "probes": {}, "routing": []}
     result["grad_norm"], result["drift"], result["weight_norm"] = [], [], []
     init_state = None
     previous = None
     for step in tqdm(steps, desc=f"diagnose {run}", disable=not progress):
-        model = final if step == steps[-1] else load_trained(run, step=step)
+        model = final if step == steps[-1] else load_trained(run, step=step, device=device)
         if step == 0:
             init_state = {n: p.detach().clone() for n, p in model.named_parameters()}
             result["weight_norm"] = part_norms(model)
@@ -458,7 +472,12 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with config.json and checkpoints)")
     p.add_argument("--out", type=Path, default=Path("runs/diagnose"), help="folder for diagnose.json/.md/.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device", help=DEVICE_HELP)
     args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
     missing = [str(r) for r in args.runs if not (r / "config.json").is_file()]
     if missing:
         p.error(f"not run folders (no config.json): {missing}")
@@ -468,7 +487,7 @@ def main(argv=None) -> int:
         corpus = Path(json.loads((run / "config.json").read_text())["val_manifest"]).parent
         if corpus not in splits:
             splits[corpus] = (read_manifest(corpus / "train.jsonl"), read_manifest(corpus / "test.jsonl"))
-        results.append(diagnose_run(run, *splits[corpus], progress=not args.quiet))
+        results.append(diagnose_run(run, *splits[corpus], progress=not args.quiet, device=device))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "diagnose.json").write_text(json.dumps(results, indent=1))
     text = markdown(results)

@@ -296,7 +296,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from adapter.lalm.train import load_trained
+    from adapter.lalm.train import DEVICE_HELP, load_trained, resolve_device
 
     p = argparse.ArgumentParser(
         prog="python -m adapter.lalm.evaluate",
@@ -311,6 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy decoding length limit")
     p.add_argument("--seed", type=int, default=0, help="seed of the fallback letters")
+    p.add_argument("--device", help=DEVICE_HELP)
     args = p.parse_args(argv)
     if not args.manifest and not args.audio:
         p.error("give --manifest or --audio")
@@ -320,7 +321,11 @@ def main(argv=None) -> int:
     examples = read_manifest(args.manifest) if args.manifest else []
     if args.manifest and not examples:
         p.error(f"--manifest {args.manifest} holds no examples: nothing to score")
-    model = load_trained(args.run)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        p.error(str(exc))
+    model = load_trained(args.run, device=device)
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     if args.audio:
         from adapter.lalm.data import _resampled_length
@@ -329,7 +334,8 @@ def main(argv=None) -> int:
             Example(id=Path(a).name, question=args.question, audio=Path(a), num_samples=_resampled_length(Path(a)))
             for a in args.audio
         ]
-        for ex, ans in zip(exs, generate_answers(model, exs, source, max_new_tokens=args.max_new_tokens), strict=True):
+        answers = generate_answers(model, exs, source, max_new_tokens=args.max_new_tokens, device=device)
+        for ex, ans in zip(exs, answers, strict=True):
             print(f"{ex.id}: {ans}")
         return 0
     result = evaluate(
@@ -339,6 +345,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        device=device,
     )
     print(format_table({Path(args.run).name: result}))
     if args.out:

@@ -23,7 +23,7 @@ from adapter.lalm.corpus import SIZES, build_corpus
 from adapter.lalm.corpus.build import QUESTIONS
 from adapter.lalm.data import read_manifest
 from adapter.lalm.evaluate import evaluate
-from adapter.lalm.train import config_differences, load_trained, log_lines, run_features, train
+from adapter.lalm.train import config_differences, default_device, load_trained, log_lines, run_features, train
 from adapter.presets import PRESETS
 
 
@@ -175,8 +175,10 @@ def train_and_evaluate(
     print(f"{name or preset}: at step {exp.steps}, {seconds:.0f} s in this call", flush=True)
     seconds += earlier
     timing.write_text(json.dumps({"seconds": seconds}))
-    model = load_trained(run_dir)
-    result = evaluate(model, read_manifest(manifests["test"]), run_features(run_dir, model), seed=exp.seed)
+    device = default_device()  # where train() ran it
+    model = load_trained(run_dir, device=device)
+    test = read_manifest(manifests["test"])
+    result = evaluate(model, test, run_features(run_dir, model), seed=exp.seed, device=device)
     done.write_text(json.dumps(result, indent=1))
     return {"eval": result, "summary": summary, "log": read_log(run_dir), "seconds": seconds}
 

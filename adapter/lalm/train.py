@@ -89,6 +89,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def default_device() -> torch.device:
+    """Where a tool runs a trained model when not told: the GPU training would use, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+DEVICE_HELP = "where the model runs: cpu, cuda, cuda:1, ... (default: the GPU when there is one, else cpu)"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The `--device` of a tool that runs a trained model (evaluate, analysis, diagnose): None is
+    default_device(); a device this torch cannot use is refused (ValueError) before any loading."""
+    if not name:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    return device
+
+
 def distributed() -> tuple[int, int, torch.device]:
     """(rank, world, device): under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -86,6 +86,42 @@ def test_cli_refuses_bad_sizes_and_empty_manifests(tmp_path, capsys):
     assert "--workers must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool", ["evaluate", "analysis", "diagnose"])
+def test_the_device_a_trained_model_runs_on(tool, tmp_path, capsys, monkeypatch):
+    """The tools that run a trained model run it where training ran: the GPU when torch sees one
+    (and the experiment runners' evaluation), else the CPU; `--device` picks another, and one this
+    torch cannot use is refused by name before any model is loaded."""
+    import importlib
+
+    import torch
+
+    from adapter.lalm.train import default_device
+
+    main = importlib.import_module(f"adapter.lalm.{tool}").main
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text('{"id": "a", "question": "q", "answer": "x"}\n')
+    no_run = str(tmp_path / "no-run")
+    argv = {
+        "evaluate": ["--run", no_run, "--manifest", str(manifest)],
+        "analysis": ["--runs", no_run, "--manifest", str(manifest)],
+        "diagnose": [no_run],
+    }[tool]
+    if not torch.cuda.is_available():
+        assert default_device() == torch.device("cpu")
+        with pytest.raises(SystemExit):
+            main([*argv, "--device", "cuda"])
+        assert "--device cuda: this torch sees no CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--device", "gpu0"])
+    assert "--device 'gpu0': " in capsys.readouterr().err
+    with pytest.raises((SystemExit, FileNotFoundError)) as missing:  # a usable device: on to the missing run
+        main([*argv, "--device", "cpu"])
+    assert "no-run" in capsys.readouterr().err + str(missing.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert default_device() == torch.device("cuda", 1)
+
+
 def test_log_likelihood_scoring_picks_the_most_likely_option(tone_corpus):
     from adapter.lalm.build import build_model
     from adapter.lalm.config import ModelConfig
