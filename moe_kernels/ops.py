@@ -27,11 +27,30 @@ def _autocast_enabled(device_type: str) -> bool:
         return False
 
 
+def _vmapped(tensors) -> bool:
+    """Whether any of `tensors` is batched by torch.func.vmap (under any other transforms too)."""
+    functorch = torch._C._functorch
+    for t in tensors:
+        while functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_batchedtensor(t):
+                return True
+            t = functorch.get_unwrapped(t)
+    return False
+
+
 def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p):
     named = {"z_TD": z_TD, "router_weight_ED": router_weight_ED, "w1_EDF": w1_EDF, "w2_EFD": w2_EFD}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if _vmapped([*named.values(), *([token_mask_T] if token_mask_T is not None else [])]):
+        # torch would fail deep inside the permutation with an in-place error that names nothing.
+        raise NotImplementedError(
+            "moe_ffn (the MoE adapter's routed experts) under torch.func.vmap (per-sample gradients, model "
+            "ensembles): the routing is data-dependent (each expert's token count sets its GEMM's shape), "
+            "which vmap cannot batch. Call the adapter on the whole batch instead (every token is routed on "
+            "its own; only aux_loss is a statistic of the batch) or loop over the samples"
+        )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if z_TD.dim() != 2:
