@@ -31,7 +31,7 @@ def _vmapped(tensors) -> bool:
     """Whether any of `tensors` is batched by torch.func.vmap (under any other transforms too)."""
     functorch = torch._C._functorch
     for t in tensors:
-        while functorch.is_functorch_wrapped_tensor(t):
+        while isinstance(t, torch.Tensor) and functorch.is_functorch_wrapped_tensor(t):
             if functorch.is_batchedtensor(t):
                 return True
             t = functorch.get_unwrapped(t)
@@ -43,7 +43,9 @@ def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if _vmapped([*named.values(), *([token_mask_T] if token_mask_T is not None else [])]):
+    # Eager only: dynamo cannot trace the functorch queries (a graph break inside the adapter); a
+    # vmap under torch.compile fails where it would have without the check.
+    if not torch.compiler.is_compiling() and _vmapped([*named.values(), token_mask_T]):
         # torch would fail deep inside the permutation with an in-place error that names nothing.
         raise NotImplementedError(
             "moe_ffn (the MoE adapter's routed experts) under torch.func.vmap (per-sample gradients, model "
