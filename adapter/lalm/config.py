@@ -158,6 +158,12 @@ class TrainConfig:
     eval_every: int = _f(50, "steps between held-out evaluations (0: only at the end)")
     save_every: int = _f(50, "steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    full_checkpoints: int = _f(
+        0,
+        "how many of the newest kept checkpoints hold the optimizer state a --resume needs (AdamW's two "
+        "moments: two thirds of a checkpoint); the older ones keep the weights, which the analyses read "
+        "(load_trained(step=...)); 0: every kept one. FSDP's sharded checkpoints stay whole",
+    )
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
     overwrite: bool = _f(
         False,
@@ -174,7 +180,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "eval_every", "save_every", "full_checkpoints"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -57,7 +57,11 @@ class ExperimentConfig:
     expert_init: str = _f("independent", "MoE experts' initialization: independent or replicated (one copy)")
     text_weight: int = _f(4, "repeats of the text-knowledge questions per epoch")
     seed: int = _f(0, "seed of corpus, weights and data order")
-    checkpoints: int = _f(4, "evenly spaced checkpoints kept per run (the gradient analysis reads them)")
+    checkpoints: int = _f(
+        4,
+        "evenly spaced checkpoints kept per run (the gradient analysis reads their weights; only the newest keeps "
+        "the optimizer state, which --resume needs)",
+    )
     backend: str = _f("auto", "MoE kernels: auto (Triton on CUDA, torch on CPU), triton or torch")
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU); GPUs below sm_80 (T4, V100): --fp16 or --no-bf16")
     fp16: bool = _f(False, "fp16 autocast with a dynamic loss scale instead (T4, V100); see train --help")
@@ -119,6 +123,7 @@ class ExperimentConfig:
             eval_every=every,
             save_every=every,
             keep_checkpoints=self.checkpoints + 1,
+            full_checkpoints=1,
             progress=not self.quiet,
             resume=self.resume,
             overwrite=not self.resume,  # a rerun trains afresh unless asked to resume

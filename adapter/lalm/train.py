@@ -223,12 +223,14 @@ class Checkpointer:
     writes, adapter/lalm/parallel.py); then scheduler.pt and state.json. It is assembled in a
     temporary folder that only a complete save renames into place, so a crash (SIGKILL included)
     at any instant leaves the last complete checkpoint the newest; a save that raises (a full disk)
-    also removes its partial folder and adds a note naming the checkpoint that stands."""
+    also removes its partial folder and adds a note naming the checkpoint that stands. With `full`
+    > 0 (not sharded) only the newest `full` keep optimizer.pt; the older ones keep the rest."""
 
-    def __init__(self, root: Path, keep: int, sharded: bool = False) -> None:
+    def __init__(self, root: Path, keep: int, sharded: bool = False, full: int = 0) -> None:
         self.root = root / "checkpoints"
         self.keep = keep
         self.sharded = sharded
+        self.full = full
 
     def save(
         self, step: int, model: AudioLLM, optimizer, scheduler, state: dict, rank: int = 0, world: int = 1
@@ -269,6 +271,9 @@ class Checkpointer:
             atomic_write_text(self.root / "latest", final.name)
             for old in step_folders(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+            if self.full and not self.sharded:  # the newest `full` stay whole: a resume reads the newest
+                for old in step_folders(self.root)[: -self.full]:
+                    (old / "optimizer.pt").unlink(missing_ok=True)
         _barrier(world)
         return final
 
@@ -282,22 +287,29 @@ class Checkpointer:
         return done[-1] if done else None
 
 
-def checkpoint_disk_shortfall(out_dir: Path, trained: int, keep: int, existing: int = 0) -> str | None:
+def checkpoint_disk_shortfall(out_dir: Path, trained: int, keep: int, existing: int = 0, full: int = 0) -> str | None:
     """What to tell the user when `out_dir`'s file system has less free space than the run's
     checkpoints take at their peak (`keep` kept plus the one being saved, less the `existing` ones a
     resume finds, which the free space already excludes); None when it has enough.
     Estimated from the `trained` parameter count: an fp32 weight and AdamW's two fp32 moments,
-    12 bytes each (the checkpoints of the CI-size LALM: 13.4 MB of weights, 26.8 MB of optimizer
-    state). Said before the first step, not hours later when a save fails on a full disk."""
-    need = max(0, keep + 1 - existing) * 12 * trained
+    12 bytes each, or the weight alone, 4, in a checkpoint beyond the newest `full` (0: all full)
+    (the checkpoints of the CI-size LALM: 13.4 MB of weights, 26.8 MB of optimizer state). Said
+    before the first step, not hours later when a save fails on a full disk."""
+    whole = min(full or keep, keep)  # kept checkpoints with the optimizer state
+
+    def size(count: int) -> int:  # the newest `count` of the kept checkpoints
+        return (12 * min(count, whole) + 4 * max(0, count - whole)) * trained
+
+    need = max(0, size(keep) + 12 * trained - size(existing))
     free = shutil.disk_usage(out_dir).free
     if free >= need:
         return None
     gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
     return (
-        f"{out_dir} has {gb(free)} free, but this run's checkpoints need about {gb(need)} more ({keep} kept + the "
-        f"one being saved - {existing} there, {gb(12 * trained)} each for {trained:,} trained parameters): free "
-        "some space, keep fewer (--keep-checkpoints; the experiment runners' --checkpoints) or choose another "
+        f"{out_dir} has {gb(free)} free, but this run's checkpoints need about {gb(need)} more ({keep} kept, "
+        f"{whole} with the optimizer state, + the one being saved - {existing} there; {gb(12 * trained)} with it, "
+        f"{gb(4 * trained)} without, for {trained:,} trained parameters): free some space, keep fewer "
+        "(--keep-checkpoints, --full-checkpoints; the experiment runners' --checkpoints) or choose another "
         "--output-dir"
     )
 
@@ -411,6 +423,13 @@ def load_checkpoint(path: Path, model: AudioLLM, optimizer, scheduler, rank: int
         rng = path / f"rng_{rank}.pt"
         rng = rng if rng.is_file() else path / "rng_0.pt"
     else:
+        if not (path / "optimizer.pt").is_file():
+            earlier = _resumable_before(path)
+            way = f"move it out of {path.parent}, and --resume continues from {earlier}" if earlier else "--overwrite"
+            raise ValueError(
+                f"checkpoint {path} keeps the weights only (--full-checkpoints kept the optimizer state in the "
+                f"newest checkpoints alone), so a run cannot resume from it: {way}"
+            )
         load_trainable(model, path, trained_now(model))
         optimizer.load_state_dict(_read_checkpoint_file(path / "optimizer.pt"))
         rng = path / "rng.pt"
@@ -430,13 +449,20 @@ def _read_checkpoint_file(file: Path):
         raise _damaged(file, exc) from exc
 
 
+def _resumable_before(step: Path) -> str | None:
+    """The newest checkpoint older than `step` that a run can resume from (not a weights-only one)."""
+    whole = [p.name for p in step_folders(step.parent) if p.name < step.name]
+    whole = [n for n in whole if parallel.is_sharded(step.parent / n) or (step.parent / n / "optimizer.pt").is_file()]
+    return whole[-1] if whole else None
+
+
 def _damaged(file: Path, exc: Exception) -> ValueError:
     step = file.parent
-    earlier = [p.name for p in step_folders(step.parent) if p.name < step.name]
+    earlier = _resumable_before(step)
     way_back = (
-        f"delete {step} or move it out of {step.parent}, and --resume continues from {earlier[-1]}"
+        f"delete {step} or move it out of {step.parent}, and --resume continues from {earlier}"
         if earlier
-        else "no earlier checkpoint exists: start afresh (--overwrite)"
+        else "no earlier checkpoint a run can resume from exists: start afresh (--overwrite)"
     )
     return ValueError(f"cannot read the checkpoint file {file} ({type(exc).__name__}: {exc}); {way_back}")
 
@@ -540,6 +566,7 @@ RESUMABLE_CHANGES = frozenset(
         "eval_every",
         "save_every",
         "keep_checkpoints",
+        "full_checkpoints",
         "feature_cache",
         "activation_checkpointing",  # recomputes the same values: the same losses either way (tested)
     }
@@ -677,7 +704,7 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
     # Rank 0 locks a folder that exists before reading what it holds (it may be training there now).
     busy = lock.acquire() if is_main and out_dir.is_dir() else None
     _refuse_if_busy(busy, out_dir, world, device)
-    ckpt = Checkpointer(out_dir, cfg.keep_checkpoints, sharded=cfg.fsdp)
+    ckpt = Checkpointer(out_dir, cfg.keep_checkpoints, sharded=cfg.fsdp, full=cfg.full_checkpoints)
     previous = ckpt.latest()
     _check_run_folder(cfg, out_dir, previous, world)
     train_examples = read_manifests(cfg.train_manifest)
@@ -730,7 +757,7 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
     scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, enabled=cfg.fp16)
     if is_main:
         trained, there = sum(p.numel() for p in params), len(step_folders(ckpt.root))
-        if short := checkpoint_disk_shortfall(out_dir, trained, cfg.keep_checkpoints, there):
+        if short := checkpoint_disk_shortfall(out_dir, trained, cfg.keep_checkpoints, there, cfg.full_checkpoints):
             warnings.warn(short, stacklevel=3)
     per_step = cfg.grad_accum * world
     state = {

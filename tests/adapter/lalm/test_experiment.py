@@ -52,3 +52,5 @@ def test_every_experiment_cli_can_train_in_fp16_or_fp32(tmp_path):
         manifests = {"train": tmp_path / "train.jsonl", "val": tmp_path / "val.jsonl"}
         cfg = exp.train_config("dense", manifests, tmp_path / "run")
         assert (cfg.bf16, cfg.fp16) == want
+        # Every evenly spaced checkpoint for the analyses, the optimizer state in the newest alone.
+        assert (cfg.keep_checkpoints, cfg.full_checkpoints) == (exp.checkpoints + 1, 1)

@@ -252,6 +252,28 @@ def test_fp16_scales_the_loss_skips_an_overflow_at_half_the_scale_and_resumes_at
     assert [[r[k] for k in keys] for r in _steps(crashed)] == [[r[k] for k in keys] for r in rows]
 
 
+def test_older_checkpoints_keep_the_weights_only_with_full_checkpoints(tmp_path, tone_corpus):
+    """--full-checkpoints 1: the newest checkpoint keeps the optimizer state (a resume reads it),
+    the older kept ones the weights, rng and schedule (the analyses read their weights); a resume
+    that would land on a weights-only checkpoint is refused with the way out."""
+    kw = dict(max_steps=4, eval_every=0, save_every=1, keep_checkpoints=3, full_checkpoints=1)
+    train_mod.train(_cfg(tmp_path, tone_corpus, **kw))
+    root = tmp_path / "checkpoints"
+    held = {p.name: sorted(f.name for f in p.iterdir()) for p in train_mod.step_folders(root)}
+    assert sorted(held) == ["step_0000002", "step_0000003", "step_0000004"]
+    assert "optimizer.pt" in held["step_0000004"]
+    assert held["step_0000002"] == held["step_0000003"] == [
+        "model.safetensors", "rng.pt", "scheduler.pt", "state.json"
+    ]  # fmt: skip
+    older = train_mod.load_trained(tmp_path, step=2)
+    assert not torch.equal(older.adapter.w1, train_mod.load_trained(tmp_path).adapter.w1)
+    assert train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **kw))["steps"] == 4  # from the newest
+    shutil.rmtree(root / "step_0000004")
+    (root / "latest").write_text("step_0000003")
+    with pytest.raises(ValueError, match=r"step_0000003 keeps the weights only .*--full-checkpoints.*--overwrite"):
+        train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **kw))
+
+
 def test_router_lr_expert_init_step_zero_and_resuming_a_run_from_before_them(tmp_path, tone_corpus):
     """router_lr_scale gives the routers their own AdamW group (lr x scale, the schedule on top);
     expert_init reaches the adapter; load_trained(step=0) is the run's initialization; a run whose
@@ -401,12 +423,20 @@ def test_a_disk_too_small_for_the_checkpoints_is_said_before_the_first_step(tmp_
     assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
     free["bytes"] = 35_999
     short = train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2)
-    assert "0.00 GB free" in short and "(2 kept + the one being saved - 0 there, 0.00 GB each for 1,000" in short
+    assert "0.00 GB free" in short and "(2 kept, 2 with the optimizer state, + the one being saved - 0 there" in short
     free["bytes"] = 36_000  # exactly 3 x 12,000
     assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
     free["bytes"] = 12_000  # a resume that finds its 2 checkpoints needs room for one more
     assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2, existing=2) is None
     assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2, existing=1) is not None
+    # --full-checkpoints 1 of 4 kept: the newest and the one being saved 12,000 each, 3 x 4,000 (weights).
+    free["bytes"] = 36_000
+    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=4, full=1) is None
+    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=4) is not None  # 60,000 all full
+    free["bytes"] = 35_999
+    assert "4 kept, 1 with the optimizer state" in train_mod.checkpoint_disk_shortfall(
+        tmp_path, trained=1000, keep=4, full=1
+    )
 
     free["bytes"] = 50_000_000  # the CI-size run's checkpoints are 40 MB each (3.35 M trained parameters)
     said = r"has 0.05 GB free, .* about 0.12 GB more \(2 kept"
