@@ -1,7 +1,8 @@
 """The main job: build the heterogeneous corpus, train the reference LALM once with the dense
 adapter and once with the MoE adapter on the same data and budget, evaluate both, and print a
 table in the shape of the paper's Table 1 (per-category accuracy, text vs audio knowledge
-accuracy and the modality gap, balance loss, expert loads), plus a plot.
+accuracy and the modality gap, balance loss, expert loads), plus a plot and the runs' training
+curves (adapter.lalm.curves).
 
     python -m adapter.lalm.demo                     # CPU, a few minutes
     python -m adapter.lalm.demo --size full --steps 20000 --audio-dim 512 ...   # larger settings
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from adapter.cli import run_cli
+from adapter.lalm.curves import plot_runs, read_run
 from adapter.lalm.evaluate import format_table
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.plots import pyplot, save
@@ -55,7 +57,13 @@ def run_demo(exp: ExperimentConfig) -> dict:
     (out / "table.txt").write_text(report + "\n")
     png = out / "demo.png"
     plot(results, logs, png)
-    print(f"\nplot: {png}\nresults: {out}/<adapter>/eval.json; total {time.perf_counter() - t0:.0f} s", flush=True)
+    curves = out / "curves.png"  # the training dynamics: gradient norms, L_aux, expert loads, ...
+    plot_runs([read_run(out / name) for name in ADAPTERS], curves)
+    print(
+        f"\nplot: {png}\ntraining curves: {curves}\nresults: {out}/<adapter>/eval.json; "
+        f"total {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     return {"results": results, "summaries": {n: r["summary"] for n, r in runs.items()}, "report": report}
 
 

@@ -22,6 +22,7 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_experiment):
     ):
         assert row in report, row
     assert (out / "demo.png").stat().st_size > 5000
+    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
     for name in demo.ADAPTERS:
         ev = json.loads((out / name / "eval.json").read_text())
         mmau_tasks = [t for t in TASKS if t != "knowledge" and t not in TRAIN_ONLY]
