@@ -8,7 +8,8 @@
 2. Expert activation heatmaps on the test split, with and without the balance loss (Fig. 3).
 3. Gradient cosine similarity between categories at every kept checkpoint of dense and MoE (Fig. 4).
 4. Gradient influence scores at the end of training, dense and MoE (Fig. 5).
-5. Writes report.md (tables, figures, the paper's claims checked one by one), report.json and the PNGs.
+5. Training curves of dense and both MoE layouts (adapter.lalm.curves).
+6. Writes report.md (tables, figures, the paper's claims checked one by one), report.json and the PNGs.
 
 Accuracy differences come with their binomial standard error, and a claim is called reproduced only
 when the difference has the paper's sign and exceeds two standard errors.
@@ -30,6 +31,7 @@ from adapter.cli import run_cli
 from adapter.environment import environment
 from adapter.lalm.ablation import TABLE_2_3, ablation_table, run_ablation
 from adapter.lalm.analysis import CATEGORIES, analyze_run, write_figures
+from adapter.lalm.curves import plot_runs, read_run
 from adapter.lalm.data import read_manifest
 from adapter.lalm.encoder import ENCODER_PRESETS, PRETRAINED_ENCODERS
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args
@@ -38,6 +40,8 @@ PRESETS = ("dense", "moe-8c4-matched", "moe-8c4-parallel", *TABLE_2_3)
 """Dense, then the MoE adapter at dense's total size in both readings of Table 4 (serial with
 wider experts, parallel), then Table 2/3's presets as the paper sized them."""
 HEATMAPS = ("moe-8c4", "moe-8c4-no-ebl", "moe-8c4-parallel")
+CURVES = ("dense", "moe-8c4", "moe-8c4-parallel")
+"""The runs whose training curves the report draws: dense and both readings of Table 4."""
 """Fig. 3 with and without the balance loss, and the recommended preset's routing."""
 
 
@@ -347,6 +351,13 @@ def write_report(exp: ExperimentConfig, rows: list[dict], analysis: dict, info: 
                 "",
             ]
     lines += [
+        "## Training curves",
+        "",
+        f"{', '.join(CURVES)}: loss, learning rate, gradient norm (skipped steps marked), balance loss against k, "
+        "the busiest and idlest expert's load x E, throughput (`python -m adapter.lalm.curves` draws any runs).",
+        "",
+        "![training curves](curves.png)",
+        "",
         "## The paper's claims, one by one",
         "",
         "An accuracy claim is *reproduced* when the difference has the paper's sign and exceeds two "
@@ -388,6 +399,7 @@ def run_report(exp: ExperimentConfig, report_dir: Path, *, num_batches: int, bat
             "heatmap"
         ]
     write_figures(analysis, report_dir)
+    plot_runs([read_run(out / name) for name in CURVES], report_dir / "curves.png")
     info = environment("cuda" if torch.cuda.is_available() else "cpu")
     text = write_report(exp, rows, analysis, info, time.perf_counter() - t0, report_dir)
     for extra in ("ablation.md", "ablation.json", "ablation.png"):  # run_ablation wrote them

@@ -69,7 +69,7 @@ def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
     exp = tiny_experiment(steps=4, checkpoints=2)
     out = tmp_path / "report"
     text = report.run_report(exp, out, num_batches=1, batch_size=3, step_size=1e-2)
-    for section in ("## Tables 1-3", "## Figure 3", "## Figure 4", "## Figure 5", "## The paper's claims"):
+    for section in ("## Tables 1-3", "## Figure 3", "## Figure 4", "## Figure 5", "## Training curves", "## The paper"):
         assert section in text, section
     assert "Model: random 'demo' Whisper encoder (frozen)" in text
     for preset in report.PRESETS:
@@ -81,7 +81,7 @@ def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
     assert [t["step"] for t in data["analysis"]["dense"]["cosine"]] == [2, 4]
     # Tables 1-3 and the two equal-size readings of Table 1, Fig. 3, three pairs x 2 (Fig. 4), Fig. 5
     assert len(data["claims"]) == 15 + 2 + 3 + 6 + 5
-    for png in ("ablation.png", "heatmap.png", "cosine.png", "influence.png"):
+    for png in ("ablation.png", "heatmap.png", "cosine.png", "influence.png", "curves.png"):
         assert (out / png).stat().st_size > 5000, png
         assert f"({png})" in text
     assert (out / "ablation.md").read_text().count("\n") == 2 + len(report.PRESETS)
