@@ -31,11 +31,11 @@ from adapter.lalm.evaluate import expert_rates
 from adapter.lalm.model import AudioLLM
 from adapter.lalm.plots import pyplot, save
 from adapter.lalm.train import (
-    DEVICE_HELP,
+    add_device_flag,
     checkpoint_steps,
     default_device,
+    device_from_flag,
     load_trained,
-    resolve_device,
     run_features,
 )
 
@@ -255,12 +255,9 @@ def main(argv=None) -> int:
     p.add_argument("--step-size", type=float, default=1e-2, help="lambda: length of the simulated step (eq. 12)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batch draw")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--device", help=DEVICE_HELP)
+    add_device_flag(p)
     args = p.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        p.error(str(exc))
+    device = device_from_flag(p, args)
     for run in args.runs:
         if not (run / "config.json").is_file():
             p.error(f"{run} is not a training run folder (no config.json)")

@@ -40,11 +40,11 @@ from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
 from adapter.lalm.plots import pyplot, save
 from adapter.lalm.train import (
-    DEVICE_HELP,
+    add_device_flag,
     checkpoint_steps,
     default_device,
+    device_from_flag,
     load_trained,
-    resolve_device,
     run_features,
 )
 
@@ -472,12 +472,9 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with config.json and checkpoints)")
     p.add_argument("--out", type=Path, default=Path("runs/diagnose"), help="folder for diagnose.json/.md/.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--device", help=DEVICE_HELP)
+    add_device_flag(p)
     args = p.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        p.error(str(exc))
+    device = device_from_flag(p, args)
     missing = [str(r) for r in args.runs if not (r / "config.json").is_file()]
     if missing:
         p.error(f"not run folders (no config.json): {missing}")

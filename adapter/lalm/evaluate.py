@@ -296,7 +296,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from adapter.lalm.train import DEVICE_HELP, load_trained, resolve_device
+    from adapter.lalm.train import add_device_flag, device_from_flag, load_trained
 
     p = argparse.ArgumentParser(
         prog="python -m adapter.lalm.evaluate",
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy decoding length limit")
     p.add_argument("--seed", type=int, default=0, help="seed of the fallback letters")
-    p.add_argument("--device", help=DEVICE_HELP)
+    add_device_flag(p)
     args = p.parse_args(argv)
     if not args.manifest and not args.audio:
         p.error("give --manifest or --audio")
@@ -321,10 +321,7 @@ def main(argv=None) -> int:
     examples = read_manifest(args.manifest) if args.manifest else []
     if args.manifest and not examples:
         p.error(f"--manifest {args.manifest} holds no examples: nothing to score")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as exc:
-        p.error(str(exc))
+    device = device_from_flag(p, args)
     model = load_trained(args.run, device=device)
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     if args.audio:

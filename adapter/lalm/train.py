@@ -94,9 +94,6 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-DEVICE_HELP = "where the model runs: cpu, cuda, cuda:1, ... (default: the GPU when there is one, else cpu)"
-
-
 def resolve_device(name: str | None) -> torch.device:
     """The `--device` of a tool that runs a trained model (evaluate, analysis, diagnose): None is
     default_device(); a device this torch cannot use is refused (ValueError) before any loading."""
@@ -109,6 +106,21 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: this torch sees no CUDA GPU (torch {torch.__version__})")
     return device
+
+
+def add_device_flag(parser) -> None:
+    """`--device` for a tool that runs a trained model; read it back with device_from_flag."""
+    parser.add_argument(
+        "--device", help="where the model runs: cpu, cuda, cuda:1, ... (default: the GPU when there is one, else cpu)"
+    )
+
+
+def device_from_flag(parser, args) -> torch.device:
+    """The parsed `--device` (resolve_device); one this torch cannot use is a usage error."""
+    try:
+        return resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def distributed() -> tuple[int, int, torch.device]:
