@@ -3,9 +3,9 @@ read from each run folder's log.jsonl, in one figure:
 
     python -m adapter.lalm.curves runs/demo/dense runs/demo/moe-8c4-parallel --out curves.png
 
-One colour per run; a run still training is read as far as it has written. Panels:
-  next-token loss   on answer tokens: each logged step (faint), the moving mean over --smooth
-                    logged steps, held-out evaluations (markers); log scale
+One colour per run; a run still training is read as far as it has written. Per-step series
+are drawn faint, with their moving mean over --smooth logged steps solid. Panels:
+  next-token loss   on answer tokens, and the held-out evaluations (markers); log scale
   learning rate     the schedule as it ran (router group excluded)
   gradient norm     before clipping (log scale), the clip level dashed; a step skipped as
                     non-finite (or, under --fp16, as an overflow) is a red x at the panel's top
@@ -32,7 +32,7 @@ from adapter.lalm.train import log_lines
 SKIP_MARK = "x"
 PANELS = ("next-token loss", "learning rate", "gradient norm", "balance loss L_aux", "expert load x E", "tokens / s")
 FP16_PANEL = "loss scale (fp16)"
-LINES = (("learning rate", "lr"), ("tokens / s", "tokens_per_s"), (FP16_PANEL, "loss_scale"))  # (panel, log key)
+STEP_LINES = (("learning rate", "lr"), (FP16_PANEL, "loss_scale"))  # (panel, log key)
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -103,25 +103,29 @@ def plot_runs(runs: list[dict], path: str | Path, smooth: int = 20) -> dict:
         extra.axis("off")
     drawn: dict = {t: {} for t in titles}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def noisy(title, steps, values, color, label, ls="-"):
+        """Each logged step faint, the moving mean over `smooth` of them solid; returns the mean."""
+        mean = moving_mean(values, smooth)
+        ax[title].plot(steps, values, color=color, alpha=0.2, lw=0.7, ls=ls)
+        ax[title].plot(steps, mean, color=color, ls=ls, label=label)
+        return mean
+
     for i, run in enumerate(runs):
         c, name, rows = colors[i % len(colors)], run["name"], run["steps"]
         steps, ntp = _series(rows, "ntp")
-        smooth_ntp = moving_mean(ntp, smooth)
-        ax["next-token loss"].plot(steps, ntp, color=c, alpha=0.25, lw=0.8)
-        ax["next-token loss"].plot(steps, smooth_ntp, color=c, label=f"{name} train")
-        drawn["next-token loss"][name] = (steps, smooth_ntp)
+        drawn["next-token loss"][name] = (steps, noisy("next-token loss", steps, ntp, c, f"{name} train"))
         if run["evals"]:
             es, ev = zip(*run["evals"], strict=True)
             ax["next-token loss"].plot(es, ev, "o--", color=c, ms=4, label=f"{name} held-out")
-        for title, key in LINES:
-            if title in ax:
-                s, v = _series(rows, key)
-                if v:
-                    ax[title].plot(s, v, color=c, label=name)
-                    drawn[title][name] = (s, v)
+        for title, key in STEP_LINES:  # the schedule and the loss scale: exact steps, not smoothed
+            if title in ax and (series := _series(rows, key))[1]:
+                ax[title].plot(*series, color=c, label=name)
+                drawn[title][name] = series
+        s, v = _series(rows, "tokens_per_s")
+        drawn["tokens / s"][name] = (s, noisy("tokens / s", s, v, c, name))
         s, v = _series([r for r in rows if not r.get("skipped")], "grad_norm")
-        ax["gradient norm"].plot(s, v, color=c, lw=0.9, label=name)
-        drawn["gradient norm"][name] = (s, v)
+        drawn["gradient norm"][name] = (s, noisy("gradient norm", s, v, c, name))
         skipped = [r["step"] for r in rows if r.get("skipped")]
         if skipped:
             top = ax["gradient norm"].get_xaxis_transform()  # x in steps, y in axes fraction
@@ -130,17 +134,14 @@ def plot_runs(runs: list[dict], path: str | Path, smooth: int = 20) -> dict:
             ax["gradient norm"].axhline(run["clip"], color=c, ls="--", lw=0.8)
         s, v = _series(rows, "aux")
         if v:
-            ax["balance loss L_aux"].plot(s, v, color=c, label=name)
-            drawn["balance loss L_aux"][name] = (s, v)
+            drawn["balance loss L_aux"][name] = (s, noisy("balance loss L_aux", s, v, c, name))
             if run["top_k"]:
                 ax["balance loss L_aux"].axhline(run["top_k"], color=c, ls=":", lw=1)
         loads = [(r["step"], r["expert_load_0"]) for r in rows if r.get("expert_load_0")]
         if loads:
             s = [st for st, _ in loads]
-            hi = [max(sh) * len(sh) for _, sh in loads]
-            lo = [min(sh) * len(sh) for _, sh in loads]
-            ax["expert load x E"].plot(s, hi, color=c, label=f"{name} busiest")
-            ax["expert load x E"].plot(s, lo, color=c, ls="--", label=f"{name} idlest")
+            hi = noisy("expert load x E", s, [max(sh) * len(sh) for _, sh in loads], c, f"{name} busiest")
+            lo = noisy("expert load x E", s, [min(sh) * len(sh) for _, sh in loads], c, f"{name} idlest", ls="--")
             drawn["expert load x E"][name] = (s, hi, lo)
     for title, a in ax.items():
         a.set_title(title)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("runs", nargs="+", help="run folders of adapter.lalm.train (each holds log.jsonl)")
     p.add_argument("--out", default="curves.png", help="the figure's path (default: curves.png)")
-    p.add_argument("--smooth", type=int, default=20, help="logged steps in the loss's moving mean (default: 20)")
+    p.add_argument("--smooth", type=int, default=20, help="logged steps in each moving mean (default: 20)")
     args = p.parse_args(argv)
     if args.smooth < 1:
         p.error(f"--smooth must be >= 1, got {args.smooth}")
