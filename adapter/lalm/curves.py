@@ -13,7 +13,8 @@ are drawn faint, with their moving mean over --smooth logged steps solid. Panels
                     dotted at k, its value when every expert gets the same share
   expert load       the busiest and the idlest expert's share of the step's routed tokens, times E
                     (1: balanced; 0: an expert nobody routes to), of the run's first MoE adapter
-  tokens / s        padded positions per second of each step
+  tokens / s        text positions (prompt and answer, padding left out) per second of each step,
+                    all processes together
   loss scale        --fp16 runs only: the dynamic loss scale (halved at each overflow)
 """
 
