@@ -245,9 +245,10 @@ class Checkpointer:
         self.full = full
 
     def save(
-        self, step: int, model: AudioLLM, optimizer, scheduler, state: dict, rank: int = 0, world: int = 1
+        self, step: int, model: AudioLLM, optimizer, scheduler, scaler, state: dict, rank: int = 0, world: int = 1
     ) -> Path:
-        """Every rank calls it (a collective when sharded)."""
+        """Every rank calls it (a collective when sharded). An enabled loss scaler (--fp16) is saved
+        in state.json under "scaler"."""
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f".tmp_step_{step:07d}"
         if rank == 0:
@@ -266,6 +267,8 @@ class Checkpointer:
             _barrier(world)
             if rank == 0:
                 torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                if scaler is not None and scaler.is_enabled():
+                    state = {**state, "scaler": scaler.state_dict()}
                 fsync_write(tmp / "state.json", json.dumps(state, indent=1).encode())
                 if final.exists():  # the same step saved again (after a resume): identical content
                     shutil.rmtree(final)
@@ -778,16 +781,14 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
         "position": dataclasses.asdict(DataPosition()),
         "micro_batches_per_step": per_step,
     }
-    if cfg.fp16:  # checkpointed with the step: a resume continues at the same scale
-        state["scaler"] = scaler.state_dict()
     if world > 1:
         dist.barrier()
     if latest is not None:
         if model.semantic is not None:
             model.semantic.fitted.fill_(True)  # the codebook comes from the checkpoint
         state = {**load_checkpoint(latest, model, optimizer, scheduler, rank), "micro_batches_per_step": per_step}
-        if cfg.fp16:
-            scaler.load_state_dict(state["scaler"])
+        if cfg.fp16:  # checkpointed with the step: a resume continues at the same scale
+            scaler.load_state_dict(state.pop("scaler"))
         if is_main:
             _truncate_log(out_dir / "log.jsonl", state["step"])
             print(f"resumed from {latest} at step {state['step']}", flush=True)
@@ -841,7 +842,7 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
                 dist.all_reduce(counts)
             if int(counts[0]):
                 bar.close()
-                _stop(ckpt, state, saved_step, (model, optimizer, scheduler), rank, world, stop_signals)
+                _stop(ckpt, state, saved_step, (model, optimizer, scheduler, scaler), rank, world, stop_signals)
             n_answer, n_positions = int(counts[1]), int(counts[2])
             ranks_with_audio = [int(c) for c in counts[3:]]  # per micro-batch index, over the ranks
             n_audio = sum(ranks_with_audio)
@@ -900,8 +901,6 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
             else:
                 state["skipped"] += 1
             scaler.update()  # fp16: an overflow (the unscale's finite check, over all ranks) halves the scale
-            if cfg.fp16:
-                state["scaler"] = scaler.state_dict()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             with warnings.catch_warnings():
@@ -941,7 +940,7 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                ckpt.save(step, model, optimizer, scheduler, state, rank, world)
+                ckpt.save(step, model, optimizer, scheduler, scaler, state, rank, world)
                 saved_step = step
             summary = record
     bar.close()
@@ -963,7 +962,7 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
         if is_main:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": state["step"], "final": True, **final}) + "\n")
-    ckpt.save(state["step"], model, optimizer, scheduler, state, rank, world)
+    ckpt.save(state["step"], model, optimizer, scheduler, scaler, state, rank, world)
     summary = {**summary, **final, "steps": state["step"], "skipped_total": state["skipped"]}
     if world > 1:
         dist.destroy_process_group()
