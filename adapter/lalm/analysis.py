@@ -64,11 +64,10 @@ def category_batches(
     rng = random.Random(seed)
     for exs in by_cat.values():
         rng.shuffle(exs)
-    device = next(model.parameters()).device
     sets = []
     for b in range(num_batches):
         pick = {c: [exs[(b * batch_size + i) % len(exs)] for i in range(batch_size)] for c, exs in by_cat.items()}
-        sets.append({c: collate(chosen, model.tokenizer, source).to(device) for c, chosen in pick.items()})
+        sets.append({c: collate(chosen, model.tokenizer, source).to(model.device) for c, chosen in pick.items()})
     return sets
 
 
@@ -126,9 +125,7 @@ def analyze_run(
     source = run_features(run, model)
     result: dict = {"run": str(run)}
     if "heatmap" in analyses:
-        result["heatmap"] = expert_rates(
-            model, [ex for ex in examples if ex.category in CATEGORIES], source, device=device
-        )
+        result["heatmap"] = expert_rates(model, [ex for ex in examples if ex.category in CATEGORIES], source)
     sets = None
     if "influence" in analyses:
         sets = category_batches(model, examples, source, batch_size=batch_size, num_batches=num_batches, seed=seed)

@@ -75,7 +75,6 @@ def capture(model: AudioLLM, examples: list[Example], source: FeatureSource, bat
     of every real token: router probabilities (T, E), top-k experts and gates (T, K), categories.
     Computed on the model's device, returned on the CPU."""
     adapter = model.adapter
-    device = next(model.parameters()).device
     acts: dict = {}
     hooks = [adapter.register_forward_hook(lambda m, args, out: acts.update(input=args[0], output=out))]
     is_moe = hasattr(adapter, "routed_experts")
@@ -96,7 +95,7 @@ def capture(model: AudioLLM, examples: list[Example], source: FeatureSource, bat
         model.eval()
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            batch = collate(chunk, model.tokenizer, source, with_answer=False).to(device)
+            batch = collate(chunk, model.tokenizer, source, with_answer=False).to(model.device)
             feats, mask_BF = model.audio_inputs(batch)
             model.embed_audio(feats, mask_BF, batch.category_B)
             B, Fr = mask_BF.shape
@@ -288,7 +287,7 @@ def diagnose_run(
     routing_test = [ex for ex in test if ex.audio is not None]
     rng = random.Random(seed)
     grad_examples = rng.sample([ex for ex in train if ex.audio is not None], GRAD_BATCH)
-    grad_batch = collate(grad_examples, final.tokenizer, source).to(device)
+    grad_batch = collate(grad_examples, final.tokenizer, source).to(final.device)
     result: dict = {"run": str(run), "label": label, "seed": seed, "steps": steps, "probes": {}, "routing": []}
     result["grad_norm"], result["drift"], result["weight_norm"] = [], [], []
     init_state = None

@@ -86,10 +86,11 @@ def generate_answers(
     text_questions=False,
     batch_size: int = 32,
     max_new_tokens: int = 24,
-    device="cpu",
+    device=None,
 ) -> list[str]:
     if batch_size <= 0 or max_new_tokens <= 0:
         raise ValueError(f"batch_size and max_new_tokens must be > 0, got {batch_size}, {max_new_tokens}")
+    device = model.device if device is None else device
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: examples[i].num_frames)  # similar lengths together
     answers: dict[int, str] = {}
@@ -116,7 +117,7 @@ def option_logprobs(
     *,
     text_questions: bool = False,
     batch_size: int = 32,
-    device="cpu",
+    device=None,
 ) -> list[list[float]]:
     """For each example, the summed log-probability of each of its choices as the answer
     (AudioLLM.answer_logprobs), in the order of `ex.choices`."""
@@ -125,6 +126,7 @@ def option_logprobs(
     missing = [ex.id for ex in examples if not ex.choices]
     if missing:
         raise ValueError(f"log-likelihood scoring needs choices; examples {missing[:5]} have none")
+    device = model.device if device is None else device
     model.eval()
     pairs = [(i, c) for i, ex in enumerate(examples) for c in range(len(ex.choices))]
     pairs.sort(key=lambda p: examples[p[0]].num_frames)  # similar lengths together
@@ -154,7 +156,7 @@ def _accuracy_table(per_task: dict[str, list[bool]], per_category: dict[str, lis
 
 @torch.no_grad()
 def expert_rates(
-    model: AudioLLM, examples: list[Example], source: FeatureSource, device="cpu", batch_size: int = 32
+    model: AudioLLM, examples: list[Example], source: FeatureSource, device=None, batch_size: int = 32
 ) -> dict[str, list[float]]:
     """Token-normalized activation rate of each routed expert per audio category (paper Fig. 3):
     the fraction of the category's audio tokens routed to the expert (rows sum to k).
@@ -162,6 +164,7 @@ def expert_rates(
     adapter = getattr(model, "adapter", None)
     if not hasattr(adapter, "last_topk_idx"):
         return {}
+    device = model.device if device is None else device
     model.eval()
     chosen, labels = [], []
     audio_ex = [ex for ex in examples if ex.audio is not None]
@@ -188,9 +191,10 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 32,
     max_new_tokens: int = 24,
-    device="cpu",
+    device=None,
 ) -> dict:
-    """Scores of a model on a test manifest's examples (see the module docstring)."""
+    """Scores of a model on a test manifest's examples (see the module docstring), on `device`
+    (default: the model's)."""
     if not examples:
         raise ValueError("evaluate: no examples to score (an empty manifest?)")
     torch.manual_seed(seed)
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
     if args.manifest and not examples:
         p.error(f"--manifest {args.manifest} holds no examples: nothing to score")
     device = device_from_flag(p, args)
-    model = load_trained(args.run, device=device)
+    model = load_trained(args.run, device=device)  # the batches follow the model
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     if args.audio:
         from adapter.lalm.data import _resampled_length
@@ -331,8 +335,7 @@ def main(argv=None) -> int:
             Example(id=Path(a).name, question=args.question, audio=Path(a), num_samples=_resampled_length(Path(a)))
             for a in args.audio
         ]
-        answers = generate_answers(model, exs, source, max_new_tokens=args.max_new_tokens, device=device)
-        for ex, ans in zip(exs, answers, strict=True):
+        for ex, ans in zip(exs, generate_answers(model, exs, source, max_new_tokens=args.max_new_tokens), strict=True):
             print(f"{ex.id}: {ans}")
         return 0
     result = evaluate(
@@ -342,7 +345,6 @@ def main(argv=None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        device=device,
     )
     print(format_table({Path(args.run).name: result}))
     if args.out:

@@ -180,10 +180,8 @@ def train_and_evaluate(
     print(f"{name or preset}: at step {exp.steps}, {seconds:.0f} s in this call", flush=True)
     seconds += earlier
     timing.write_text(json.dumps({"seconds": seconds}))
-    device = default_device()  # where train() ran it
-    model = load_trained(run_dir, device=device)
-    test = read_manifest(manifests["test"])
-    result = evaluate(model, test, run_features(run_dir, model), seed=exp.seed, device=device)
+    model = load_trained(run_dir, device=default_device())  # where train() ran it
+    result = evaluate(model, read_manifest(manifests["test"]), run_features(run_dir, model), seed=exp.seed)
     done.write_text(json.dumps(result, indent=1))
     return {"eval": result, "summary": summary, "log": read_log(run_dir), "seconds": seconds}
 

@@ -137,6 +137,11 @@ class AudioLLM(nn.Module):
         self.run_audio_path_always = False
 
     # ------------------------------------------------------------------ audio
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are: the device the tools move batches to."""
+        return next(self.parameters()).device
+
     def encode_audio(self, mels: list[torch.Tensor | None]) -> list[torch.Tensor]:
         """Stacked encoder features (F_i, 4C) of each clip at its own length; None (no audio) -> (0, 4C)."""
         param = self.encoder.encoder.conv1.weight
