@@ -212,7 +212,8 @@ def test_fp16_scales_the_loss_skips_an_overflow_at_half_the_scale_and_resumes_at
     is skipped, counted, and halves the scale; the weights stay fp32 and finite; a crash after the
     checkpoint of that step resumes at the halved scale with the uninterrupted run's numbers."""
     # A start of 2^10 keeps the scaled gradients of this model (norm <= 10) far from fp16's 65504,
-    # so the one overflow is the injected one on every CPU; 2^16, the default, overflows here too.
+    # so the one overflow is the injected one on every CPU; 2^16, the default, overflowed at step 2
+    # on its own (2-core AMD EPYC, 2026-12-04).
     kw = dict(max_steps=5, eval_every=0, fp16=True, fp16_init_scale=1024.0)
     overflow_gradient_shard(3, monkeypatch.setattr)
     full = tmp_path / "full"
@@ -226,7 +227,8 @@ def test_fp16_scales_the_loss_skips_an_overflow_at_half_the_scale_and_resumes_at
     state = json.loads((full / "checkpoints/step_0000005/state.json").read_text())
     assert state["scaler"]["scale"] == 512.0
     # fp32 from the same start: step 1's loss is the same forward, its matmuls in fp16 (inputs
-    # rounded to 2^-11 relative; measured 5e-7 apart here, the sums average the rounding out).
+    # rounded to 2^-11 relative; measured 4.7e-7 apart on the 2-core AMD EPYC, 2026-12-04: the sums
+    # average the rounding out).
     fp32 = tmp_path / "fp32"
     train_mod.train(_cfg(fp32, tone_corpus, save_every=0, max_steps=1, eval_every=0))
     assert rows[0]["loss"] == pytest.approx(_steps(fp32)[0]["loss"], rel=1e-3)
