@@ -178,6 +178,7 @@ class MoEAdapter(nn.Module):
     A NaN in a real token's input makes that token's output and aux_loss NaN; the other tokens'
     outputs stay finite and equal their NaN-free values up to float rounding (the expert groups
     change size); the training loop skips non-finite steps.
+    Under torch.export (deployment) the forward is the same and these statistics are not kept.
     """
 
     def __init__(self, config: MoEAdapterConfig) -> None:
@@ -253,6 +254,10 @@ class MoEAdapter(nn.Module):
         y = self.norm_out(pre_TD.reshape(*lead, c.out_dim))
         if mask is not None:
             y = torch.where(mask[..., None], y, 0)
+        if torch.compiler.is_exporting():
+            # An exported program is a function of its inputs: it cannot update module attributes
+            # (torch.export warns of each tensor assigned), so an export keeps no statistics.
+            return y
         self.aux_loss = out.aux_loss
         if c.balance_scope == "global" and self.training and group_size(self.balance_group) > 1:
             psum_E = local_probability_sums(out, z_TD, self.router.weight, c.balance_p)

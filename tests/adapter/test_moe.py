@@ -285,6 +285,31 @@ def test_parallel_layout_on_the_triton_kernels_matches_torch():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_export_with_dynamic_batch_and_frames_runs_every_shape_without_warnings(backend):
+    """Deployment: torch.export with the batch and frame dims dynamic (the Triton backend's op
+    through its fake implementation), then the exported module on shapes it was not traced at,
+    with padding, one row and one frame. Export warned of each statistic the forward assigns;
+    it now keeps none, and eager forwards after it still do. The exported graph is ATen's own
+    ops, not the eager module's calls: compared with a tolerance (float64; same op order, so the
+    difference measured on AMD EPYC is 0)."""
+    torch.manual_seed(0)
+    m = _adapter(layout="parallel", aggregation_dim=9, backend=backend).eval()
+    x, mask = torch.randn(2, 7, SMALL["in_dim"], dtype=torch.float64), torch.ones(2, 7, dtype=torch.bool)
+    batch, frames = torch.export.Dim("batch"), torch.export.Dim("frames")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        program = torch.export.export(m, (x, mask), dynamic_shapes=({0: batch, 1: frames}, {0: batch, 1: frames}))
+    assert m.aux_loss is None and m.expert_counts is None  # the export assigned nothing
+    exported = program.module()
+    for B, F in ((3, 11), (1, 1), (5, 2)):
+        x = torch.randn(B, F, SMALL["in_dim"], dtype=torch.float64)
+        mask = torch.rand(B, F) < 0.7
+        mask[0, 0] = True
+        assert_close(exported(x, mask), m(x, mask), rtol=1e-12, atol=1e-13, name=f"exported y at {(B, F)}")
+    assert m.expert_counts is not None and int(m.expert_counts.sum()) == 2 * int(mask.sum())  # eager keeps them
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_activation_checkpointing_keeps_every_gradient(backend):
     """torch.utils.checkpoint(use_reentrant=False) around the adapter: the recomputation in backward
     is a rerun of the same computation at the same shapes, so every gradient, the balance loss's
