@@ -196,3 +196,28 @@ def test_saved_activation_bytes_counts_what_the_backward_keeps():
     assert serial > 0 and parallel > 0
     with torch.no_grad():
         assert saved_activation_bytes(mods["dense"], x) == 0  # nothing is saved without a graph
+
+
+def test_the_triton_path_saves_pre_and_gated_act_per_pair_and_no_copies():
+    """What the fused forward keeps for its backward (issue 16, item 1), counted exactly, fp32, T
+    tokens: per routed pair only pre and G * act (f each; no act, no gathered copy of z, no
+    expert outputs), the router's logits, top-k ids and weights, the permutation (int32) and
+    E-sized counts; around it the LayerNorms' and the aggregation MLP's usual tensors. At the
+    paper's widths (d = 2560, D = 2048, fp32, interpreter, T = 64; AMD EPYC, 2026-12-04) this is
+    161,914 B per token serial and 151,674 parallel against dense's 182,288: 0.89x / 0.83x. The
+    torch reference keeps more (its gathered rows and per-pair outputs)."""
+    shapes = Shapes(64, 48)  # the providers' moe-triton rows are GPU-only: the same modules, in the interpreter
+    serial_m, parallel_m = (MoEAdapter(shapes.moe_config("triton", layout)) for layout in ("serial", "parallel"))
+    c = serial_m.config
+    d, D, E, K, f, A = c.in_dim, c.out_dim, c.num_experts, c.top_k, c.expert_dim, c.aggregation_dim
+    for T in (30, 129):
+        x = torch.randn(T, d, requires_grad=True)
+        norm_in = 2 * T + T * d  # mean and rstd, z
+        routed = T * E + 2 * T * K + 2 * E + (E + 1) + 2 * T * K + 2 * T * K * f
+        mlp = 2 * T + T * d + 2 * T * A + T * D + 2 * T  # its LayerNorm, up's pre and SiLU, norm_out's input and stats
+        serial = norm_in + routed + T * d + mlp  # the serial MLP also keeps its input, the experts' sum
+        parallel = norm_in + routed + mlp  # the parallel one reads z, already kept
+        assert saved_activation_bytes(serial_m, x) == 4 * serial
+        assert saved_activation_bytes(parallel_m, x) == 4 * parallel
+        torch_m = MoEAdapter(shapes.moe_config("torch"))
+        assert saved_activation_bytes(torch_m, x) > 4 * serial
