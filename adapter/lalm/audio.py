@@ -1,4 +1,4 @@
-"""Audio in: decode any WAV/FLAC/OGG file with libsndfile, mix to mono, resample to 16 kHz, and
+"""Audio in: decode any WAV/FLAC/OGG (Vorbis, Opus)/MP3 file with libsndfile, mix to mono, resample to 16 kHz, and
 compute Whisper's log-mel features.
 
 Frame arithmetic (what the placeholder count of a clip is, before any model runs):

@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--run", required=True, help="a training run folder (config.json + checkpoints/)")
     p.add_argument("--manifest", help="a test manifest (JSONL) to score")
-    p.add_argument("--audio", nargs="+", help="instead of a manifest: audio files (WAV/FLAC/OGG) to ask about")
+    p.add_argument("--audio", nargs="+", help="instead of a manifest: audio files (WAV/FLAC/OGG/MP3) to ask about")
     p.add_argument("--question", default="What do you hear?", help="the question asked about --audio files")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")

@@ -4,7 +4,7 @@
 
 The model is OpenAI's Whisper tiny.en read from its CTranslate2 files (adapter/lalm/ct2.py, no
 CTranslate2 runtime), decoded greedily in English by openai-whisper's decoder. Audio goes through
-the project's own loader (WAV/FLAC/OGG at any sample rate, no ffmpeg), 30 s at a time.
+the project's own loader (WAV/FLAC/OGG/MP3 at any sample rate, no ffmpeg), 30 s at a time.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("audio", nargs="+", type=Path, help="audio files (WAV, FLAC or OGG; any sample rate)")
+    p.add_argument("audio", nargs="+", type=Path, help="audio files (WAV, FLAC, OGG or MP3; any sample rate)")
     p.add_argument(
         "--model",
         default="tiny.en",

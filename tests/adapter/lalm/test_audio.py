@@ -17,6 +17,8 @@ FORMATS = [
     (8000, "flac", "PCM_24", 1),
     (22050, "wav", "FLOAT", 1),
     (16000, "ogg", "VORBIS", 1),
+    (44100, "mp3", "MPEG_LAYER_III", 2),  # Common Voice's format (libsndfile >= 1.1 decodes MP3)
+    (48000, "ogg", "OPUS", 1),
 ]
 
 
