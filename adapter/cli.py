@@ -3,9 +3,9 @@ for a mistake in its input.
 
 - `run_cli(main)`: the errors a user's input causes (a missing or unreadable file, a value a config
   refuses, a corrupt audio file: `INPUT_ERRORS`, an `OSError` that names a file) end the program with
-  `<prog>: error: <message>` on stderr and exit status 1, the way argparse reports a bad flag (which
-  exits 2). Anything else is a bug and keeps its traceback; `MOE_ADAPTER_TRACEBACK=1` keeps it for
-  every error.
+  `<prog>: error: <message>` and the exception's notes (`add_note`) on stderr and exit status 1, the
+  way argparse reports a bad flag (which exits 2). Anything else is a bug and keeps its traceback;
+  `MOE_ADAPTER_TRACEBACK=1` keeps it for every error.
 - Ctrl-C elsewhere ends the program with `<prog>: interrupted` and status 130, no traceback.
 - `Stopped`: raised by work that stopped cleanly on a signal (training after saving a checkpoint);
   the program prints its message and exits 128 + the signal's number, as a shell reports it.
@@ -39,6 +39,19 @@ class Stopped(Exception):
 
 
 INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """`exc.add_note(note)` (Python 3.11 on); on 3.10 the same `__notes__` list, which run_cli prints
+    (3.10's tracebacks do not: it prints them before re-raising)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+
+
+def _notes(exc: BaseException) -> str:
+    return "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
 
 
 def _is_input_error(exc: BaseException) -> bool:
@@ -78,8 +91,10 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return 128 + signal.SIGINT
     except Exception as exc:
         if _want_traceback() or not _is_input_error(exc):
+            if sys.version_info < (3, 11) and _notes(exc):
+                print(f"{prog}: {type(exc).__name__}: {exc}{_notes(exc)}", file=sys.stderr, flush=True)
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}{_notes(exc)}", file=sys.stderr)
         print(f"({TRACEBACK_ENV}=1 shows where it was raised)", file=sys.stderr, flush=True)
         return 1
 

@@ -63,7 +63,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
-from adapter.cli import Stopped, run_cli, stop_requests
+from adapter.cli import Stopped, add_note, run_cli, stop_requests
 from adapter.lalm import parallel
 from adapter.lalm.build import build_model
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
@@ -277,9 +277,10 @@ class Checkpointer:
             # A full disk is the usual cause: give back what the partial save took, and say what stands.
             shutil.rmtree(tmp, ignore_errors=True)
             newest = self.latest()
-            exc.add_note(
+            add_note(
+                exc,
                 f"checkpoint {final.name} was not saved (its partial folder {tmp} is removed); the newest "
-                + (f"complete checkpoint, {newest}, stands: --resume continues from it" if newest else "run has none")
+                + (f"complete checkpoint, {newest}, stands: --resume continues from it" if newest else "run has none"),
             )
             raise
         if rank == 0:

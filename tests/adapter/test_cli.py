@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter.cli import TRACEBACK_ENV, Stopped, _prog, run_cli, stop_requests
+from adapter.cli import TRACEBACK_ENV, Stopped, _prog, add_note, run_cli, stop_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,6 +35,39 @@ def test_an_input_error_is_one_line_and_status_1(exc, capsys, monkeypatch):
     assert run_cli(_raising(exc), [], prog="prog") == 1
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"prog: error: {exc}" and TRACEBACK_ENV in err[1] and len(err) == 2, err
+
+
+class _NoAddNote(OSError):
+    """An exception as Python 3.10 makes them: no add_note method."""
+
+    @property
+    def add_note(self):
+        raise AttributeError("add_note")
+
+
+@pytest.mark.parametrize("python", ["3.11", "3.10"])
+def test_the_notes_of_an_error_are_printed_with_it(python, capsys, monkeypatch):
+    """A failed checkpoint save adds a note saying which checkpoint stands (train.Checkpointer): the
+    one-line report of an input error carries it, and so does a bug's report on Python 3.10, whose
+    tracebacks do not show notes (simulated: an exception without add_note, and version_info)."""
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    cls = OSError if python == "3.11" else _NoAddNote
+    if python == "3.10":
+        monkeypatch.setattr(sys, "version_info", (3, 10, 13, "final", 0))
+    exc = cls(28, "No space left on device", "/runs/x/step_0000004.tmp/optimizer.pt")
+    note = "checkpoint step_0000004 was not saved; the newest complete checkpoint stands"
+    add_note(exc, note)
+    add_note(exc, "a second note")
+    assert exc.__notes__ == [note, "a second note"]
+    assert run_cli(_raising(exc), [], prog="prog") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[:3] == [f"prog: error: {exc}", exc.__notes__[0], "a second note"], err
+    bug = cls(28, "No space left on device")  # no file named: not an input error, the traceback stays
+    add_note(bug, "what stands")
+    with pytest.raises(cls):
+        run_cli(_raising(bug), [], prog="prog")
+    shown = capsys.readouterr().err
+    assert ("what stands" in shown) == (python == "3.10"), shown  # 3.11's traceback prints it itself
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("a bug"), KeyError("k"), OSError(28, "No space left on device")])
