@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import statistics
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -270,7 +271,9 @@ def _timed_choice(key: str, candidates: dict[str, Callable[[], float]]) -> str:
     path = _cache_path()
     data = _read_cache(path)
     data[key] = {"choice": choice, "seconds": seconds, "candidates": sorted(candidates)}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    # Unique to the call, not the pid alone: ranks on nodes that share a home directory can have the
+    # same pid, and one's rename would move the file the other is still writing.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

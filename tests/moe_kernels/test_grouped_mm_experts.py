@@ -7,6 +7,8 @@ environment, reported."""
 import errno
 import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -169,6 +171,40 @@ def test_auto_on_a_full_disk_keeps_the_old_file_and_leaves_no_partial_one(cache,
     assert "No space left on device" in caplog.text and "the choice holds for this process" in caplog.text
     assert cache.read_text() == before and [p.name for p in cache.parent.iterdir()] == [cache.name]
     assert backend.choose_auto("k2", {"triton": lambda: 0.1, "grouped_mm": lambda: 9.0}) == "grouped_mm"  # held
+
+
+def test_auto_cache_writers_with_one_pid_never_share_a_temporary(cache, monkeypatch, caplog):
+    """Ranks on two nodes sharing a home directory can have the same pid; threads of one process
+    always do. Six writers at once, each write held open halfway so they overlap: with a temporary
+    named by pid, one's rename moved the file another was writing (a "cannot write" warning, or a
+    torn file). Now every write lands whole, no temporary is left, and each writer's choice holds.
+    (Concurrent writers still each rewrite the whole file: a key may be lost and timed again.)"""
+    real_write = Path.write_text
+    started = threading.Barrier(6)
+
+    def slow_write(self, text, *a, **k):
+        real_write(self, text[: len(text) // 2], *a, **k)
+        time.sleep(0.05)
+        return real_write(self, text, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", slow_write)
+    chosen = {}
+
+    def writer(i):
+        started.wait()
+        chosen[i] = backend.choose_auto(f"k{i}", {"triton": lambda: 1.0 + i % 2, "grouped_mm": lambda: 1.5})
+
+    with caplog.at_level(logging.WARNING, logger="moe_kernels"):
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert "cannot write" not in caplog.text, caplog.text
+    assert chosen == {i: "triton" if i % 2 == 0 else "grouped_mm" for i in range(6)}
+    saved = json.loads(cache.read_text())  # whole JSON, not a torn half
+    assert saved and all(saved[k]["choice"] == chosen[int(k[1:])] for k in saved)
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]
 
 
 def test_shape_class_rounds_tokens_and_names_the_setting():
