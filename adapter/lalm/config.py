@@ -135,8 +135,9 @@ class TrainConfig:
     freeze_encoder: bool = _f(True, "keep the Whisper encoder frozen (its features are then computed once)")
     feature_cache: str = _f(
         "",
-        "folder where a frozen encoder's features are kept on disk and reused by later runs, keyed by the "
-        "encoder's weights and each audio file (empty: in memory, for this run only)",
+        "folder where a frozen encoder's features are kept on disk (none in memory) and reused by later runs, "
+        "keyed by the encoder's weights and each audio file; processes under torchrun that share it encode "
+        "each clip once (empty: in memory, in every process, for this run only)",
     )
     freeze_llm: bool = _f(False, "keep the LLM frozen (the paper's adapter-only setting)")
     train_adapter: bool = _f(True, "train the adapter (and the feature fusion and semantic embeddings)")

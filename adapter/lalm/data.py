@@ -200,15 +200,20 @@ class FeatureSource:
     """Audio of examples as the model consumes it: mels (the encoder trains) or stacked encoder
     features computed once and kept (the encoder is frozen: the usual, much cheaper setting).
 
-    With `cache_dir`, a frozen encoder's features also go to disk, under
-    `cache_dir/<encoder_fingerprint>/<audio key>.safetensors` (written atomically), and later runs
-    with the same encoder read them instead of encoding again; another encoder, or an audio file
-    that changed, never matches a stale entry."""
+    With `cache_dir`, a frozen encoder's features go to disk instead, under
+    `cache_dir/<encoder_fingerprint>/<audio key>.safetensors` (written atomically), are read from
+    there when needed (the OS's page cache keeps them warm), and later runs with the same encoder
+    read them instead of encoding again; another encoder, or an audio file that changed, never
+    matches a stale entry. In memory they would take 4 x 4C bytes per frame for every clip, in
+    every process: 0.9 GB per hour of audio with Whisper large-v3 (4C = 5120, 12.5 frames/s).
+    `cache` (default: when there is no cache_dir) keeps them in memory as well."""
 
-    def __init__(self, n_mels: int, encoder=None, cache: bool = True, cache_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, n_mels: int, encoder=None, cache: bool | None = None, cache_dir: str | Path | None = None
+    ) -> None:
         self.n_mels = n_mels
         self.encoder = encoder
-        self.cache = cache and encoder is not None
+        self.cache = (cache_dir is None if cache is None else cache) and encoder is not None
         self._store: dict[str, torch.Tensor] = {}
         self.cache_dir = None
         if cache_dir is not None and encoder is not None:
@@ -228,7 +233,7 @@ class FeatureSource:
     def features(self, ex: Example) -> torch.Tensor:
         key = str(ex.audio)
         if key not in self._store:
-            file = self.cache_dir / f"{_audio_key(ex.audio)}.safetensors" if self.cache_dir else None
+            file = self._cached_file(ex) if self.cache_dir else None
             if file is not None and file.is_file():
                 feats = load_file(str(file))["features"]
             else:
@@ -242,12 +247,22 @@ class FeatureSource:
             self._store[key] = feats
         return self._store[key]
 
-    def precompute(self, examples: list[Example], progress: bool = False) -> None:
+    def precompute(self, examples: list[Example], progress: bool = False, rank: int = 0, world: int = 1) -> None:
+        """Encode the examples' distinct clips ahead of training. With a cache_dir, process `rank` of
+        `world` encodes only its share into it: over processes that share the folder each clip is
+        encoded once (call a barrier before reading); a process whose folder lacks a clip another
+        one encoded encodes it when it first needs it."""
         from tqdm import tqdm
 
-        todo = [ex for ex in examples if ex.audio is not None and str(ex.audio) not in self._store]
+        distinct = {str(ex.audio): ex for ex in examples if ex.audio is not None}
+        todo = [ex for key, ex in distinct.items() if key not in self._store]
+        if self.cache_dir is not None:
+            todo = [ex for ex in todo[rank::world] if not self._cached_file(ex).is_file()]
         for ex in tqdm(todo, desc="encoding audio", disable=not progress or not todo):
             self.features(ex)
+
+    def _cached_file(self, ex: Example) -> Path:
+        return self.cache_dir / f"{_audio_key(ex.audio)}.safetensors"
 
 
 def collate(

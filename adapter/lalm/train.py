@@ -526,19 +526,50 @@ def _autocast(device, cfg: TrainConfig):
 # ------------------------------------------------------------------------------ training
 
 
+def _feature_memory_warning(cfg: TrainConfig, examples: list[Example], model: AudioLLM, world: int) -> str | None:
+    """Without --feature-cache every process encodes every clip and keeps all features in memory:
+    said when there are several processes, or when that memory is over half of this machine's."""
+    if cfg.feature_cache:
+        return None
+    frames = sum(ex.num_frames for ex in {str(ex.audio): ex for ex in examples if ex.audio is not None}.values())
+    per_process = 4 * model.encoder.stacked_dim * frames
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    if world == 1 and not (ram and per_process > ram / 2):
+        return None
+    return (
+        f"the frozen encoder's features of {frames} frames take {per_process / 2**30:.1f} GiB in memory in each of "
+        f"the {world} process(es), every one encoding every clip: --feature-cache DIR (on a filesystem they all "
+        "share) keeps them on disk instead, each clip encoded once"
+    )
+
+
 def fit_semantic(
     model: AudioLLM, examples: list[Example], source: FeatureSource, seed: int, max_frames: int = 20000
 ) -> None:
     """Fit the frozen k-means codebook on (a seeded sample of) the training frames (through the
-    encoder at its initial weights when the source feeds mels to a trainable encoder)."""
+    encoder at its initial weights when the source feeds mels to a trainable encoder). The sample
+    is the rows randperm picks from all clips' frames in order, gathered clip by clip: the frames
+    of every clip are never in memory at once."""
     if source.encoder is None:
         source = FeatureSource(source.n_mels, encoder=model.encoder, cache=False)
     audio = [ex for ex in examples if ex.audio is not None]
     if not audio:
         raise ValueError("semantic_codes > 0 needs audio examples to fit the codebook; the training set has none")
-    feats = torch.cat([source.features(ex) for ex in audio])
-    if feats.shape[0] > max_frames:
-        feats = feats[torch.randperm(feats.shape[0], generator=torch.Generator().manual_seed(seed))[:max_frames]]
+    total = sum(ex.num_frames for ex in audio)  # the headers' count: each clip's features have that many rows
+    if total <= max_frames:
+        model.semantic.fit(torch.cat([source.features(ex) for ex in audio]), seed=seed)
+        return
+    pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_frames]
+    feats, start = None, 0
+    for ex in audio:
+        mine = ((pick >= start) & (pick < start + ex.num_frames)).nonzero()[:, 0]
+        if len(mine):
+            rows = source.features(ex)
+            if rows.shape[0] != ex.num_frames:
+                raise ValueError(f"{ex.audio}: its header gives {ex.num_frames} frames, the encoder {rows.shape[0]}")
+            feats = feats if feats is not None else rows.new_empty(max_frames, rows.shape[1])
+            feats[mine] = rows[pick[mine] - start]
+        start += ex.num_frames
     model.semantic.fit(feats, seed=seed)
 
 
@@ -756,7 +787,11 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
     )
     if cfg.freeze_encoder:
         model.encoder.eval()
-        source.precompute(train_examples + val_examples, progress=cfg.progress and is_main)
+        if is_main and (warning := _feature_memory_warning(cfg, train_examples + val_examples, model, world)):
+            warnings.warn(warning, stacklevel=3)
+        source.precompute(train_examples + val_examples, progress=cfg.progress and is_main, rank=rank, world=world)
+        if cfg.feature_cache:
+            _barrier(world)  # every process's share is on disk before any reads them
     if latest is None and model.semantic is not None:
         fit_semantic(model, train_examples, source, cfg.seed)  # before sharding: it may run the encoder
     sharded = cfg.fsdp and world > 1

@@ -220,3 +220,31 @@ def test_feature_cache_is_keyed_by_encoder_and_audio(tmp_path, tone_corpus):
     assert encoder_fingerprint(other) != encoder_fingerprint(enc)
     theirs = FeatureSource(80, encoder=other, cache_dir=tmp_path).features(ex)
     assert not torch.equal(theirs, want) and len(list(tmp_path.glob("*/*.safetensors"))) == 2
+
+
+def test_a_disk_cache_keeps_no_features_in_memory_and_processes_encode_each_clip_once(tmp_path, tone_corpus):
+    """At scale the features do not fit in memory (0.9 GB per hour of audio with large-v3, in every
+    process): with a cache folder nothing is kept in memory, and precompute splits the distinct
+    clips over the processes (here two ranks in turn, as torchrun's would before their barrier),
+    each encoded once, a clip listed twice (a weighted manifest) once. The features read back are
+    the bytes the encoder gave (a rerun of the same computation: equal to the in-memory source's)."""
+    from adapter.lalm.data import read_manifests
+
+    examples = read_manifests(f"{tone_corpus[0]}*2")  # every clip twice
+    torch.manual_seed(0)
+    enc = build_encoder("demo").eval()
+    encoded = []
+    enc.register_forward_hook(lambda *_: encoded.append(1))
+    ranks = [FeatureSource(80, encoder=enc, cache_dir=tmp_path) for _ in range(2)]
+    for rank, source in enumerate(ranks):
+        source.precompute(examples, rank=rank, world=2)
+    distinct = len({str(ex.audio) for ex in examples})
+    assert len(encoded) == distinct == len(examples) // 2
+    assert len(list(tmp_path.glob("*/*.safetensors"))) == distinct
+    in_memory = FeatureSource(80, encoder=enc)
+    for ex in examples[:5]:
+        assert torch.equal(ranks[1].features(ex), in_memory.features(ex))
+    assert len(encoded) == distinct + 5  # only the in-memory source encoded again
+    assert not ranks[0]._store and not ranks[1]._store and len(in_memory._store) == 5
+    ranks[0].precompute(examples, rank=0, world=2)  # a resumed run: everything is on disk already
+    assert len(encoded) == distinct + 5

@@ -234,7 +234,9 @@ def test_checkpoint_writes_are_atomic(tmp_path, tone_corpus, monkeypatch):
 
 def test_two_process_ddp_equals_one_process(tmp_path, mixed_corpus):
     """Mixed text/audio data: on some steps one rank's micro-batch is text-only, which must not
-    stop DDP ("Expected to have finished reduction in the prior iteration")."""
+    stop DDP ("Expected to have finished reduction in the prior iteration"). The two processes
+    read their features from a --feature-cache folder they filled half each, the one process from
+    memory."""
     args = ["--max-steps", "4", "--save-every", "0", "--eval-every", "0"]
     corpus = (mixed_corpus[0], None)
     single = tmp_path / "single"
@@ -254,9 +256,15 @@ def test_two_process_ddp_equals_one_process(tmp_path, mixed_corpus):
         *args,
         "--grad-accum",
         "1",
+        "--feature-cache",
+        str(tmp_path / "features"),
     ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = Path(mixed_corpus[0].split(",")[0]).read_text().splitlines()
+    clips = {r["audio"] for r in map(json.loads, manifest) if r.get("audio")}
+    assert len(list((tmp_path / "features").glob("*/*.safetensors"))) == len(clips)
+    assert not list((tmp_path / "features").rglob("*.tmp"))
     a = [r for r in _log(single) if "ntp" in r]
     b = [r for r in _log(ddp) if "ntp" in r]
     assert len(a) == len(b) == 4

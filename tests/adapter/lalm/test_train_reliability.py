@@ -459,3 +459,43 @@ def test_a_disk_too_small_for_the_checkpoints_is_said_before_the_first_step(tmp_
         cfg = _cfg(tmp_path / "on", tone_corpus, max_steps=1, eval_every=0, save_every=0, resume=True)
         assert train_mod.train(cfg)["steps"] == 1
     assert not [w for w in caught if "checkpoints need about" in str(w.message)]
+
+
+def test_the_codebook_sample_is_gathered_clip_by_clip_from_the_rows_randperm_picks(tmp_path, tone_corpus):
+    """fit_semantic no longer concatenates every clip's frames (at scale they do not fit in memory):
+    it reads clip by clip the rows that randperm picks out of the concatenation. Same rows, same
+    order, so the codebook is bit-identical to fitting on the concatenation indexed by that randperm
+    (the same computation on the same rows)."""
+    from adapter.lalm.data import FeatureSource, read_manifest
+
+    cfg = _cfg(tmp_path, tone_corpus)
+    cfg.model.semantic_codes = 8
+    examples = read_manifest(tone_corpus[0])
+    fitted, reference = (train_mod.build_model(cfg.model, seed=0) for _ in range(2))
+    source = FeatureSource(80, encoder=fitted.encoder)
+    every_frame = torch.cat([source.features(ex) for ex in examples])
+    assert every_frame.shape[0] > 37  # the sampling path
+    train_mod.fit_semantic(fitted, examples, source, seed=3, max_frames=37)
+    pick = torch.randperm(every_frame.shape[0], generator=torch.Generator().manual_seed(3))[:37]
+    reference.semantic.fit(every_frame[pick], seed=3)
+    assert torch.equal(fitted.semantic.codebook, reference.semantic.codebook)
+    few = FeatureSource(80, encoder=fitted.encoder)  # fewer frames than max_frames: all of them
+    train_mod.fit_semantic(fitted, examples[:2], few, seed=3)
+    reference.semantic.fit(torch.cat([few.features(ex) for ex in examples[:2]]), seed=3)
+    assert torch.equal(fitted.semantic.codebook, reference.semantic.codebook)
+
+
+def test_features_in_memory_in_several_processes_are_warned_of_with_their_size(tmp_path, tone_corpus):
+    from adapter.lalm.data import read_manifests
+
+    cfg = _cfg(tmp_path, tone_corpus)
+    model = train_mod.build_model(cfg.model)
+    examples = read_manifests(f"{tone_corpus[0]}*2")  # a clip listed twice is encoded and kept once
+    frames = sum(ex.num_frames for ex in examples) // 2
+    gib = 4 * model.encoder.stacked_dim * frames / 2**30
+    said = train_mod._feature_memory_warning(cfg, examples, model, world=4)
+    assert f"features of {frames} frames take {gib:.1f} GiB in memory in each of the 4 process(es)" in said
+    assert "--feature-cache DIR" in said
+    assert train_mod._feature_memory_warning(cfg, examples, model, world=1) is None  # small, one process
+    cached = dataclasses.replace(cfg, feature_cache=str(tmp_path / "features"))
+    assert train_mod._feature_memory_warning(cached, examples, model, world=4) is None
