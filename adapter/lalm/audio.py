@@ -1,5 +1,5 @@
-"""Audio in: decode any WAV/FLAC/OGG (Vorbis, Opus)/MP3 file with libsndfile, mix to mono, resample to 16 kHz, and
-compute Whisper's log-mel features.
+"""Audio in: decode any WAV, FLAC, OGG (Vorbis, Opus) or MP3 file with libsndfile, mix to mono,
+resample to 16 kHz, and compute Whisper's log-mel features.
 
 Frame arithmetic (what the placeholder count of a clip is, before any model runs):
   mel frames      = samples // 160                    (Whisper: 10 ms hop, last STFT frame dropped)

@@ -196,6 +196,11 @@ def _audio_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
 
 
+def distinct_clips(examples: list[Example]) -> list[Example]:
+    """The first example of each audio file, in order (a weighted manifest lists a clip N times)."""
+    return list({str(ex.audio): ex for ex in examples if ex.audio is not None}.values())
+
+
 class FeatureSource:
     """Audio of examples as the model consumes it: mels (the encoder trains) or stacked encoder
     features computed once and kept (the encoder is frozen: the usual, much cheaper setting).
@@ -254,8 +259,7 @@ class FeatureSource:
         one encoded encodes it when it first needs it."""
         from tqdm import tqdm
 
-        distinct = {str(ex.audio): ex for ex in examples if ex.audio is not None}
-        todo = [ex for key, ex in distinct.items() if key not in self._store]
+        todo = [ex for ex in distinct_clips(examples) if str(ex.audio) not in self._store]
         if self.cache_dir is not None:
             todo = [ex for ex in todo[rank::world] if not self._cached_file(ex).is_file()]
         for ex in tqdm(todo, desc="encoding audio", disable=not progress or not todo):

@@ -73,6 +73,7 @@ from adapter.lalm.data import (
     Example,
     FeatureSource,
     collate,
+    distinct_clips,
     length_batches,
     read_manifests,
 )
@@ -531,7 +532,7 @@ def _feature_memory_warning(cfg: TrainConfig, examples: list[Example], model: Au
     said when there are several processes, or when that memory is over half of this machine's."""
     if cfg.feature_cache:
         return None
-    frames = sum(ex.num_frames for ex in {str(ex.audio): ex for ex in examples if ex.audio is not None}.values())
+    frames = sum(ex.num_frames for ex in distinct_clips(examples))
     per_process = 4 * model.encoder.stacked_dim * frames
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     if world == 1 and not (ram and per_process > ram / 2):
