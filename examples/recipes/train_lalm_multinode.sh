@@ -11,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 WHISPER=${1:?whisper large-v3 .pt}; QWEN=${2:?Qwen3 directory}; TRAIN=${3:?train manifest}
 VAL=${4:?val manifest}; OUT=${5:-runs/lalm-multinode}; shift $(( $# < 5 ? $# : 5 ))
+# The frozen encoder's features go to FEATURES (default data/features): put it where every node sees
+# it, or each node encodes the clips its folder lacks; none are held in memory (0.9 GB per hour).
 PY=${PYTHON:-.venv/bin/python}
 exec "$PY" -m torch.distributed.run --nnodes "${NNODES:?number of nodes}" --nproc_per_node "${NPROC:-8}" \
     --rdzv_backend c10d --rdzv_endpoint "${MASTER:?host:port of the rendezvous}" --rdzv_id "${JOB:-lalm}" \
@@ -21,4 +23,5 @@ exec "$PY" -m torch.distributed.run --nnodes "${NNODES:?number of nodes}" --npro
     --fsdp --balance-scope global \
     --lr 1e-5 --warmup-steps 20 --decay-fraction 0.1 --beta1 0.9 --beta2 0.95 --grad-clip 1.0 \
     --max-steps 20000 --max-batch-tokens 16384 --max-batch-size 64 --grad-accum 1 \
-    --aux-lambda 0.01 --bf16 --eval-every 1000 --save-every 1000 "$@"
+    --aux-lambda 0.01 --bf16 --eval-every 1000 --save-every 1000 \
+    --feature-cache "${FEATURES:-data/features}" "$@"

@@ -57,18 +57,18 @@ launch = get_args_parser().parse_args(argv[2:])
 assert launch.module and launch.training_script == "adapter.lalm.train", launch
 cfg = train_config_from_argv(launch.training_script_args)
 print(launch.nnodes, launch.nproc_per_node, launch.rdzv_backend, launch.rdzv_endpoint)
-print(cfg.fsdp, cfg.model.balance_scope)
+print(cfg.fsdp, cfg.model.balance_scope, cfg.feature_cache)
 """
 
 
 @pytest.mark.parametrize(
     "recipe, env, expected",
     [
-        ("train_lalm_gpu.sh", {"NPROC": "8"}, "1:1 8 static  False local"),
+        ("train_lalm_gpu.sh", {"NPROC": "8"}, "1:1 8 static  False local data/features"),
         (
             "train_lalm_multinode.sh",
             {"NNODES": "2", "NPROC": "8", "MASTER": "node0:29500"},
-            "2 8 c10d node0:29500 True global",
+            "2 8 c10d node0:29500 True global data/features",
         ),
     ],
 )
