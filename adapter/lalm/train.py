@@ -561,16 +561,19 @@ def fit_semantic(
         model.semantic.fit(torch.cat([source.features(ex) for ex in audio]), seed=seed)
         return
     pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_frames]
-    feats, start = None, 0
-    for ex in audio:
-        mine = ((pick >= start) & (pick < start + ex.num_frames)).nonzero()[:, 0]
-        if len(mine):
-            rows = source.features(ex)
-            if rows.shape[0] != ex.num_frames:
-                raise ValueError(f"{ex.audio}: its header gives {ex.num_frames} frames, the encoder {rows.shape[0]}")
-            feats = feats if feats is not None else rows.new_empty(max_frames, rows.shape[1])
-            feats[mine] = rows[pick[mine] - start]
-        start += ex.num_frames
+    frames = torch.tensor([ex.num_frames for ex in audio])
+    starts = frames.cumsum(0) - frames
+    clip_of = torch.searchsorted(starts, pick, right=True) - 1  # the clip each picked row lies in
+    by_clip = torch.argsort(clip_of, stable=True)  # sample positions grouped by clip: one pass over the picks
+    feats, first = None, 0
+    for clip, count in zip(*torch.unique_consecutive(clip_of[by_clip], return_counts=True), strict=True):
+        ex, mine = audio[int(clip)], by_clip[first : first + int(count)]
+        first += int(count)
+        rows = source.features(ex)
+        if rows.shape[0] != ex.num_frames:
+            raise ValueError(f"{ex.audio}: its header gives {ex.num_frames} frames, the encoder {rows.shape[0]}")
+        feats = feats if feats is not None else rows.new_empty(max_frames, rows.shape[1])
+        feats[mine] = rows[pick[mine] - starts[clip]]
     model.semantic.fit(feats, seed=seed)
 
 
@@ -788,9 +791,10 @@ def _train(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> dict:
     )
     if cfg.freeze_encoder:
         model.encoder.eval()
-        if is_main and (warning := _feature_memory_warning(cfg, train_examples + val_examples, model, world)):
+        heard = train_examples + val_examples
+        if is_main and (warning := _feature_memory_warning(cfg, heard, model, world)):
             warnings.warn(warning, stacklevel=3)
-        source.precompute(train_examples + val_examples, progress=cfg.progress and is_main, rank=rank, world=world)
+        source.precompute(heard, progress=cfg.progress and is_main, rank=rank, world=world)
         if cfg.feature_cache:
             _barrier(world)  # every process's share is on disk before any reads them
     if latest is None and model.semantic is not None:
