@@ -51,7 +51,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from adapter.cli import run_cli  # noqa: E402
 from benchmarks.sm90_ir import MIN_STAGES, blocks_per_sm, pipeline  # noqa: E402
-from moe_kernels.backend import triton_mma  # noqa: E402
+from moe_kernels.platform import triton_mma  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GEMM_KERNELS = ("_grouped_mm_kernel", "_persistent_mm_kernel", "_wgrad_kernel")
@@ -89,7 +89,7 @@ class _StubTarget:
 
 
 def tensor_core_op(arch: int) -> str | None:
-    """The SASS instruction a 16-bit tl.dot becomes on sm_<arch> (backend.triton_mma's path):
+    """The SASS instruction a 16-bit tl.dot becomes on sm_<arch> (platform.triton_mma's path):
     HGMMA (wgmma), UTCHMMA (tcgen05), HMMA (mma.sync); None below sm_80, where Triton lowers
     tl.dot to FFMA (triton-lang/triton#5066; sm_75: 4096 FFMA)."""
     return {"wgmma": "HGMMA", "tcgen05": "UTCHMMA", "mma.sync": "HMMA"}.get(triton_mma(arch))
@@ -150,7 +150,7 @@ def compile_all(tokens: int, d: int, f: int, experts: int, top_k: int, dtype: to
         wr = torch.randn(experts, d, dtype=dtype, requires_grad=True)
         w1 = torch.randn(experts, d, f, dtype=dtype, requires_grad=True)
         w2 = torch.randn(experts, f, d, dtype=dtype, requires_grad=True)
-        out = functions.moe_ffn(z, wr, w1, w2, top_k)
+        out = functions.triton_moe_ffn(z, wr, w1, w2, top_k)
         (out.h_TD.float().sum() + out.aux_loss).backward()
     finally:
         JITFunction.run = original_run

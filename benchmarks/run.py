@@ -42,7 +42,7 @@ from benchmarks.timing import (
     time_cpu_interleaved,
     time_gpu,
 )
-from moe_kernels.backend import last_auto_choice
+from moe_kernels.auto import last_auto_choice
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

@@ -9,8 +9,9 @@ moe_kernels` works where triton is not installed (the torch backend then serves 
 import importlib
 
 from moe_kernels import custom_ops, reference  # custom_ops registers moe_adapter::moe_ffn
-from moe_kernels.backend import BACKENDS, MAX_TRITON_EXPERTS, resolve_backend
+from moe_kernels.backend import BACKENDS, resolve_backend
 from moe_kernels.ops import moe_ffn
+from moe_kernels.platform import MAX_TRITON_EXPERTS
 from moe_kernels.reference import BALANCE_MODES, MoEOutput, Permutation
 
 _TRITON_OPS = {

@@ -14,7 +14,7 @@ Shape legend: T tokens, D token width, F expert hidden width, E experts, K exper
 
 Every output's shape follows from the inputs' shapes (dropless routing: h is (T, D) whatever the
 router picks), so the fake implementations are exact and the compiled graph keeps static shapes.
-The implementations call the eager paths (`reference.moe_ffn` or the Triton `functions.moe_ffn`),
+The implementations call the eager paths (`reference.reference_moe_ffn` or `functions.triton_moe_ffn`),
 chosen inside the op, so backend selection never runs under dynamo.
 
 Backward under torch.compile: on the Triton backend the forward keeps what the eager backward
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import reference
-from moe_kernels.backend import moe_ffn_implementation
+from moe_kernels.backend import moe_ffn_implementation, resolve_backend
 
 _AUTOGRAD_KEYS = [
     torch._C.DispatchKey.AutogradFunctionality,
@@ -294,15 +294,13 @@ def _saved_backward(ctx, dh_TD, d_aux, d_counts, d_idx, d_weight_TK, *_):
 moe_ffn_saving_op.register_autograd(_saved_backward, setup_context=_setup_saving)
 
 
-def moe_ffn(
+def custom_op_moe_ffn(
     z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T=None, balance_p="topk", backend="auto", recompute=False
 ):
     """The custom-op form of ops.moe_ffn (inputs already validated and autocast-resolved). On the
     Triton backend with gradients needed and recompute=False, the op that keeps activations, on
     the default GEMM schedule (gemm_config.default_schedule; auto's timing does not run while
     compiling)."""
-    from moe_kernels.backend import resolve_backend
-
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD))
     if grad and not recompute and resolve_backend(backend, z_TD.device, w1_EDF.shape[0]) == "triton":
         from moe_kernels.gemm_config import default_schedule

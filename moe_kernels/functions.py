@@ -1,4 +1,4 @@
-"""torch.autograd.Functions over the Triton kernels, and `moe_ffn`, the Triton path of ops.moe_ffn.
+"""torch.autograd.Functions over the Triton kernels, and `triton_moe_ffn`, the Triton path of ops.moe_ffn.
 
 Shape legend: T tokens, D token width, F expert hidden width, E experts, K experts per token.
 
@@ -90,7 +90,7 @@ def route(z_TD, router_weight_ED, top_k, token_mask_T, balance_p):
     return weight_TK, aux, idx_TK, counts_E, permutation.permute(idx_TK, counts_E, blk_count_NE)
 
 
-def moe_ffn(
+def triton_moe_ffn(
     z_TD: torch.Tensor,
     router_weight_ED: torch.Tensor,
     w1_EDF: torch.Tensor,
@@ -101,7 +101,7 @@ def moe_ffn(
     *,
     schedule: Schedule | None = None,
 ) -> MoEOutput:
-    """The Triton implementation of reference.moe_ffn (inputs already validated by ops.moe_ffn),
+    """The Triton implementation of reference.reference_moe_ffn (inputs already validated by ops.moe_ffn),
     on `schedule`'s GEMMs (default: gemm_config.default_schedule(), from the environment)."""
     schedule = default_schedule() if schedule is None else schedule
     weight_TK, aux, idx_TK, counts_E, perm = route(z_TD, router_weight_ED, top_k, token_mask_T, balance_p)

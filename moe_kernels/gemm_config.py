@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import triton.language as tl
 
-from moe_kernels.backend import interpreter_requested, triton_mma
+from moe_kernels.platform import interpreter_requested, triton_mma
 from moe_kernels.reference import Permutation
 
 # Epilogues of _grouped_mm_kernel.

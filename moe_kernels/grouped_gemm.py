@@ -39,7 +39,6 @@ import triton
 import triton.language as tl
 
 from moe_kernels import persistent_gemm
-from moe_kernels.backend import interpreter_requested
 from moe_kernels.epilogues import store_epilogue
 from moe_kernels.gemm_config import (  # noqa: F401 (EPI_* are this kernel's epilogues, named here for callers)
     BUILTIN_SCHEDULE,
@@ -55,6 +54,7 @@ from moe_kernels.gemm_config import (  # noqa: F401 (EPI_* are this kernel's epi
     upcast,
 )
 from moe_kernels.permutation import ChunkTables, tile_of
+from moe_kernels.platform import interpreter_requested
 from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block
 from moe_kernels.wgrad import grouped_wgrad

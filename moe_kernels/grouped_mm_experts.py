@@ -13,7 +13,7 @@ Autograd runs through torch's ops. Every size comes from shapes (no host sync). 
 tokens are selected away with torch.where before they meet a weight, so whatever _grouped_mm leaves
 in rows past the last group never reaches an output or a gradient; the gathers' backward adds only
 exact zeros where two indices coincide, so gradients are the same bits on every run.
-Semantics: reference.moe_ffn. torch._grouped_mm takes float32, bfloat16 and float16 on CPU;
+Semantics: reference.reference_moe_ffn. torch._grouped_mm takes float32, bfloat16 and float16 on CPU;
 on CUDA bfloat16 on sm_90 and newer (GROUPED_MM_CUDA).
 """
 
@@ -69,7 +69,7 @@ def grouped_experts(
     return (y_TKN.to(acc) * weight_TK[..., None]).sum(1).to(z_TD.dtype)
 
 
-def moe_ffn(
+def grouped_mm_moe_ffn(
     z_TD: torch.Tensor,
     router_weight_ED: torch.Tensor,
     w1_EDF: torch.Tensor,
@@ -78,7 +78,7 @@ def moe_ffn(
     token_mask_T: torch.Tensor | None = None,
     balance_p: str = "topk",
 ) -> MoEOutput:
-    """reference.moe_ffn with the Triton router/permutation and torch._grouped_mm experts (inputs
+    """reference_moe_ffn with the Triton router/permutation and torch._grouped_mm experts (inputs
     already validated by ops.moe_ffn)."""
     reason = grouped_mm_unavailable(z_TD.device, z_TD.dtype)
     if reason:

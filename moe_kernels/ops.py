@@ -124,13 +124,15 @@ def moe_ffn(
     makes that token's h and the aux loss NaN; other tokens' rows stay finite (equal to their
     NaN-free values up to rounding: the expert groups change size). Any strides are accepted.
     On the meta device only shapes are computed.
-    Under torch.compile the call becomes a custom op (custom_ops.py); its backward reads saved
+    Under torch.compile the call becomes a custom op (custom_ops.custom_op_moe_ffn); its backward reads saved
     activations on the Triton backend, or recomputes the expert block with `compile_recompute`.
     """
     _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
     device_type = z_TD.device.type
     if device_type == "meta":  # shapes only (sizing a model before materializing it): the exact fake op
-        return custom_ops.moe_ffn(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p, backend)
+        return custom_ops.custom_op_moe_ffn(
+            z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p, backend
+        )
     if _autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         z_TD, router_weight_ED, w1_EDF, w2_EFD = (t.to(dtype) for t in (z_TD, router_weight_ED, w1_EDF, w2_EFD))
@@ -138,6 +140,6 @@ def moe_ffn(
         if z_TD.shape[0] == 0:
             return _empty_output(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k)
         args = (z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_T, balance_p)
-        if torch.compiler.is_compiling():  # one opaque custom op, no graph break (custom_ops.py)
-            return custom_ops.moe_ffn(*args, backend=backend, recompute=compile_recompute)
+        if torch.compiler.is_compiling():  # one opaque custom op, no graph break (custom_ops.custom_op_moe_ffn)
+            return custom_ops.custom_op_moe_ffn(*args, backend=backend, recompute=compile_recompute)
         return moe_ffn_implementation(backend, z_TD.device, w1_EDF.shape[0], args)(*args)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.backend import interpreter_requested
+from moe_kernels.platform import interpreter_requested
 from moe_kernels.reference import Permutation
 from moe_kernels.routing import expert_block, reduce_rows, router_block_t
 

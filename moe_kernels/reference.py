@@ -49,7 +49,7 @@ class Permutation(NamedTuple):
 
 
 class MoEOutput(NamedTuple):
-    """What `moe_ffn` returns.
+    """What every `moe_ffn` implementation returns.
 
     h_TD:           (T, D) weighted sum of the selected experts' outputs, in z's dtype.
     aux_loss:       scalar balance loss L_aux (float32, float64 for float64 inputs), differentiable.
@@ -176,7 +176,7 @@ def combine(y_RD: torch.Tensor, perm: Permutation, topk_weight_TK: torch.Tensor)
     return h_TD.to(out_dtype)
 
 
-def moe_ffn(
+def reference_moe_ffn(
     z_TD: torch.Tensor,
     router_weight_ED: torch.Tensor,
     w1_EDF: torch.Tensor,

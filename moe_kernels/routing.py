@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.backend import MAX_TRITON_EXPERTS, interpreter_requested
+from moe_kernels.platform import MAX_TRITON_EXPERTS, interpreter_requested
 from moe_kernels.reference import BALANCE_MODES, routing_dtype
 
 # Elements of the (BLOCK_T, BLOCK_E) logits tile one program holds: 4096 fp32 values is 32 per

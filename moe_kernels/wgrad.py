@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.backend import interpreter_requested
 from moe_kernels.gemm_config import acc_dtype, gemm_config, precision, row_major, sm_count, upcast
 from moe_kernels.permutation import ChunkTables, chunks_of
+from moe_kernels.platform import interpreter_requested
 from moe_kernels.reference import Permutation
 
 # Chunk size: enough programs for WAVES full waves over the GPU's SMs, each chunk at least

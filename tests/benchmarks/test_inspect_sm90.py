@@ -62,7 +62,7 @@ def test_tensor_cores_by_architecture(arch, mma, smem_kb):
     A B200 (sm_100): tcgen05 (UTCHMMA), 3 stages, no wait on the MMA just issued. A T4 (sm_75):
     Triton compiles tl.dot to FFMA, no tensor-core instruction at all (triton-lang/triton#5066),
     which is why backend="auto" runs the torch reference below sm_80; should a Triton release bring
-    Turing's mma back, this fails and that rule (backend.TRITON_MMA_CAPABILITY) wants revisiting."""
+    Turing's mma back, this fails and that rule (platform.TRITON_MMA_CAPABILITY) wants revisiting."""
     pipeline = ["--check-pipeline"] if smem_kb else []
     proc = _run(["--check", *pipeline, "--arch", str(arch), *SMALL], "tiles")
     assert proc.returncode == (0 if smem_kb else 1), proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""backend.resolve_backend: the one place that picks triton or torch, with clear refusals."""
+"""backend.resolve_backend: the one place that picks triton, grouped_mm or torch, with clear refusals."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from moe_kernels import backend, moe_ffn, resolve_backend
+from moe_kernels import backend, moe_ffn, platform, resolve_backend
 from tests.utils import make_moe_inputs
 
 
@@ -40,24 +40,6 @@ def test_triton_on_cpu_runs_the_interpreter_when_requested(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "triton_version,numpy_version,broken",
-    [
-        ("3.6.0", "2.4.6", True),  # torch 2.11's pin with today's numpy: measured broken
-        ("3.6.0", "2.3.5", False),  # measured working
-        ("3.2.0", "2.4.0", True),
-        ("3.7.0", "2.4.6", False),  # the upstream fix
-        ("3.9.0", "2.5.2", False),
-        ("3.6.0+git4f2a", "2.4.0rc1", True),
-    ],
-)
-def test_interpreter_incompatibility_by_version(triton_version, numpy_version, broken):
-    reason = backend.interpreter_incompatibility(triton_version, numpy_version)
-    assert (reason is not None) == broken
-    if broken:
-        assert f"Triton {triton_version}" in reason and f"numpy {numpy_version}" in reason and "#9171" in reason
-
-
-@pytest.mark.parametrize(
     "capability,want", [((7, 0), "torch"), ((7, 5), "torch"), ((8, 0), "triton"), ((12, 0), "triton")]
 )
 def test_auto_runs_torch_where_triton_has_no_tensor_cores(gpu, capability, want):
@@ -66,15 +48,15 @@ def test_auto_runs_torch_where_triton_has_no_tensor_cores(gpu, capability, want)
     gpu[0] = capability
     assert resolve_backend("auto", torch.device("cuda", 0), 8) == want
     assert resolve_backend("triton", torch.device("cuda", 0), 8) == "triton"  # asked for: it runs
-    assert backend.triton_has_tensor_cores(torch.device("cpu"))  # the interpreter: no such question
+    assert platform.triton_has_tensor_cores(torch.device("cpu"))  # the interpreter: no such question
 
 
 def test_asking_for_triton_without_tensor_cores_warns_once_and_names_the_way_out(gpu):
     gpu[0] = (7, 5)
     with pytest.warns(UserWarning, match=r"Tesla T4 \(sm_75\).*fp32 FMA.*backend='torch' or 'auto'") as seen:
         impl = backend.moe_ffn_implementation("triton", torch.device("cuda", 0), 8)
-    assert impl is backend._implementation("triton") and len(seen) == 1
-    assert backend.moe_ffn_implementation("auto", torch.device("cuda", 0), 8) is backend._implementation("torch")
+    assert impl is backend.implementation("triton") and len(seen) == 1
+    assert backend.moe_ffn_implementation("auto", torch.device("cuda", 0), 8) is backend.implementation("torch")
     gpu[0] = (8, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -82,7 +64,7 @@ def test_asking_for_triton_without_tensor_cores_warns_once_and_names_the_way_out
 
 
 def test_auto_resolves_inside_a_fullgraph_compile(gpu):
-    """Under torch.compile the adapter resolves its backend while dynamo traces (custom_ops.moe_ffn):
+    """Under torch.compile the adapter resolves its backend while dynamo traces (custom_ops.custom_op_moe_ffn):
     the capability is read once, as a constant, without a graph break."""
     gpu[0] = (7, 5)
     cuda = torch.device("cuda", 0)
@@ -117,8 +99,8 @@ def test_resolving_reads_no_package_metadata(monkeypatch, gpu):
     def refuse(*_):
         raise AssertionError("resolve_backend probed the installed packages")
 
-    monkeypatch.setattr(backend.importlib.util, "find_spec", refuse)
-    monkeypatch.setattr(backend.importlib.metadata, "version", refuse)
+    monkeypatch.setattr(platform.importlib.util, "find_spec", refuse)
+    monkeypatch.setattr(platform.importlib.metadata, "version", refuse)
     for name, device in [("auto", "cuda"), ("auto", "cpu"), ("triton", "cpu"), ("grouped_mm", "cuda")]:
         assert resolve_backend(name, torch.device(device), 8) in backend.BACKENDS
 

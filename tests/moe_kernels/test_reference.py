@@ -33,7 +33,7 @@ def test_moe_ffn_matches_per_token_loop(T, D, F, E, K, routing, masked, balance_
     if masked:
         mask = torch.rand(T, generator=torch.Generator().manual_seed(3)) > 0.4
         mask[0] = True
-    out = reference.moe_ffn(*inputs, K, mask, balance_p)
+    out = reference.reference_moe_ffn(*inputs, K, mask, balance_p)
     h_ref, aux_ref, counts_ref = naive_moe_ffn(*inputs, K, mask, balance_p)
     assert_close(out.h_TD, h_ref, rtol=1e-12, atol=1e-12, name="h")
     assert_close(out.aux_loss, aux_ref, rtol=1e-12, atol=1e-12, name="aux")
