@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapter._checks import check_adapter_input, check_field_types, check_positive
-from adapter.stats import ParamCounts
+from adapter.counts import ParamCounts
 
 
 @dataclass(kw_only=True)

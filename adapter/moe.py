@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import moe_kernels
 from adapter._checks import check_adapter_input, check_field_types, check_positive
+from adapter.counts import ParamCounts
 from adapter.distributed import global_balance_loss, group_size, local_probability_sums
-from adapter.stats import ParamCounts
 
 ACTIVATIONS = {
     "silu": F.silu,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from adapter.dense import DenseAdapter, DenseAdapterConfig
+from adapter.files import atomic_write
 from adapter.moe import MoEAdapter, MoEAdapterConfig
 from adapter.presets import build_adapter
 from adapter.swap import module_placement, set_module
@@ -85,35 +84,6 @@ def _json_field(meta: dict, key: str, path, other: str) -> object:
         return json.loads(meta[key])
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: metadata {key!r} is not valid JSON: {exc}") from exc
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) to a temporary file unique to this call beside `path`, then rename it into place;
-    the temporary is removed if writing fails."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory; give a file path such as {path / 'adapter.safetensors'}")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fsync_write(path: str | Path, data: bytes) -> None:
-    """`data` to `path`, on the disk (fsync) when it returns."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """`text` (UTF-8) to `path` by atomic_write, on the disk before the rename: a crash, power loss
-    included, leaves the old file or the new one; a failed write (a full disk) leaves the old file
-    and no temporary."""
-    atomic_write(Path(path), lambda tmp: fsync_write(tmp, text.encode()))
 
 
 def save_adapter(adapter: nn.Module, path: str | Path) -> None:

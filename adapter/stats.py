@@ -1,27 +1,14 @@
-"""Model-wide helpers: parameter counts, the summed balance loss, per-expert loads."""
+"""Model-wide helpers over the MoE adapters a model holds: the summed balance loss, per-expert loads."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-
-@dataclass(frozen=True)
-class ParamCounts:
-    """total: stored parameters; active: parameters used per token (routed experts count k/E)."""
-
-    total: int
-    active: int
-
-    def __str__(self) -> str:
-        return f"{self.total / 1e6:.2f}M total, {self.active / 1e6:.2f}M active"
+from adapter.moe import MoEAdapter
 
 
 def moe_adapters(model: nn.Module) -> list[nn.Module]:
-    from adapter.moe import MoEAdapter
-
     return [m for m in model.modules() if isinstance(m, MoEAdapter)]
 
 
@@ -47,8 +34,6 @@ def with_aux_loss(loss: torch.Tensor, model: nn.Module, weight: float = 0.01) ->
 
 def expert_loads(model: nn.Module) -> dict[str, torch.Tensor]:
     """{module name: fraction of routed pairs per expert} from each MoEAdapter's last forward."""
-    from adapter.moe import MoEAdapter
-
     loads = {}
     for name, m in model.named_modules():
         if isinstance(m, MoEAdapter) and m.expert_counts is not None:

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from adapter import MoEAdapter, preset
-from adapter.analysis import activation_rates, cosine_matrix, gradient_vector, influence_matrix
+from adapter.measures import activation_rates, cosine_matrix, gradient_vector, influence_matrix
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,7 @@
 
 A category's loss is the answer-token next-token loss (no balance loss) on a batch of that
 category's audio examples; "the adapter's parameters" are `model.adapter`'s (the fusion and the LLM
-are left out). The math lives in adapter/analysis.py and works for any model.
+are left out). The math lives in adapter/measures.py and works for any model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from adapter.analysis import cosine_matrix, gradient_vector, influence_matrix
 from adapter.cli import run_cli
 from adapter.lalm.data import Batch, Example, FeatureSource, collate, read_manifest
 from adapter.lalm.evaluate import expert_rates
@@ -38,6 +37,7 @@ from adapter.lalm.train import (
     load_trained,
     run_features,
 )
+from adapter.measures import cosine_matrix, gradient_vector, influence_matrix
 
 CATEGORIES = ("speech", "sound", "music")
 ANALYSES = ("heatmap", "cosine", "influence")

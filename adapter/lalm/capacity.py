@@ -44,13 +44,13 @@ import time
 from pathlib import Path
 
 from adapter.cli import run_cli
+from adapter.files import atomic_write_text
 from adapter.lalm.backbone import frozen_llm, train_backbone
 from adapter.lalm.corpus.build import SHARED_ANSWERS
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.model import AUDIO_CATEGORIES
 from adapter.lalm.paired import PairedDiff, aligned, paired_difference
 from adapter.lalm.plots import pyplot, save
-from adapter.serialization import atomic_write_text
 
 WIDTHS = (0.125, 0.5, 2.0)
 """Adapter width scales: dense hidden 256, 1024 and 4096 at d = 256 (99k, 394k, 1.57M parameters

@@ -31,9 +31,9 @@ import soundfile
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapter.files import atomic_write, atomic_write_text
 from adapter.lalm.audio import HOP_LENGTH, SAMPLE_RATE, audio_frames, load_audio, log_mel
 from adapter.lalm.model import AUDIO_CATEGORIES, IGNORE, Batch, pad_frames
-from adapter.serialization import atomic_write, atomic_write_text
 
 
 @dataclass

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from adapter.analysis import activation_rates
 from adapter.cli import run_cli
 from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
+from adapter.measures import activation_rates
 
 LETTERS = "ABCD"
 _EXPLICIT = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-D])\b", re.IGNORECASE)

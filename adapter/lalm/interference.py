@@ -43,12 +43,12 @@ import time
 from pathlib import Path
 
 from adapter.cli import run_cli
+from adapter.files import atomic_write_text
 from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.model import AUDIO_CATEGORIES
 from adapter.lalm.paired import PairedDiff, aligned, paired_difference
 from adapter.lalm.plots import pyplot, save
 from adapter.presets import PRESETS
-from adapter.serialization import atomic_write_text
 
 CATEGORIES = AUDIO_CATEGORIES
 SETTINGS = (*CATEGORIES, "joint")

@@ -64,6 +64,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from adapter.cli import Stopped, add_note, run_cli, stop_requests
+from adapter.files import atomic_write_text, fsync_write
 from adapter.lalm import parallel
 from adapter.lalm.build import build_model
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
@@ -78,7 +79,6 @@ from adapter.lalm.data import (
     read_manifests,
 )
 from adapter.lalm.model import AudioLLM
-from adapter.serialization import atomic_write_text, fsync_write
 from adapter.stats import moe_adapters
 
 # ------------------------------------------------------------------------------ setup

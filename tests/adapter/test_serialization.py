@@ -10,7 +10,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from adapter import DenseAdapter, MoEAdapter, build_adapter, preset, swap_adapter
-from adapter.serialization import atomic_write_text, load_adapter, load_swapped, save_adapter, save_swapped
+from adapter.files import atomic_write_text
+from adapter.serialization import load_adapter, load_swapped, save_adapter, save_swapped
 
 
 @pytest.mark.parametrize(

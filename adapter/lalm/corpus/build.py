@@ -52,11 +52,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from adapter.files import atomic_write_text
 from adapter.lalm.audio import load_audio
 from adapter.lalm.corpus import music, sounds, speech
 from adapter.lalm.corpus.banks import NOUNS, phrase_bank, question_bank, sentence_bank
 from adapter.lalm.data import write_manifest
-from adapter.serialization import atomic_write_text
 
 VERSION = 7
 QUESTIONS = 100  # distinct knowledge questions: few enough that the small LLM learns them all as text

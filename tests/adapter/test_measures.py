@@ -1,4 +1,4 @@
-"""adapter/analysis.py against hand computations: known vectors, a quadratic loss, a forced router."""
+"""adapter/measures.py against hand computations: known vectors, a quadratic loss, a forced router."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapter import MoEAdapter, MoEAdapterConfig
-from adapter.analysis import activation_rates, cosine_matrix, gradient_vector, influence_matrix
+from adapter.measures import activation_rates, cosine_matrix, gradient_vector, influence_matrix
 from tests.utils import assert_close
 
 

@@ -10,7 +10,7 @@
 
 To first order Delta_j L_i = lambda g_i . g_j / |g_j| and Delta_i L_i = lambda |g_i|, so I_ij tends to
 cos(g_i, g_j) as lambda -> 0; a finite lambda adds the curvature between the two categories
-(`tests/adapter/test_analysis.py` checks both against hand computations).
+(`tests/adapter/test_measures.py` checks both against hand computations).
 
 `adapter.lalm.analysis` runs these on the reference LALM; these functions only need callables that
 return a category's scalar loss.
