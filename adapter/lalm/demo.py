@@ -2,7 +2,7 @@
 adapter and once with the MoE adapter on the same data and budget, evaluate both, and print a
 table in the shape of the paper's Table 1 (per-category accuracy, text vs audio knowledge
 accuracy and the modality gap, balance loss, expert loads), plus a plot and the runs' training
-curves (adapter.lalm.curves).
+curves (adapter.lalm.studies.curves).
 
     python -m adapter.lalm.demo                     # CPU, a few minutes
     python -m adapter.lalm.demo --size full --steps 20000 --audio-dim 512 ...   # larger settings
@@ -24,10 +24,15 @@ from pathlib import Path
 import torch
 
 from adapter.cli import run_cli
-from adapter.lalm.curves import plot_runs, read_run
 from adapter.lalm.evaluate import format_table
-from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.plots import pyplot, save
+from adapter.lalm.studies.curves import plot_runs, read_run
+from adapter.lalm.studies.experiment import (
+    ExperimentConfig,
+    add_experiment_args,
+    experiment_from_args,
+    train_and_evaluate,
+)
 from adapter.presets import RECOMMENDED_MOE
 
 ADAPTERS = ("dense", RECOMMENDED_MOE)

@@ -12,7 +12,7 @@
   prompt (teacher-forced, end of text included), and the most likely one is the model's choice
   (ties: the first listed). It never fails to parse and does not depend on decoding.
 Greedy decoding, fixed seeds. Results as JSON plus a printed table; each prediction row holds the
-per-item correctness under both scorings (paired comparisons read them: adapter/lalm/paired.py).
+per-item correctness under both scorings (paired comparisons read them: adapter/lalm/studies/paired.py).
 
     python -m adapter.lalm.evaluate --run runs/demo/moe --manifest data/corpus/test.jsonl
     python -m adapter.lalm.evaluate --run runs/demo/moe --audio my.flac --question "Which sound is this?"
@@ -300,7 +300,8 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from adapter.lalm.train import add_device_flag, device_from_flag, load_trained
+    from adapter.lalm.training.checkpoint import load_trained
+    from adapter.lalm.training.setup import add_device_flag, device_from_flag
 
     p = argparse.ArgumentParser(
         prog="python -m adapter.lalm.evaluate",
@@ -329,10 +330,10 @@ def main(argv=None) -> int:
     model = load_trained(args.run, device=device)  # the batches follow the model
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     if args.audio:
-        from adapter.lalm.data import _resampled_length
+        from adapter.lalm.data import resampled_length
 
         exs = [
-            Example(id=Path(a).name, question=args.question, audio=Path(a), num_samples=_resampled_length(Path(a)))
+            Example(id=Path(a).name, question=args.question, audio=Path(a), num_samples=resampled_length(Path(a)))
             for a in args.audio
         ]
         for ex, ans in zip(exs, generate_answers(model, exs, source, max_new_tokens=args.max_new_tokens), strict=True):

@@ -242,7 +242,7 @@ class AudioLLM(nn.Module):
         they still get a (zero) gradient, which DistributedDataParallel needs from every parameter
         in every backward ("Expected to have finished reduction in the prior iteration"). The
         parameters of FSDP units other than the root (DTensors here) are left out: FSDP reduces a
-        missing gradient as zero (adapter/lalm/parallel.py)."""
+        missing gradient as zero (adapter/lalm/training/parallel.py)."""
         parts = (self.encoder, self.fusion, self.semantic_embed, self.adapter)
         params = [
             p for m in parts if m is not None for p in m.parameters() if p.requires_grad and not isinstance(p, DTensor)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reference LALM on several nodes with FSDP2 (parameters, gradients and AdamW state sharded over
 # every GPU), sharded checkpoints and the balance loss over the global batch: a backbone whose
-# training state does not fit one GPU (Qwen3-4B / 8B: `python -m adapter.lalm.memory`).
+# training state does not fit one GPU (Qwen3-4B / 8B: `python -m adapter.lalm.studies.memory`).
 # Run the same command on every node; torchrun's c10d rendezvous on MASTER (host:port of any one
 # node, reachable from all) pairs them up. OUT must be on a filesystem every node sees: each rank
 # writes its shards of every checkpoint there, and --resume may run on another number of GPUs.

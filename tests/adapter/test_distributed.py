@@ -71,7 +71,7 @@ def test_global_scope_without_a_process_group_is_the_local_loss():
 
 
 class _StandIn(torch.nn.Module):
-    """What adapter.lalm.parallel.shard_model shards (llm, adapter, encoder), without the LALM's
+    """What adapter.lalm.training.parallel.shard_model shards (llm, adapter, encoder), without the LALM's
     audio packages, which the lent GPU machines lack."""
 
     def __init__(self, backend="triton"):
@@ -103,7 +103,7 @@ def test_lalm_sharding_computes_in_the_autocast_dtype_and_keeps_fp32_shards(tmp_
     dtype, master weights and gradients stay fp32 (one rank)."""
     import torch.distributed as dist
 
-    from adapter.lalm import parallel
+    from adapter.lalm.training import parallel
 
     cuda = device_type == "cuda"
     store = f"file://{tmp_path / 'store'}"

@@ -29,7 +29,7 @@ where categories can pull an adapter's weights in different directions. The cont
 
 Every item also has a `caption`: its answer (or what is said) in a few words, the text an audio
 clip stands for ("low voice", "3 knocks", the spoken question). The frozen-backbone setting
-(adapter/lalm/backbone.py) trains the LLM on captions in place of audio before the adapter learns
+(adapter/lalm/studies/backbone.py) trains the LLM on captions in place of audio before the adapter learns
 to stand in for them.
 
 Splits never share a sentence, a question or a seed: sentences and questions are assigned to a

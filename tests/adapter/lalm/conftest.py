@@ -82,7 +82,7 @@ def tiny_experiment_argv(**extra) -> list[str]:
 @pytest.fixture
 def tiny_experiment(tmp_path, ci_corpus):
     """ExperimentConfig(**TINY_EXPERIMENT) on the session corpus, writing under tmp_path/runs."""
-    from adapter.lalm.experiment import ExperimentConfig
+    from adapter.lalm.studies.experiment import ExperimentConfig
 
     return lambda **kw: ExperimentConfig(
         **{**TINY_EXPERIMENT, "out": str(tmp_path / "runs"), "corpus": str(ci_corpus), "quiet": True, **kw}

@@ -9,7 +9,7 @@ import torch
 
 from adapter.lalm import audio
 from adapter.lalm.audio import AudioError, audio_frames, encoder_frames, load_audio, log_mel
-from adapter.lalm.data import _resampled_length
+from adapter.lalm.data import resampled_length
 from tests.adapter.lalm.conftest import REAL_RECORDING
 
 FORMATS = [
@@ -32,7 +32,7 @@ def test_formats_and_rates_load_as_16k_mono(tmp_path, sr, ext, subtype, channels
     x = load_audio(path)
     assert x.dtype == np.float32 and x.ndim == 1
     assert abs(len(x) - 0.8 * 16000) <= 1
-    assert len(x) == _resampled_length(path)  # headers predict the placeholder count exactly
+    assert len(x) == resampled_length(path)  # headers predict the placeholder count exactly
     spectrum = np.abs(np.fft.rfft(x))
     assert abs(np.argmax(spectrum) * 16000 / len(x) - 1000) < 5  # the tone survives resampling
 
@@ -97,29 +97,9 @@ def test_huge_float_samples_are_refused_with_file_and_manifest_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"m.jsonl:2: audio file not found: .*gone.wav$"):
         read_manifest(manifest)
     with pytest.raises(FileNotFoundError, match=r"^audio file not found: .*gone.wav$"):
-        _resampled_length(tmp_path / "gone.wav")  # a path given on the command line (evaluate --audio)
+        resampled_length(tmp_path / "gone.wav")  # a path given on the command line (evaluate --audio)
     (tmp_path / "text.wav").write_text("not audio")
     rows[1]["audio"] = "text.wav"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(AudioError, match=r"m.jsonl:2: cannot read audio header of .*text.wav: .*not recogni"):
-        read_manifest(manifest)
-
-
-@pytest.mark.parametrize(
-    "record, match",
-    [
-        ({"id": "a", "question": None, "answer": "x"}, "'question' must be str, got None"),
-        ({"id": "a", "question": "q", "audio": 5}, "'audio' must be str or null, got 5"),
-        ({"id": "a", "question": "q", "choices": "ab"}, "'choices' must be list"),
-        ({"id": "a", "question": "q", "choices": ["a", 2]}, "every entry of 'choices'"),
-        ({"id": True, "question": "q"}, "'id' must be str or int"),
-        (["not", "an", "object"], "expected a JSON object"),
-    ],
-)
-def test_manifest_fields_of_the_wrong_type_name_file_and_line(tmp_path, record, match):
-    from adapter.lalm.data import read_manifest
-
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"id": "fine", "question": "q"}) + "\n" + json.dumps(record) + "\n")
-    with pytest.raises(ValueError, match=rf"m.jsonl:2: .*{match}"):
         read_manifest(manifest)

@@ -95,7 +95,7 @@ def test_the_device_a_trained_model_runs_on(tool, tmp_path, capsys, monkeypatch)
 
     import torch
 
-    from adapter.lalm.train import default_device
+    from adapter.lalm.training.setup import default_device
 
     main = importlib.import_module(f"adapter.lalm.{tool}").main
     manifest = tmp_path / "test.jsonl"
@@ -123,7 +123,7 @@ def test_the_device_a_trained_model_runs_on(tool, tmp_path, capsys, monkeypatch)
 
 
 def test_log_likelihood_scoring_picks_the_most_likely_option(tone_corpus):
-    from adapter.lalm.build import build_model
+    from adapter.lalm.assemble import build_model
     from adapter.lalm.config import ModelConfig
     from adapter.lalm.data import FeatureSource, collate, read_manifest
     from adapter.lalm.evaluate import evaluate, loglik_choice, option_logprobs

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapter.lalm.build import build_model, tiny_qwen3
+from adapter.lalm.assemble import build_model, tiny_qwen3
 from adapter.lalm.config import ModelConfig
 from adapter.lalm.data import FeatureSource, collate, read_manifest
 from adapter.lalm.model import IGNORE, AudioLLM

@@ -8,7 +8,7 @@ answered in words by the small LLM; 120 training clips, 36 held-out clips (chanc
 The bar, fixed before any run: both adapters reach >= 50% held-out accuracy (3x chance).
 Measured on the 2-core CPU (2026-12-01): dense 100%, moe-8c4-parallel 100%; the serial moe-8c4
 reached 91.7% here too. Alone, at this size, the task does not reproduce the multi-task failure
-(that is what `python -m adapter.lalm.seeds` measures); the guard catches a recommended preset
+(that is what `python -m adapter.lalm.studies.seeds` measures); the guard catches a recommended preset
 that cannot learn audio content at all, cheaply, on every CI run.
 """
 
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from adapter.lalm import train as train_mod
 from adapter.lalm.config import ModelConfig, TrainConfig
 from adapter.lalm.corpus import sounds
 from adapter.lalm.data import FeatureSource, read_manifest
 from adapter.lalm.evaluate import evaluate
+from adapter.lalm.training import checkpoint, loop
 from adapter.presets import RECOMMENDED_MOE
 
 BAR = 0.5
@@ -70,8 +70,8 @@ def test_adapter_learns_which_sound_on_pretrained_features(tmp_path, which_sound
         feature_cache=str(which_sound / "features"),
         progress=False,
     )  # fmt: skip
-    train_mod.train(cfg)
-    model = train_mod.load_trained(tmp_path / adapter)
+    loop.train(cfg)
+    model = checkpoint.load_trained(tmp_path / adapter)
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder, cache_dir=which_sound / "features")
     acc = evaluate(model, read_manifest(which_sound / "test.jsonl"), source)["mmau"]["overall"]
     assert acc >= BAR, f"{adapter}: {acc:.2f} held-out accuracy on which sound (bar {BAR}, chance 0.17)"

@@ -18,55 +18,60 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from adapter.cli import Stopped
-from adapter.lalm.config import ModelConfig, TrainConfig, _f, add_dataclass_args, dataclass_from_args
+from adapter.lalm.config import ModelConfig, TrainConfig, add_dataclass_args, dataclass_from_args, option
 from adapter.lalm.corpus import SIZES, build_corpus
 from adapter.lalm.corpus.build import QUESTIONS
 from adapter.lalm.data import read_manifest
 from adapter.lalm.evaluate import evaluate
-from adapter.lalm.train import config_differences, default_device, load_trained, log_lines, run_features, train
+from adapter.lalm.training.checkpoint import load_trained, run_features
+from adapter.lalm.training.loop import train
+from adapter.lalm.training.runs import config_differences, log_lines
+from adapter.lalm.training.setup import default_device
 from adapter.presets import PRESETS
 
 
 @dataclass(kw_only=True)
 class ExperimentConfig:
-    out: str = _f("runs/demo", "folder for the training runs (one subfolder per adapter), tables and plots")
-    corpus: str = _f("data/corpus-demo", "corpus folder (built once, then reused)")
-    size: str = _f("demo", f"corpus size (items per task): {', '.join(sorted(SIZES))}")
-    train_per_task: int = _f(0, "override the corpus size's training items per task (0: keep it)")
-    test_per_task: int = _f(0, "override the corpus size's test items per task (0: keep it)")
-    questions: int = _f(
+    out: str = option("runs/demo", "folder for the training runs (one subfolder per adapter), tables and plots")
+    corpus: str = option("data/corpus-demo", "corpus folder (built once, then reused)")
+    size: str = option("demo", f"corpus size (items per task): {', '.join(sorted(SIZES))}")
+    train_per_task: int = option(0, "override the corpus size's training items per task (0: keep it)")
+    test_per_task: int = option(0, "override the corpus size's test items per task (0: keep it)")
+    questions: int = option(
         QUESTIONS,
         "distinct knowledge questions (more than 100: the wide bank, and spoken-knowledge items take their "
         "split's questions in turn); 1000 gives ~100 held-out test questions per seed",
     )
-    knowledge_test: int = _f(0, "test items of the spoken-knowledge task (0: as every task)")
-    steps: int = _f(1500, "optimizer steps per adapter (the same budget for all)")
-    batch_size: int = _f(32, "examples per step")
-    lr: float = _f(2e-3, "peak learning rate (Warmup-Stable-Decay)")
-    encoder: str = _f(
+    knowledge_test: int = option(0, "test items of the spoken-knowledge task (0: as every task)")
+    steps: int = option(1500, "optimizer steps per adapter (the same budget for all)")
+    batch_size: int = option(32, "examples per step")
+    lr: float = option(2e-3, "peak learning rate (Warmup-Stable-Decay)")
+    encoder: str = option(
         "tiny.en",
         "Whisper encoder, frozen: tiny.en (pretrained, OpenAI's weights) or a random one (demo, random-tiny, ...) "
         "or a checkpoint path; see `python -m adapter.lalm.train --help`",
     )
-    audio_dim: int = _f(64, "d, the adapter input width (paper: 2560)")
-    semantic_codes: int = _f(64, "k-means codebook of the discrete stream (0: off)")
-    llm_hidden: int = _f(128, "hidden size of the small random Qwen3")
-    llm_layers: int = _f(2, "decoder layers of the small random Qwen3")
-    aux_lambda: float = _f(0.01, "weight of the MoE balance loss (lambda, eq. 6)")
-    router_lr_scale: float = _f(1.0, "the MoE routers' learning rate as a multiple of --lr")
-    expert_init: str = _f("independent", "MoE experts' initialization: independent or replicated (one copy)")
-    text_weight: int = _f(4, "repeats of the text-knowledge questions per epoch")
-    seed: int = _f(0, "seed of corpus, weights and data order")
-    checkpoints: int = _f(
+    audio_dim: int = option(64, "d, the adapter input width (paper: 2560)")
+    semantic_codes: int = option(64, "k-means codebook of the discrete stream (0: off)")
+    llm_hidden: int = option(128, "hidden size of the small random Qwen3")
+    llm_layers: int = option(2, "decoder layers of the small random Qwen3")
+    aux_lambda: float = option(0.01, "weight of the MoE balance loss (lambda, eq. 6)")
+    router_lr_scale: float = option(1.0, "the MoE routers' learning rate as a multiple of --lr")
+    expert_init: str = option("independent", "MoE experts' initialization: independent or replicated (one copy)")
+    text_weight: int = option(4, "repeats of the text-knowledge questions per epoch")
+    seed: int = option(0, "seed of corpus, weights and data order")
+    checkpoints: int = option(
         4,
         "evenly spaced checkpoints kept per run (the gradient analysis reads their weights; only the newest keeps "
         "the optimizer state, which --resume needs)",
     )
-    backend: str = _f("auto", "MoE kernels: auto (Triton on CUDA, torch on CPU), triton or torch")
-    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU); GPUs below sm_80 (T4, V100): --fp16 or --no-bf16")
-    fp16: bool = _f(False, "fp16 autocast with a dynamic loss scale instead (T4, V100); see train --help")
-    resume: bool = _f(False, "continue interrupted runs from their checkpoints instead of training afresh")
-    quiet: bool = _f(False, "no progress bars")
+    backend: str = option("auto", "MoE kernels: auto (Triton on CUDA, torch on CPU), triton or torch")
+    bf16: bool = option(
+        True, "bf16 autocast on CUDA (ignored on CPU); GPUs below sm_80 (T4, V100): --fp16 or --no-bf16"
+    )
+    fp16: bool = option(False, "fp16 autocast with a dynamic loss scale instead (T4, V100); see train --help")
+    resume: bool = option(False, "continue interrupted runs from their checkpoints instead of training afresh")
+    quiet: bool = option(False, "no progress bars")
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:

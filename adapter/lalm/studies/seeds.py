@@ -1,7 +1,7 @@
 """Adapters compared over several seeds, with paired intervals: is an MoE preset better or worse
 than the dense adapter it would replace, and by how much, beyond seed-to-seed noise?
 
-    python -m adapter.lalm.seeds --presets dense moe-8c4 moe-8c4-parallel --seeds 0 1 2 3 4
+    python -m adapter.lalm.studies.seeds --presets dense moe-8c4 moe-8c4-parallel --seeds 0 1 2 3 4
 
 Each seed builds its own corpus (the seed draws the sentences, voices and sounds), and every
 preset of a seed trains on that corpus in the same order from the same initial LLM: the presets of
@@ -22,8 +22,13 @@ import sys
 from pathlib import Path
 
 from adapter.cli import run_cli
-from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.plots import pyplot, save
+from adapter.lalm.studies.experiment import (
+    ExperimentConfig,
+    add_experiment_args,
+    experiment_from_args,
+    train_and_evaluate,
+)
 from adapter.presets import PRESETS
 
 
@@ -144,7 +149,9 @@ def plot(summary: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m adapter.lalm.seeds", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m adapter.lalm.studies.seeds",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--presets", nargs="+", default=["dense", "moe-8c4", "moe-8c4-parallel"], help="adapter presets")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (each its own corpus)")

@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
-from adapter.lalm import analysis, train
 from adapter.lalm.config import ModelConfig, TrainConfig
 from adapter.lalm.data import FeatureSource, read_manifest
+from adapter.lalm.studies import analysis
+from adapter.lalm.training import checkpoint, loop
+from adapter.lalm.training import runs as run_folder
 
 CATS = ("speech", "sound", "music")
 
@@ -35,7 +37,7 @@ def runs(labelled, module_tmp_path):
     root = module_tmp_path / "runs"
     root.mkdir()
     for adapter in ("dense", "moe-8c4"):
-        train.train(
+        loop.train(
             TrainConfig(
                 train_manifest=str(labelled[0]),
                 output_dir=str(root / adapter),
@@ -60,17 +62,17 @@ def runs(labelled, module_tmp_path):
 
 
 def test_load_trained_reads_any_kept_checkpoint(runs):
-    assert train.checkpoint_steps(runs / "moe-8c4") == [1, 2, 3]
-    first = train.load_trained(runs / "moe-8c4", step=1).adapter.w1
-    last = train.load_trained(runs / "moe-8c4").adapter.w1
-    assert torch.equal(train.load_trained(runs / "moe-8c4", step=3).adapter.w1, last)
+    assert run_folder.checkpoint_steps(runs / "moe-8c4") == [1, 2, 3]
+    first = checkpoint.load_trained(runs / "moe-8c4", step=1).adapter.w1
+    last = checkpoint.load_trained(runs / "moe-8c4").adapter.w1
+    assert torch.equal(checkpoint.load_trained(runs / "moe-8c4", step=3).adapter.w1, last)
     assert not torch.equal(first, last)
     with pytest.raises(FileNotFoundError, match=r"holds \[1, 2, 3\]"):
-        train.load_trained(runs / "moe-8c4", step=7)
+        checkpoint.load_trained(runs / "moe-8c4", step=7)
 
 
 def test_gradient_cosine_matches_a_hand_rolled_backward(runs, labelled):
-    model = train.load_trained(runs / "dense")
+    model = checkpoint.load_trained(runs / "dense")
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     sets = analysis.category_batches(model, read_manifest(labelled[1]), source, batch_size=3, num_batches=2)
     result = analysis.gradient_cosine(model, sets)
@@ -90,7 +92,7 @@ def test_gradient_cosine_matches_a_hand_rolled_backward(runs, labelled):
 
 
 def test_influence_scores_average_over_batches_and_restore_the_model(runs, labelled):
-    model = train.load_trained(runs / "moe-8c4")
+    model = checkpoint.load_trained(runs / "moe-8c4")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     sets = analysis.category_batches(model, read_manifest(labelled[1]), source, batch_size=3, num_batches=2)
@@ -101,7 +103,7 @@ def test_influence_scores_average_over_batches_and_restore_the_model(runs, label
 
 
 def test_category_batches_need_every_category(runs, tone_corpus):
-    model = train.load_trained(runs / "dense")
+    model = checkpoint.load_trained(runs / "dense")
     source = FeatureSource(model.encoder.dims.n_mels, encoder=model.encoder)
     with pytest.raises(ValueError, match=r"no audio examples of categories \['speech', 'music'\]"):
         analysis.category_batches(model, read_manifest(tone_corpus[1]), source)
@@ -126,7 +128,7 @@ def test_cli_writes_json_and_figures(runs, labelled, tmp_path, capsys):
 
 
 def test_runs_with_the_same_folder_name_keep_apart(tmp_path):
-    from adapter.lalm.analysis import run_labels
+    from adapter.lalm.studies.analysis import run_labels
 
     a, b = tmp_path / "seed-0" / "dense" / "joint", tmp_path / "seed-0" / "moe" / "joint"
     assert run_labels([a, b]) == ["dense/joint", "moe/joint"]  # not both "joint": one would overwrite the other

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter.lalm import diagnose
-from adapter.lalm.train import train
+from adapter.lalm.studies import diagnose
+from adapter.lalm.training.loop import train
 
 
 def test_probe_separates_separable_classes_and_not_noise():
@@ -24,7 +24,7 @@ def test_probe_separates_separable_classes_and_not_noise():
 
 @pytest.fixture(scope="module")
 def tiny_runs(module_tmp_path, ci_corpus):
-    from adapter.lalm.experiment import ExperimentConfig
+    from adapter.lalm.studies.experiment import ExperimentConfig
     from tests.adapter.lalm.conftest import TINY_EXPERIMENT
 
     root = module_tmp_path
@@ -80,7 +80,7 @@ def test_cli_refuses_a_folder_without_a_run(tmp_path, capsys):
 
 
 def test_run_features_use_the_runs_cache_only_where_it_exists(tiny_runs, tmp_path, monkeypatch):
-    from adapter.lalm.train import load_trained, run_features
+    from adapter.lalm.training.checkpoint import load_trained, run_features
 
     run = tiny_runs / "moe-8c4"
     model = load_trained(run)

@@ -1,7 +1,7 @@
 """Training curves of runs of `adapter.lalm.train` (your own, the demo's, the experiment runners'),
 read from each run folder's log.jsonl, in one figure:
 
-    python -m adapter.lalm.curves runs/demo/dense runs/demo/moe-8c4-parallel --out curves.png
+    python -m adapter.lalm.studies.curves runs/demo/dense runs/demo/moe-8c4-parallel --out curves.png
 
 One colour per run; a run still training is read as far as it has written. Per-step series
 are drawn faint, with their moving mean over --smooth logged steps solid. Panels:
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from adapter.cli import run_cli
 from adapter.lalm.plots import pyplot, save
-from adapter.lalm.train import log_lines
+from adapter.lalm.training.runs import log_lines
 
 SKIP_MARK = "x"
 PANELS = ("next-token loss", "learning rate", "gradient norm", "balance loss L_aux", "expert load x E", "tokens / s")
@@ -160,7 +160,9 @@ def plot_runs(runs: list[dict], path: str | Path, smooth: int = 20) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m adapter.lalm.curves", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m adapter.lalm.studies.curves",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("runs", nargs="+", help="run folders of adapter.lalm.train (each holds log.jsonl)")
     p.add_argument("--out", default="curves.png", help="the figure's path (default: curves.png)")

@@ -13,11 +13,12 @@ import warnings
 import pytest
 import torch
 
-from adapter.lalm import train as train_mod
 from adapter.lalm.config import TrainConfig, train_config_from_argv
 from adapter.lalm.model import AudioLLM
-from tests.adapter.lalm.poisoned_train import overflow_gradient_shard
-from tests.adapter.lalm.test_train import ROOT, _cfg, _env, _log
+from adapter.lalm.training import checkpoint, loop, setup
+from adapter.lalm.training import runs as run_folder
+from tests.adapter.lalm.training.poisoned_train import overflow_gradient_shard
+from tests.adapter.lalm.training.test_loop import ROOT, _cfg, _env, _log
 
 
 def _steps(out) -> list[dict]:
@@ -32,7 +33,7 @@ def test_text_only_micro_batches_train_log_and_resume(tmp_path, mixed_corpus, mo
     kw["model"] = _cfg(tmp_path, mixed_corpus).model
     kw["model"].adapter = "moe-8c4-no-ebl"
     full = tmp_path / "full"
-    train_mod.train(_cfg(full, mixed_corpus, save_every=0, **kw))
+    loop.train(_cfg(full, mixed_corpus, save_every=0, **kw))
     rows = _steps(full)
     assert [r["step"] for r in rows] == list(range(1, 9))
     for r in rows:
@@ -59,9 +60,9 @@ def test_text_only_micro_batches_train_log_and_resume(tmp_path, mixed_corpus, mo
 
     monkeypatch.setattr(AudioLLM, "forward", crash_after_checkpoint)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_mod.train(cfg)
+        loop.train(cfg)
     monkeypatch.setattr(AudioLLM, "forward", original)
-    train_mod.train(_cfg(crashed, mixed_corpus, save_every=text_step - 1, resume=True, **kw))
+    loop.train(_cfg(crashed, mixed_corpus, save_every=text_step - 1, resume=True, **kw))
     again = _steps(crashed)
     assert [r["step"] for r in again] == list(range(1, 9))
     keys = ("loss", "aux", "grad_norm", "expert_load_0")
@@ -72,8 +73,8 @@ def test_trainable_encoder_with_semantic_codes(tmp_path, tone_corpus):
     """Issue 18 item 4: the codebook is fitted through the (trainable) encoder at its start."""
     cfg = _cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0, freeze_encoder=False)
     cfg.model.semantic_codes = 8
-    train_mod.train(cfg)
-    model = train_mod.load_trained(tmp_path)
+    loop.train(cfg)
+    model = checkpoint.load_trained(tmp_path)
     assert bool(model.semantic.fitted) and torch.isfinite(model.semantic.codebook).all()
     assert model.semantic.codebook.abs().sum() > 0
 
@@ -82,26 +83,26 @@ def test_resume_refuses_another_config_and_leaves_the_run_untouched(tmp_path, to
     """Issue 18 item 5 and issue 20 item 2: a resume with other settings, or a fresh run in a
     used folder, is refused before anything is written; loading is strict."""
     base = dict(max_steps=2, eval_every=0, save_every=0)
-    train_mod.train(_cfg(tmp_path, tone_corpus, **base))
+    loop.train(_cfg(tmp_path, tone_corpus, **base))
     saved = {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "log.jsonl")}
     with pytest.raises(ValueError, match=r"configuration differs .*lr: 0.003 -> 0.001"):
-        train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, lr=1e-3, **base))
+        loop.train(_cfg(tmp_path, tone_corpus, resume=True, lr=1e-3, **base))
     dense = _cfg(tmp_path, tone_corpus, **base)
     dense.model.adapter = "dense"
     with pytest.raises(ValueError, match="already holds a run"):
-        train_mod.train(dense)
+        loop.train(dense)
     with pytest.raises(ValueError, match=r"model.adapter: 'moe-8c4' -> 'dense'"):
-        train_mod.train(dataclasses.replace(dense, resume=True))
+        loop.train(dataclasses.replace(dense, resume=True))
     assert {p.name: p.read_bytes() for p in (tmp_path / "config.json", tmp_path / "log.jsonl")} == saved
     # Settings that steer only logging and checkpoints may change on resume.
-    summary = train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **{**base, "log_every": 5}))
+    summary = loop.train(_cfg(tmp_path, tone_corpus, resume=True, **{**base, "log_every": 5}))
     assert summary["steps"] == 2
     # A config.json that no longer matches its checkpoint (edited by hand) is refused by name.
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model"]["adapter"] = "dense"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"does not match .*missing \d+ tensor.*adapter\.(up|down)"):
-        train_mod.load_trained(tmp_path)
+        checkpoint.load_trained(tmp_path)
 
 
 def test_resume_without_a_checkpoint_starts_a_clean_log(tmp_path, tone_corpus):
@@ -109,22 +110,22 @@ def test_resume_without_a_checkpoint_starts_a_clean_log(tmp_path, tone_corpus):
     afresh and must not keep them (they would duplicate steps)."""
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "ntp": 9.0}) + "\n" for s in (1, 2, 3)))
-    train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0, resume=True))
+    loop.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0, resume=True))
     assert [r["step"] for r in _steps(tmp_path)] == [1, 2] and all(r["ntp"] != 9.0 for r in _steps(tmp_path))
 
 
 def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tone_corpus, capsys):
     """Issue 20 item 12: a crash in mid-append leaves half a line; the checkpoints are intact."""
     base = dict(max_steps=2, eval_every=0, save_every=0)
-    train_mod.train(_cfg(tmp_path, tone_corpus, **base))
+    loop.train(_cfg(tmp_path, tone_corpus, **base))
     log = tmp_path / "log.jsonl"
     log.write_text(log.read_text() + '{"step": 3, "lo')
-    train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **base))
+    loop.train(_cfg(tmp_path, tone_corpus, resume=True, **base))
     assert [r["step"] for r in _steps(tmp_path)] == [1, 2] and "torn last line" in capsys.readouterr().err
     lines = log.read_text().splitlines()
     log.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=r"log.jsonl:2: not valid JSON"):
-        train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **base))
+        loop.train(_cfg(tmp_path, tone_corpus, resume=True, **base))
 
 
 def test_a_run_whose_every_step_is_skipped_fails(tmp_path, tone_corpus, monkeypatch):
@@ -138,7 +139,7 @@ def test_a_run_whose_every_step_is_skipped_fails(tmp_path, tone_corpus, monkeypa
 
     monkeypatch.setattr(AudioLLM, "forward", poisoned)
     with pytest.raises(RuntimeError, match="all 3 steps .* were skipped as non-finite"):
-        train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=3, eval_every=0, save_every=0))
+        loop.train(_cfg(tmp_path, tone_corpus, max_steps=3, eval_every=0, save_every=0))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -177,7 +178,7 @@ def test_an_empty_training_manifest_is_named(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match=r"empty.jsonl' hold no examples"):
-        train_mod.train(TrainConfig(train_manifest=str(empty), output_dir=str(tmp_path / "run"), progress=False))
+        loop.train(TrainConfig(train_manifest=str(empty), output_dir=str(tmp_path / "run"), progress=False))
     assert not (tmp_path / "run").exists()  # refused before the folder was made
 
 
@@ -188,22 +189,22 @@ def test_bf16_on_a_gpu_without_bf16_hardware_is_refused_before_anything(tmp_path
     check (it replaces bf16), and so does an A100 (sm_80)."""
     cuda = torch.device("cuda", 0)
     capability = [(7, 5)]
-    monkeypatch.setattr(train_mod, "distributed", lambda: (0, 1, cuda))
+    monkeypatch.setattr(loop, "distributed", lambda: (0, 1, cuda))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability[0] >= (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     cfg = TrainConfig(train_manifest=str(tmp_path / "none.jsonl"), output_dir=str(tmp_path / "run"), progress=False)
     with pytest.raises(ValueError, match=r"--bf16 \(the default\) on Tesla T4 \(sm_75\).*pass --fp16 .* or --no-bf16"):
-        train_mod.train(cfg)
+        loop.train(cfg)
     assert not (tmp_path / "run").exists()
     fp16, fp32 = dataclasses.replace(cfg, fp16=True), dataclasses.replace(cfg, bf16=False)
-    assert train_mod.bf16_refusal(fp16, cuda) is None and train_mod.bf16_refusal(fp32, cuda) is None
-    assert train_mod.compute_dtype(fp16, cuda) == torch.float16 and train_mod.compute_dtype(fp32, cuda) is None
-    assert train_mod.bf16_refusal(cfg, torch.device("cpu")) is None
-    assert train_mod.compute_dtype(cfg, torch.device("cpu")) is None  # bf16 is ignored on CPU ...
-    assert train_mod.compute_dtype(fp16, torch.device("cpu")) == torch.float16  # ... fp16 is not: it is asked for
+    assert setup.bf16_refusal(fp16, cuda) is None and setup.bf16_refusal(fp32, cuda) is None
+    assert setup.compute_dtype(fp16, cuda) == torch.float16 and setup.compute_dtype(fp32, cuda) is None
+    assert setup.bf16_refusal(cfg, torch.device("cpu")) is None
+    assert setup.compute_dtype(cfg, torch.device("cpu")) is None  # bf16 is ignored on CPU ...
+    assert setup.compute_dtype(fp16, torch.device("cpu")) == torch.float16  # ... fp16 is not: it is asked for
     capability[0] = (8, 0)
-    assert train_mod.bf16_refusal(cfg, cuda) is None and train_mod.compute_dtype(cfg, cuda) == torch.bfloat16
+    assert setup.bf16_refusal(cfg, cuda) is None and setup.compute_dtype(cfg, cuda) == torch.bfloat16
 
 
 def test_fp16_scales_the_loss_skips_an_overflow_at_half_the_scale_and_resumes_at_it(tmp_path, tone_corpus, monkeypatch):
@@ -217,12 +218,12 @@ def test_fp16_scales_the_loss_skips_an_overflow_at_half_the_scale_and_resumes_at
     kw = dict(max_steps=5, eval_every=0, fp16=True, fp16_init_scale=1024.0)
     overflow_gradient_shard(3, monkeypatch.setattr)
     full = tmp_path / "full"
-    train_mod.train(_cfg(full, tone_corpus, save_every=0, **kw))
+    loop.train(_cfg(full, tone_corpus, save_every=0, **kw))
     rows = _steps(full)
     assert [r["skipped"] for r in rows] == [False, False, True, False, False]
     assert [r["loss_scale"] for r in rows] == [1024.0] * 3 + [512.0] * 2
     assert math.isfinite(rows[2]["loss"]) and rows[2]["grad_norm"] == math.inf and rows[-1]["skipped_total"] == 1
-    model = train_mod.load_trained(full)
+    model = checkpoint.load_trained(full)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
     state = json.loads((full / "checkpoints/step_0000005/state.json").read_text())
     assert state["scaler"]["scale"] == 512.0
@@ -230,7 +231,7 @@ def test_fp16_scales_the_loss_skips_an_overflow_at_half_the_scale_and_resumes_at
     # rounded to 2^-11 relative; measured 4.7e-7 apart on the 2-core AMD EPYC, 2026-12-04: the sums
     # average the rounding out).
     fp32 = tmp_path / "fp32"
-    train_mod.train(_cfg(fp32, tone_corpus, save_every=0, max_steps=1, eval_every=0))
+    loop.train(_cfg(fp32, tone_corpus, save_every=0, max_steps=1, eval_every=0))
     assert rows[0]["loss"] == pytest.approx(_steps(fp32)[0]["loss"], rel=1e-3)
     assert "loss_scale" not in _steps(fp32)[0]
     # Crash in step 4, after the checkpoint of the skipped step 3; the resume starts at 512.
@@ -247,9 +248,9 @@ def test_fp16_scales_the_loss_skips_an_overflow_at_half_the_scale_and_resumes_at
 
     monkeypatch.setattr(AudioLLM, "forward", crash_in_step_4)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_mod.train(_cfg(crashed, tone_corpus, save_every=3, **kw))
+        loop.train(_cfg(crashed, tone_corpus, save_every=3, **kw))
     monkeypatch.setattr(AudioLLM, "forward", original)
-    train_mod.train(_cfg(crashed, tone_corpus, save_every=3, resume=True, **kw))
+    loop.train(_cfg(crashed, tone_corpus, save_every=3, resume=True, **kw))
     keys = ("loss", "grad_norm", "loss_scale", "skipped", "skipped_total")
     assert [[r[k] for k in keys] for r in _steps(crashed)] == [[r[k] for k in keys] for r in rows]
 
@@ -259,21 +260,21 @@ def test_older_checkpoints_keep_the_weights_only_with_full_checkpoints(tmp_path,
     the older kept ones the weights, rng and schedule (the analyses read their weights); a resume
     that would land on a weights-only checkpoint is refused with the way out."""
     kw = dict(max_steps=4, eval_every=0, save_every=1, keep_checkpoints=3, full_checkpoints=1)
-    train_mod.train(_cfg(tmp_path, tone_corpus, **kw))
+    loop.train(_cfg(tmp_path, tone_corpus, **kw))
     root = tmp_path / "checkpoints"
-    held = {p.name: sorted(f.name for f in p.iterdir()) for p in train_mod.step_folders(root)}
+    held = {p.name: sorted(f.name for f in p.iterdir()) for p in run_folder.step_folders(root)}
     assert sorted(held) == ["step_0000002", "step_0000003", "step_0000004"]
     assert "optimizer.pt" in held["step_0000004"]
     assert held["step_0000002"] == held["step_0000003"] == [
         "model.safetensors", "rng.pt", "scheduler.pt", "state.json"
     ]  # fmt: skip
-    older = train_mod.load_trained(tmp_path, step=2)
-    assert not torch.equal(older.adapter.w1, train_mod.load_trained(tmp_path).adapter.w1)
-    assert train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **kw))["steps"] == 4  # from the newest
+    older = checkpoint.load_trained(tmp_path, step=2)
+    assert not torch.equal(older.adapter.w1, checkpoint.load_trained(tmp_path).adapter.w1)
+    assert loop.train(_cfg(tmp_path, tone_corpus, resume=True, **kw))["steps"] == 4  # from the newest
     shutil.rmtree(root / "step_0000004")
     (root / "latest").write_text("step_0000003")
     with pytest.raises(ValueError, match=r"step_0000003 keeps the weights only .*--full-checkpoints.*--overwrite"):
-        train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **kw))
+        loop.train(_cfg(tmp_path, tone_corpus, resume=True, **kw))
 
 
 def test_router_lr_expert_init_step_zero_and_resuming_a_run_from_before_them(tmp_path, tone_corpus):
@@ -283,12 +284,12 @@ def test_router_lr_expert_init_step_zero_and_resuming_a_run_from_before_them(tmp
     cfg = _cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=1, keep_checkpoints=3)
     cfg.router_lr_scale = 0.1
     cfg.model.expert_init = "replicated"
-    train_mod.train(cfg)
+    loop.train(cfg)
     groups = torch.load(tmp_path / "checkpoints/step_0000002/optimizer.pt", weights_only=True)["param_groups"]
     assert len(groups) == 2 and len(groups[1]["params"]) == 1  # the one MoE adapter's router
     assert groups[0]["initial_lr"] == 3e-3 and groups[1]["initial_lr"] == pytest.approx(3e-4)  # peak lr
-    init, final = train_mod.load_trained(tmp_path, step=0), train_mod.load_trained(tmp_path)
-    fresh = train_mod.build_model(cfg.model, seed=cfg.seed)
+    init, final = checkpoint.load_trained(tmp_path, step=0), checkpoint.load_trained(tmp_path)
+    fresh = loop.build_model(cfg.model, seed=cfg.seed)
     for (name, p0), p1, pf in zip(init.named_parameters(), fresh.parameters(), final.parameters(), strict=True):
         assert torch.equal(p0, p1), name
         if name.startswith("adapter.") and "norm" not in name:
@@ -299,12 +300,12 @@ def test_router_lr_expert_init_step_zero_and_resuming_a_run_from_before_them(tmp
         TrainConfig(train_manifest="x", router_lr_scale=0.0)
     # An older run: its config.json lacks the new fields; resuming it with the defaults works.
     old = tmp_path / "old"
-    train_mod.train(_cfg(old, tone_corpus, max_steps=2, eval_every=0, save_every=1))
+    loop.train(_cfg(old, tone_corpus, max_steps=2, eval_every=0, save_every=1))
     assert len(torch.load(old / "checkpoints/step_0000002/optimizer.pt", weights_only=True)["param_groups"]) == 1
     saved = json.loads((old / "config.json").read_text())
     del saved["router_lr_scale"], saved["model"]["expert_init"]
     (old / "config.json").write_text(json.dumps(saved))
-    assert train_mod.train(_cfg(old, tone_corpus, max_steps=2, eval_every=0, save_every=1, resume=True))["steps"] == 2
+    assert loop.train(_cfg(old, tone_corpus, max_steps=2, eval_every=0, save_every=1, resume=True))["steps"] == 2
 
 
 def test_a_folder_in_use_is_refused_by_name_and_freed_when_its_holder_dies(tmp_path, tone_corpus):
@@ -312,11 +313,11 @@ def test_a_folder_in_use_is_refused_by_name_and_freed_when_its_holder_dies(tmp_p
     the holder; the lock dies with its process (SIGKILL: no stale lock). A process that holds
     the folder's lock stands in for the training (test_train.py shows a real run holds it)."""
     base = dict(max_steps=2, eval_every=0, save_every=0)
-    train_mod.train(_cfg(tmp_path, tone_corpus, **base))
+    loop.train(_cfg(tmp_path, tone_corpus, **base))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert before[".lock"] == b""  # released: no holder named
     hold = (
-        "import sys, time; from pathlib import Path; from adapter.lalm.train import RunFolderLock; "
+        "import sys, time; from pathlib import Path; from adapter.lalm.training.runs import RunFolderLock; "
         "lock = RunFolderLock(Path(sys.argv[1])); assert lock.acquire() is None; print('held', flush=True); "
         "time.sleep(600)"
     )
@@ -327,13 +328,13 @@ def test_a_folder_in_use_is_refused_by_name_and_freed_when_its_holder_dies(tmp_p
         assert holder.stdout.readline().strip() == "held"
         for cfg in (_cfg(tmp_path, tone_corpus, resume=True, **base), _cfg(tmp_path, tone_corpus, **base)):
             with pytest.raises(ValueError, match=rf"in use by another training run \(pid {holder.pid} on "):
-                train_mod.train(cfg)
+                loop.train(cfg)
         after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
         assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
     finally:
         holder.kill()
         holder.wait()
-    assert train_mod.train(_cfg(tmp_path, tone_corpus, resume=True, **base))["steps"] == 2
+    assert loop.train(_cfg(tmp_path, tone_corpus, resume=True, **base))["steps"] == 2
 
 
 def test_the_lock_is_taken_before_a_new_folder_is_written(tmp_path, tone_corpus, monkeypatch):
@@ -341,29 +342,29 @@ def test_the_lock_is_taken_before_a_new_folder_is_written(tmp_path, tone_corpus,
     folder between the checks and the lock is refused, not overwritten."""
     out = tmp_path / "new"
     seen = {}
-    real_write = train_mod.atomic_write_text
+    real_write = loop.atomic_write_text
 
     def spy(path, text):
         if path.name == "config.json":
             seen["holder"] = (out / ".lock").read_text()
         real_write(path, text)
 
-    monkeypatch.setattr(train_mod, "atomic_write_text", spy)
-    train_mod.train(_cfg(out, tone_corpus, max_steps=1, eval_every=0, save_every=0))
+    monkeypatch.setattr(loop, "atomic_write_text", spy)
+    loop.train(_cfg(out, tone_corpus, max_steps=1, eval_every=0, save_every=0))
     assert seen["holder"].startswith(f"pid {__import__('os').getpid()} on ")
-    real_latest = train_mod.Checkpointer.latest
+    real_latest = checkpoint.Checkpointer.latest
     calls = []
 
     def appears(self):  # the second look finds a checkpoint the first did not
         calls.append(1)
         return None if len(calls) == 1 else real_latest(self)
 
-    monkeypatch.setattr(train_mod.Checkpointer, "latest", appears)
+    monkeypatch.setattr(checkpoint.Checkpointer, "latest", appears)
     other = tmp_path / "other"
-    train_mod.train(_cfg(other, tone_corpus, max_steps=1, eval_every=0, save_every=0))  # makes step 1
+    loop.train(_cfg(other, tone_corpus, max_steps=1, eval_every=0, save_every=0))  # makes step 1
     calls.clear()
     with pytest.raises(ValueError, match="a run that started there meanwhile"):
-        train_mod.train(_cfg(other, tone_corpus, max_steps=1, eval_every=0, save_every=0, overwrite=True))
+        loop.train(_cfg(other, tone_corpus, max_steps=1, eval_every=0, save_every=0, overwrite=True))
 
 
 DAMAGE_RUN = dict(max_steps=4, eval_every=0, save_every=2, keep_checkpoints=2)
@@ -373,7 +374,7 @@ DAMAGE_RUN = dict(max_steps=4, eval_every=0, save_every=2, keep_checkpoints=2)
 def run_with_two_checkpoints(module_tmp_path, tone_corpus):
     out = module_tmp_path / "two-checkpoints"
     out.mkdir()
-    train_mod.train(_cfg(out, tone_corpus, **DAMAGE_RUN))
+    loop.train(_cfg(out, tone_corpus, **DAMAGE_RUN))
     return out
 
 
@@ -387,14 +388,14 @@ def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, tone_corpus, 
     step4 = run / "checkpoints" / "step_0000004"
     (step4 / damaged).write_bytes((step4 / damaged).read_bytes()[:40])
     with pytest.raises(ValueError) as info:
-        train_mod.train(_cfg(run, tone_corpus, resume=True, **DAMAGE_RUN))
+        loop.train(_cfg(run, tone_corpus, resume=True, **DAMAGE_RUN))
     msg = str(info.value)
     assert msg.startswith(f"cannot read the checkpoint file {step4 / damaged} (") and msg.endswith(
         f"delete {step4} or move it out of {step4.parent}, and --resume continues from step_0000002"
     ), msg
     step4.rename(step4.with_name("step_0000004.bad"))  # set aside beside the others, by hand
-    assert train_mod.checkpoint_steps(run) == [2]
-    assert train_mod.train(_cfg(run, tone_corpus, resume=True, **DAMAGE_RUN))["steps"] == 4
+    assert run_folder.checkpoint_steps(run) == [2]
+    assert loop.train(_cfg(run, tone_corpus, resume=True, **DAMAGE_RUN))["steps"] == 4
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "step_0000002", "step_0000004", "step_0000004.bad"], names
 
@@ -410,10 +411,10 @@ def test_where_nothing_can_lock_a_run_still_trains_and_says_so(tmp_path, monkeyp
 
     monkeypatch.setattr(fcntl, "flock", refuse)
     with pytest.warns(UserWarning, match=r"cannot lock .*\.lock \(\[Errno \d+\] No locks available\)"):
-        assert train_mod.RunFolderLock(tmp_path).acquire() is None
+        assert run_folder.RunFolderLock(tmp_path).acquire() is None
     monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
     with pytest.warns(UserWarning, match="no fcntl on this platform"):
-        assert train_mod.RunFolderLock(tmp_path).acquire() is None
+        assert run_folder.RunFolderLock(tmp_path).acquire() is None
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_said_before_the_first_step(tmp_path, tone_corpus, monkeypatch):
@@ -422,21 +423,21 @@ def test_a_disk_too_small_for_the_checkpoints_is_said_before_the_first_step(tmp_
     real = shutil.disk_usage
     free = {"bytes": 10**12}
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free["bytes"]))
-    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
+    assert checkpoint.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
     free["bytes"] = 35_999
-    short = train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2)
+    short = checkpoint.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2)
     assert "0.00 GB free" in short and "(2 kept, 2 with the optimizer state, + the one being saved - 0 there" in short
     free["bytes"] = 36_000  # exactly 3 x 12,000
-    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
+    assert checkpoint.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2) is None
     free["bytes"] = 12_000  # a resume that finds its 2 checkpoints needs room for one more
-    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2, existing=2) is None
-    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2, existing=1) is not None
+    assert checkpoint.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2, existing=2) is None
+    assert checkpoint.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=2, existing=1) is not None
     # --full-checkpoints 1 of 4 kept: the newest and the one being saved 12,000 each, 3 x 4,000 (weights).
     free["bytes"] = 36_000
-    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=4, full=1) is None
-    assert train_mod.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=4) is not None  # 60,000 all full
+    assert checkpoint.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=4, full=1) is None
+    assert checkpoint.checkpoint_disk_shortfall(tmp_path, trained=1000, keep=4) is not None  # 60,000 all full
     free["bytes"] = 35_999
-    assert "4 kept, 1 with the optimizer state" in train_mod.checkpoint_disk_shortfall(
+    assert "4 kept, 1 with the optimizer state" in checkpoint.checkpoint_disk_shortfall(
         tmp_path, trained=1000, keep=4, full=1
     )
 
@@ -446,10 +447,10 @@ def test_a_disk_too_small_for_the_checkpoints_is_said_before_the_first_step(tmp_
     with warnings.catch_warnings():  # as an error, it is raised where it is said: before any step
         warnings.filterwarnings("error", message=".*checkpoints need about")
         with pytest.raises(UserWarning, match=said):
-            train_mod.train(_cfg(early, tone_corpus, max_steps=1, eval_every=0, save_every=0))
+            loop.train(_cfg(early, tone_corpus, max_steps=1, eval_every=0, save_every=0))
     assert not (early / "log.jsonl").exists() and not (early / "checkpoints").exists()
     with pytest.warns(UserWarning, match=said):  # a warning: the run goes on
-        summary = train_mod.train(_cfg(tmp_path / "on", tone_corpus, max_steps=1, eval_every=0, save_every=0))
+        summary = loop.train(_cfg(tmp_path / "on", tone_corpus, max_steps=1, eval_every=0, save_every=0))
     assert summary["steps"] == 1
     # Resumed (finished, it saves its last step again), its checkpoint is already on the disk: 90 MB
     # free hold the 2 more it may need.
@@ -457,7 +458,7 @@ def test_a_disk_too_small_for_the_checkpoints_is_said_before_the_first_step(tmp_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = _cfg(tmp_path / "on", tone_corpus, max_steps=1, eval_every=0, save_every=0, resume=True)
-        assert train_mod.train(cfg)["steps"] == 1
+        assert loop.train(cfg)["steps"] == 1
     assert not [w for w in caught if "checkpoints need about" in str(w.message)]
 
 
@@ -471,16 +472,16 @@ def test_the_codebook_sample_is_gathered_clip_by_clip_from_the_rows_randperm_pic
     cfg = _cfg(tmp_path, tone_corpus)
     cfg.model.semantic_codes = 8
     examples = read_manifest(tone_corpus[0])
-    fitted, reference = (train_mod.build_model(cfg.model, seed=0) for _ in range(2))
+    fitted, reference = (loop.build_model(cfg.model, seed=0) for _ in range(2))
     source = FeatureSource(80, encoder=fitted.encoder)
     every_frame = torch.cat([source.features(ex) for ex in examples])
     assert every_frame.shape[0] > 37  # the sampling path
-    train_mod.fit_semantic(fitted, examples, source, seed=3, max_frames=37)
+    setup.fit_semantic(fitted, examples, source, seed=3, max_frames=37)
     pick = torch.randperm(every_frame.shape[0], generator=torch.Generator().manual_seed(3))[:37]
     reference.semantic.fit(every_frame[pick], seed=3)
     assert torch.equal(fitted.semantic.codebook, reference.semantic.codebook)
     few = FeatureSource(80, encoder=fitted.encoder)  # fewer frames than max_frames: all of them
-    train_mod.fit_semantic(fitted, examples[:2], few, seed=3)
+    setup.fit_semantic(fitted, examples[:2], few, seed=3)
     reference.semantic.fit(torch.cat([few.features(ex) for ex in examples[:2]]), seed=3)
     assert torch.equal(fitted.semantic.codebook, reference.semantic.codebook)
 
@@ -489,13 +490,13 @@ def test_features_in_memory_in_several_processes_are_warned_of_with_their_size(t
     from adapter.lalm.data import read_manifests
 
     cfg = _cfg(tmp_path, tone_corpus)
-    model = train_mod.build_model(cfg.model)
+    model = loop.build_model(cfg.model)
     examples = read_manifests(f"{tone_corpus[0]}*2")  # a clip listed twice is encoded and kept once
     frames = sum(ex.num_frames for ex in examples) // 2
     gib = 4 * model.encoder.stacked_dim * frames / 2**30
-    said = train_mod._feature_memory_warning(cfg, examples, model, world=4)
+    said = setup.feature_memory_warning(cfg, examples, model, world=4)
     assert f"features of {frames} frames take {gib:.1f} GiB in memory in each of the 4 process(es)" in said
     assert "--feature-cache DIR" in said
-    assert train_mod._feature_memory_warning(cfg, examples, model, world=1) is None  # small, one process
+    assert setup.feature_memory_warning(cfg, examples, model, world=1) is None  # small, one process
     cached = dataclasses.replace(cfg, feature_cache=str(tmp_path / "features"))
-    assert train_mod._feature_memory_warning(cached, examples, model, world=4) is None
+    assert setup.feature_memory_warning(cached, examples, model, world=4) is None

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapter.lalm import backbone, capacity
 from adapter.lalm.data import read_manifest
 from adapter.lalm.model import AUDIO_CATEGORIES
-from adapter.lalm.train import checkpoint_steps, load_trained
+from adapter.lalm.studies import backbone, capacity
+from adapter.lalm.training.checkpoint import load_trained
+from adapter.lalm.training.runs import checkpoint_steps
 from tests.adapter.lalm.conftest import tiny_experiment_argv
 
 

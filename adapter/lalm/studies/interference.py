@@ -1,7 +1,7 @@
 """Interference between audio categories in one adapter: does training on speech, music and sound
 together cost a category the accuracy it reaches when the adapter is trained on it alone?
 
-    python -m adapter.lalm.interference --presets dense --seeds 0 1 2 --test-per-task 100
+    python -m adapter.lalm.studies.interference --presets dense --seeds 0 1 2 --test-per-task 100
 
 The paper's argument for an MoE adapter rests on it: a dense adapter's categories pull its weights
 apart (gradient conflict), experts let them not. If a category is not worse jointly than alone,
@@ -15,7 +15,7 @@ Design, per seed (each seed its own corpus) and preset:
   the adapter's mapping of audio;
 - each run is evaluated on the test items of the categories it trained on, and alone - joint is
   taken per category on the same items (paired), pooled over seeds (items resampled within each
-  seed: adapter/lalm/paired.py), under both scorings (generated answer; log-likelihood of each
+  seed: adapter/lalm/studies/paired.py), under both scorings (generated answer; log-likelihood of each
   option).
 
 Control (--alone-steps joint): each category also trains alone for as many steps as the joint
@@ -44,10 +44,15 @@ from pathlib import Path
 
 from adapter.cli import run_cli
 from adapter.files import atomic_write_text
-from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.model import AUDIO_CATEGORIES
-from adapter.lalm.paired import PairedDiff, aligned, paired_difference
 from adapter.lalm.plots import pyplot, save
+from adapter.lalm.studies.experiment import (
+    ExperimentConfig,
+    add_experiment_args,
+    experiment_from_args,
+    train_and_evaluate,
+)
+from adapter.lalm.studies.paired import PairedDiff, aligned, paired_difference
 from adapter.presets import PRESETS
 
 CATEGORIES = AUDIO_CATEGORIES
@@ -267,7 +272,7 @@ def plot(summary: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m adapter.lalm.interference",
+        prog="python -m adapter.lalm.studies.interference",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from adapter.lalm.paired import aligned, mcnemar_exact, paired_difference
+from adapter.lalm.studies.paired import aligned, mcnemar_exact, paired_difference
 
 
 def test_mcnemar_exact_on_known_counts():

@@ -1,8 +1,8 @@
 """Ablation runner (paper Tables 2 and 3): train adapter presets on the same corpus, order, seed
 and step budget, evaluate each on the test split, and write one comparison table.
 
-    python -m adapter.lalm.ablation --out runs/ablation                  # Table 2 + 3 presets
-    python -m adapter.lalm.ablation --presets dense moe-8c4 moe-8c1 --steps 300
+    python -m adapter.lalm.studies.ablation --out runs/ablation                  # Table 2 + 3 presets
+    python -m adapter.lalm.studies.ablation --presets dense moe-8c4 moe-8c1 --steps 300
 
 Writes <out>/ablation.md (markdown table), <out>/ablation.json (every number) and
 <out>/ablation.png; each preset's run (checkpoints, log, eval.json) in <out>/<preset>/.
@@ -16,8 +16,13 @@ import sys
 from pathlib import Path
 
 from adapter.cli import run_cli
-from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.plots import pyplot, save
+from adapter.lalm.studies.experiment import (
+    ExperimentConfig,
+    add_experiment_args,
+    experiment_from_args,
+    train_and_evaluate,
+)
 from adapter.presets import PRESETS, preset
 
 TABLE_2_3 = (
@@ -136,7 +141,7 @@ def run_ablation(exp: ExperimentConfig, presets=TABLE_2_3) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m adapter.lalm.ablation",
+        prog="python -m adapter.lalm.studies.ablation",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from adapter.lalm import seeds
+from adapter.lalm.studies import seeds
 from tests.adapter.lalm.conftest import TINY_EXPERIMENT
 
 

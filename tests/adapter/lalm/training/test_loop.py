@@ -13,14 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapter.lalm import train as train_mod
 from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
 from adapter.lalm.data import read_manifest
 from adapter.lalm.model import AudioLLM
-from adapter.lalm.parallel import decoder_layers
+from adapter.lalm.training import checkpoint, loop, setup
+from adapter.lalm.training import runs as run_folder
+from adapter.lalm.training.parallel import decoder_layers
 from tests.utils import torchrun
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 SMALL = [
     "--encoder",
     "demo",
@@ -65,7 +66,7 @@ def _env(threads=1):
 
 def test_wsd_schedule():
     cfg = TrainConfig(train_manifest="x", max_steps=100, warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1)
-    f = train_mod.wsd_schedule(cfg)
+    f = setup.wsd_schedule(cfg)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == f(79) == 1.0
     assert f(80) < 1.0 and f(99) == pytest.approx(0.1)
@@ -73,7 +74,7 @@ def test_wsd_schedule():
 
 
 def test_loss_falls_on_held_out_data(tmp_path, tone_corpus):
-    summary = train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=40, eval_every=10, save_every=0))
+    summary = loop.train(_cfg(tmp_path, tone_corpus, max_steps=40, eval_every=10, save_every=0))
     evals = [r["val_loss"] for r in _log(tmp_path) if "val_loss" in r]
     assert len(evals) >= 4
     assert evals[-1] < 0.5 * evals[0] and evals[-1] < 3.0, evals
@@ -82,9 +83,9 @@ def test_loss_falls_on_held_out_data(tmp_path, tone_corpus):
     assert [r["step"] for r in steps] == list(range(1, 41))
     assert all(len(r["expert_load_0"]) == 8 and abs(sum(r["expert_load_0"]) - 1) < 1e-3 for r in steps)
     # The trained model reloads from its run folder and gives the same held-out loss.
-    model = train_mod.load_trained(tmp_path)
-    src = train_mod.FeatureSource(80, encoder=model.encoder)
-    again = train_mod.evaluate_loss(
+    model = checkpoint.load_trained(tmp_path)
+    src = loop.FeatureSource(80, encoder=model.encoder)
+    again = loop.evaluate_loss(
         model, read_manifest(tone_corpus[1]), src, _cfg(tmp_path, tone_corpus), torch.device("cpu")
     )
     assert again["val_loss"] == pytest.approx(evals[-1], rel=1e-5)
@@ -169,7 +170,7 @@ def test_sigterm_saves_the_step_it_stops_at_and_resume_continues(tmp_path, tone_
     stopped = tmp_path / "stopped"
     args = [*RESUME_ARGS, "--save-every", "0"]  # the last flag given wins
     held_by = []  # while it trains, the run holds its folder's lock (a second run there is refused)
-    probe = lambda pid: held_by.append((pid, train_mod.RunFolderLock(stopped).acquire()))  # noqa: E731
+    probe = lambda pid: held_by.append((pid, run_folder.RunFolderLock(stopped).acquire()))  # noqa: E731
     status, err = _start_and_signal(stopped, tone_corpus, args, signal.SIGTERM, after_steps=5, probe=probe)
     assert held_by[0][1].startswith(f"pid {held_by[0][0]} on "), held_by
     assert status == 128 + signal.SIGTERM, err[-3000:]
@@ -197,7 +198,7 @@ def test_non_finite_loss_is_skipped_not_applied(tmp_path, tone_corpus, monkeypat
         return out
 
     monkeypatch.setattr(AudioLLM, "forward", poisoned)
-    summary = train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=5, eval_every=0, save_every=0))
+    summary = loop.train(_cfg(tmp_path, tone_corpus, max_steps=5, eval_every=0, save_every=0))
     rows = [r for r in _log(tmp_path) if "ntp" in r]
     assert [r["skipped"] for r in rows] == [False, False, True, False, False]
     assert summary["skipped_total"] == 1
@@ -215,19 +216,19 @@ def test_checkpoint_writes_are_atomic(tmp_path, tone_corpus, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full") as failure:
-        train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2))
+        loop.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2))
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*step_*")) == ["step_0000002"]  # the partial save's folder went
     assert "step_0000004 was not saved" in str(failure.value.__notes__)
     assert f"{ckpts / 'step_0000002'}, stands: --resume" in str(failure.value.__notes__)
     assert (ckpts / "latest").read_text() == "step_0000002"
     monkeypatch.setattr(torch, "save", real_save)
-    summary = train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2, resume=True))
+    summary = loop.train(_cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2, resume=True))
     assert summary["steps"] == 6
     # A fresh run never silently reuses (or clobbers) a folder that holds a run.
     with pytest.raises(ValueError, match="already holds a run .*--resume .*--overwrite"):
-        train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0))
-    train_mod.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0, overwrite=True))
+        loop.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0))
+    loop.train(_cfg(tmp_path, tone_corpus, max_steps=2, eval_every=0, save_every=0, overwrite=True))
     assert [r["step"] for r in _log(tmp_path) if "ntp" in r] == [1, 2]
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000002"]
 
@@ -345,12 +346,12 @@ def test_what_trains_is_configurable(tmp_path, tone_corpus):
     """Encoder trained through the forward pass (mels in the batch), LLM frozen: only the encoder,
     fusion and adapter are saved, and the frozen LLM is bit-identical to its rebuild."""
     cfg = _cfg(tmp_path, tone_corpus, max_steps=3, eval_every=0, save_every=0, freeze_encoder=False, freeze_llm=True)
-    train_mod.train(cfg)
+    loop.train(cfg)
     saved = load_file(str(tmp_path / "checkpoints" / "step_0000003" / "model.safetensors"))
     assert any(k.startswith("encoder.") for k in saved) and any(k.startswith("adapter.") for k in saved)
     assert not any(k.startswith("llm.") for k in saved)
-    fresh = train_mod.build_model(cfg.model, seed=cfg.seed)
-    trained = train_mod.load_trained(tmp_path)
+    fresh = loop.build_model(cfg.model, seed=cfg.seed)
+    trained = checkpoint.load_trained(tmp_path)
     assert not torch.equal(fresh.encoder.encoder.conv1.weight, trained.encoder.encoder.conv1.weight)
     assert all(torch.equal(a, b) for a, b in zip(fresh.llm.parameters(), trained.llm.parameters(), strict=True))
 
@@ -364,7 +365,7 @@ def test_training_losses_agree_on_both_backends(tmp_path, tone_corpus, adapter):
     for backend in ("torch", "triton"):
         cfg = _cfg(tmp_path / backend, tone_corpus, max_steps=3, eval_every=0, save_every=0)
         cfg.model.adapter, cfg.model.adapter_backend = adapter, backend
-        train_mod.train(cfg)
+        loop.train(cfg)
         logs[backend] = [r for r in _log(tmp_path / backend) if "ntp" in r]
     for a, b in zip(logs["torch"], logs["triton"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["aux"] == pytest.approx(b["aux"], rel=1e-4)
@@ -378,7 +379,7 @@ def test_activation_checkpointing_recomputes_the_layers_and_keeps_the_losses(tmp
     recomputation in backward) per micro-batch, and the losses, gradient norms and learning
     rates equal the run without it to the bit: the recomputation repeats the same computation on
     the same shapes (and the same RNG state). A resumed run may switch it."""
-    real_build = train_mod.build_model
+    real_build = loop.build_model
     grad_calls = {}
 
     def counting_build(config, seed=0):
@@ -390,12 +391,12 @@ def test_activation_checkpointing_recomputes_the_layers_and_keeps_the_losses(tmp
             layer.mlp.register_forward_pre_hook(lambda *_: run.append(torch.is_grad_enabled()))
         return model
 
-    monkeypatch.setattr(train_mod, "build_model", counting_build)
+    monkeypatch.setattr(loop, "build_model", counting_build)
     logs = []
     for name, on in (("plain", False), ("checkpointed", True)):
-        train_mod.train(_cfg(tmp_path / name, tone_corpus, max_steps=3, save_every=0, activation_checkpointing=on))
+        loop.train(_cfg(tmp_path / name, tone_corpus, max_steps=3, save_every=0, activation_checkpointing=on))
         logs.append([(r["loss"], r["grad_norm"], r["lr"]) for r in _log(tmp_path / name) if "ntp" in r])
     assert logs[0] == logs[1] and len(logs[0]) == 3
     plain, checkpointed = (sum(calls) for calls in grad_calls.values())
     assert plain > 0 and checkpointed == 2 * plain
-    assert "activation_checkpointing" in train_mod.RESUMABLE_CHANGES
+    assert "activation_checkpointing" in run_folder.RESUMABLE_CHANGES

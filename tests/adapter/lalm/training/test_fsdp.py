@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter.lalm import train as train_mod
 from adapter.lalm.config import TrainConfig
-from tests.adapter.lalm.test_train import SMALL, _cfg, _env, _log, _wait_for_steps
+from adapter.lalm.training import checkpoint, loop, setup
+from tests.adapter.lalm.training.test_loop import SMALL, _cfg, _env, _log, _wait_for_steps
 from tests.utils import assert_close, torchrun
 
 STEPS = ["--max-steps", "6", "--save-every", "2", "--eval-every", "0", "--semantic-codes", "8"]
@@ -91,14 +91,14 @@ def test_fsdp_on_two_processes_equals_one_process(fsdp_runs):
     ckpt = root / "two" / "checkpoints" / "step_0000006"
     assert sorted(p.name for p in ckpt.iterdir()) == ["dcp", "rng_0.pt", "rng_1.pt", "scheduler.pt", "state.json"]
     # One process reads the shards of two (load_trained, evaluation): the weights of the 1-process run.
-    a, b = train_mod.load_trained(root / "two"), train_mod.load_trained(root / "one")
-    trained = train_mod.trainable_names(a, TrainConfig(**json.loads((root / "two" / "config.json").read_text())))
+    a, b = checkpoint.load_trained(root / "two"), checkpoint.load_trained(root / "one")
+    trained = setup.trainable_names(a, TrainConfig(**json.loads((root / "two" / "config.json").read_text())))
     assert any(n.startswith("encoder.") for n in trained)
     for (name, wa), (_, wb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         if name in trained:
             assert_close(wa, wb, rtol=1e-4, atol=1e-6, name=name)
     # Step 0, the initialization, takes the fitted semantic codebook from the shards too.
-    init = train_mod.load_trained(root / "two", step=0)
+    init = checkpoint.load_trained(root / "two", step=0)
     assert torch.equal(init.semantic.codebook, a.semantic.codebook)
     assert not torch.equal(init.adapter.w1, a.adapter.w1)
 
@@ -118,7 +118,7 @@ def test_fsdp_resumes_on_another_number_of_processes(fsdp_runs, tmp_path):
     refused = _stopped_at(root / "two", tmp_path / "refused", 4)
     cfg = TrainConfig(**{**json.loads((refused / "config.json").read_text()), "grad_accum": 1, "resume": True})
     with pytest.raises(ValueError, match="consumed 2 micro-batches; --grad-accum 1 on 1 process.*--grad-accum 2"):
-        train_mod.train(cfg)
+        loop.train(cfg)
 
 
 @pytest.mark.slow
@@ -163,11 +163,13 @@ def test_fsdp_sigterm_to_the_launcher_saves_and_resumes_with_the_same_losses(fsd
 @pytest.mark.slow
 def test_fsdp_skips_a_step_that_is_not_finite_on_one_rank(mixed_corpus, tmp_path):
     env = {**_env(), "POISON_RANK": "1", "POISON_CALL": "3"}
-    cmd = _cmd(tmp_path, (mixed_corpus[0], None), 2, "--grad-accum", "1", module="tests.adapter.lalm.poisoned_train")
+    cmd = _cmd(
+        tmp_path, (mixed_corpus[0], None), 2, "--grad-accum", "1", module="tests.adapter.lalm.training.poisoned_train"
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [r["skipped"] for r in _rows(tmp_path)] == [False, False, True, False, False, False]
-    model = train_mod.load_trained(tmp_path)
+    model = checkpoint.load_trained(tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -177,7 +179,7 @@ def test_fsdp_fp16_an_overflow_in_one_ranks_shard_halves_the_scale_on_both(tone_
     that overflows fp16 in one place lands after the reduce-scatter) skips the step and halves the
     loss scale on both ranks: rank 0 logs the scale and losses of one process with the same overflow."""
     fp16 = ["--fp16", "--fp16-init-scale", "1024"]  # no overflow of its own (see test_train_reliability)
-    module = "tests.adapter.lalm.poisoned_train"
+    module = "tests.adapter.lalm.training.poisoned_train"
     for nproc, rank, out in ((2, "1", "two"), (1, "0", "one")):
         env = {**_env(), "POISON_RANK": rank, "POISON_UNSCALE": "3"}
         cmd = _cmd(tmp_path / out, (tone_corpus[0], None), nproc, "--grad-accum", str(3 - nproc), *fp16, module=module)
@@ -190,7 +192,7 @@ def test_fsdp_fp16_an_overflow_in_one_ranks_shard_halves_the_scale_on_both(tone_
     # fp16 rounding apart: measured 2.0e-4 relative at most (2-core AMD EPYC, 2026-12-04); 2e-3 is
     # four fp16 ulps (2^-11 each).
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=2e-3)
-    assert all(torch.isfinite(p).all() for p in train_mod.load_trained(tmp_path / "two").parameters())
+    assert all(torch.isfinite(p).all() for p in checkpoint.load_trained(tmp_path / "two").parameters())
 
 
 @pytest.mark.slow
@@ -218,7 +220,7 @@ def test_global_balance_scope_under_ddp_and_fsdp(fsdp_runs, mixed_corpus, tmp_pa
 def test_a_crash_inside_a_sharded_save_leaves_the_last_checkpoint(tmp_path, tone_corpus, monkeypatch):
     """One process writes the sharded format too (fsdp without a process group); a save that dies
     after some shards are written is never the checkpoint a resume reads."""
-    from adapter.lalm import parallel
+    from adapter.lalm.training import parallel
 
     real_save = parallel.dcp.save
 
@@ -232,12 +234,12 @@ def test_a_crash_inside_a_sharded_save_leaves_the_last_checkpoint(tmp_path, tone
     monkeypatch.setattr(parallel.dcp, "save", dying_save)
     cfg = _cfg(tmp_path, tone_corpus, max_steps=6, eval_every=0, save_every=2, fsdp=True)
     with pytest.raises(OSError, match="disk full"):
-        train_mod.train(cfg)
+        loop.train(cfg)
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*step_*")) == ["step_0000002"]  # the half shard's folder went
     assert (ckpts / "latest").read_text() == "step_0000002"
     monkeypatch.setattr(parallel.dcp, "save", real_save)
-    summary = train_mod.train(dataclasses.replace(cfg, resume=True))
+    summary = loop.train(dataclasses.replace(cfg, resume=True))
     assert summary["steps"] == 6 and not list(ckpts.glob(".tmp_*"))
-    uninterrupted = train_mod.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
+    uninterrupted = loop.train(dataclasses.replace(cfg, output_dir=str(tmp_path / "whole")))
     assert summary["loss"] == uninterrupted["loss"]  # the same computation from the step-2 checkpoint

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from adapter.lalm import interference
 from adapter.lalm.data import read_manifest
+from adapter.lalm.studies import interference
 from tests.adapter.lalm.conftest import tiny_experiment_argv
 
 

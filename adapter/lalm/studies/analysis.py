@@ -1,6 +1,6 @@
 """The paper's section-5 analyses on trained reference-LALM runs, as JSON and PNG.
 
-    python -m adapter.lalm.analysis --runs runs/demo/dense runs/demo/moe-8c4 \\
+    python -m adapter.lalm.studies.analysis --runs runs/demo/dense runs/demo/moe-8c4 \\
         --manifest data/corpus-demo/val.jsonl --out runs/analysis
 
 - heatmap    token-normalized expert activation rate per audio category (Fig. 3), MoE runs only.
@@ -29,14 +29,9 @@ from adapter.lalm.data import Batch, Example, FeatureSource, collate, read_manif
 from adapter.lalm.evaluate import expert_rates
 from adapter.lalm.model import AudioLLM
 from adapter.lalm.plots import pyplot, save
-from adapter.lalm.train import (
-    add_device_flag,
-    checkpoint_steps,
-    default_device,
-    device_from_flag,
-    load_trained,
-    run_features,
-)
+from adapter.lalm.training.checkpoint import load_trained, run_features
+from adapter.lalm.training.runs import checkpoint_steps
+from adapter.lalm.training.setup import add_device_flag, default_device, device_from_flag
 from adapter.measures import cosine_matrix, gradient_vector, influence_matrix
 
 CATEGORIES = ("speech", "sound", "music")
@@ -239,7 +234,7 @@ def run_labels(runs: list[Path]) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m adapter.lalm.analysis",
+        prog="python -m adapter.lalm.studies.analysis",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

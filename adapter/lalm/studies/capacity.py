@@ -1,13 +1,13 @@
 """Dense vs MoE adapters at equal total parameters on a frozen text backbone, over adapter sizes,
 with the two routing controls: is the adapter what limits accuracy, and does routing help?
 
-    python -m adapter.lalm.capacity --seeds 0 1 2 --resume      # the sweep (README: its time on 2 CPU cores)
+    python -m adapter.lalm.studies.capacity --seeds 0 1 2 --resume      # the sweep (README: its time on 2 CPU cores)
 
 Its corpus uses the wide knowledge-question bank (--questions 1000 --knowledge-test 100) so the
 spoken-knowledge accuracy pooled over three seeds has a standard error within 3 points.
 
 Per seed (each its own corpus, adapter/lalm/corpus), one text stage trains the LLM
-(adapter/lalm/backbone.py); then every (width, variant) pair trains the feature fusion and the
+(adapter/lalm/studies/backbone.py); then every (width, variant) pair trains the feature fusion and the
 adapter on the frozen LLM for the same steps, on every training task (spoken knowledge and
 dictation included), and is evaluated on the test split:
 
@@ -23,14 +23,14 @@ dictation included), and is evaluated on the test split:
 the same number of experts (k = 4 of 4) at the same total and active size as the other variants.
 Total parameters are counted on each run's built adapter and reported.
 
-The mechanism (paper eq. 11, 12; adapter/lalm/analysis.py) for dense and the learned MoE at every
+The mechanism (paper eq. 11, 12; adapter/lalm/studies/analysis.py) for dense and the learned MoE at every
 width: per-category gradient cosines of the adapter's parameters at each kept checkpoint and the
 gradient influence scores at the last, on validation batches (kept in each run's
 mechanism.json, so a --resume does not recompute them).
 
 Claims, decided by rules fixed here before any run (RULES): differences in MMAU-style accuracy
 under log-likelihood scoring, pooled over seeds, 95% paired-bootstrap intervals with items
-resampled within seeds (adapter/lalm/paired.py). Writes <out>/capacity.md, capacity.json and
+resampled within seeds (adapter/lalm/studies/paired.py). Writes <out>/capacity.md, capacity.json and
 capacity.png; with --resume every finished run is reused and an interrupted one continues.
 """
 
@@ -45,12 +45,17 @@ from pathlib import Path
 
 from adapter.cli import run_cli
 from adapter.files import atomic_write_text
-from adapter.lalm.backbone import frozen_llm, train_backbone
 from adapter.lalm.corpus.build import SHARED_ANSWERS
-from adapter.lalm.experiment import ExperimentConfig, add_experiment_args, experiment_from_args, train_and_evaluate
 from adapter.lalm.model import AUDIO_CATEGORIES
-from adapter.lalm.paired import PairedDiff, aligned, paired_difference
 from adapter.lalm.plots import pyplot, save
+from adapter.lalm.studies.backbone import frozen_llm, train_backbone
+from adapter.lalm.studies.experiment import (
+    ExperimentConfig,
+    add_experiment_args,
+    experiment_from_args,
+    train_and_evaluate,
+)
+from adapter.lalm.studies.paired import PairedDiff, aligned, paired_difference
 
 WIDTHS = (0.125, 0.5, 2.0)
 """Adapter width scales: dense hidden 256, 1024 and 4096 at d = 256 (99k, 394k, 1.57M parameters
@@ -122,9 +127,9 @@ def run_sweep(
 def mechanism(run_dir: Path, val_manifest: Path, quiet: bool = False) -> dict:
     """Gradient cosines at every kept checkpoint and influence scores at the last (analysis.py),
     cached in the run folder beside the run's final checkpoint."""
-    from adapter.lalm.analysis import analyze_run
     from adapter.lalm.data import read_manifest
-    from adapter.lalm.train import checkpoint_steps
+    from adapter.lalm.studies.analysis import analyze_run
+    from adapter.lalm.training.runs import checkpoint_steps
 
     path = run_dir / "mechanism.json"
     last = checkpoint_steps(run_dir)[-1]
@@ -160,7 +165,7 @@ def mean_cross_influence(influence: dict) -> float:
 
 def adapter_params(run_dir: Path) -> dict:
     """Total and active parameters of a run's adapter as built (active: per token)."""
-    from adapter.lalm.train import load_trained
+    from adapter.lalm.training.checkpoint import load_trained
 
     adapter = load_trained(run_dir).adapter
     counts = adapter.config.param_counts()
@@ -220,7 +225,7 @@ def knowledge(ev: dict) -> float | None:
 def max_specialization(rates: dict[str, list[float]]) -> float:
     """Largest ratio of an expert's rate for one category to its mean rate over the categories
     (report.specialization's ratio)."""
-    from adapter.lalm.report import specialization
+    from adapter.lalm.studies.report import specialization
 
     return max(x["ratio"] for x in specialization(rates)["experts"])
 

@@ -1,4 +1,4 @@
-"""adapter/lalm/experiment.py: a run's training time is summed over the calls that trained it,
+"""adapter/lalm/studies/experiment.py: a run's training time is summed over the calls that trained it,
 a call stopped by a signal included."""
 
 import dataclasses
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from adapter.cli import Stopped
-from adapter.lalm import experiment
+from adapter.lalm.studies import experiment
 
 
 def test_a_stopped_call_keeps_its_time_for_the_resume(tmp_path, tiny_experiment, monkeypatch):

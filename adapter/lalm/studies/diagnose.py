@@ -1,6 +1,6 @@
 """Why an MoE adapter learns less than the dense one it replaces: measurements on trained runs.
 
-    python -m adapter.lalm.diagnose runs/seeds/seed-*/dense runs/seeds/seed-*/moe-8c4 --out runs/diagnose
+    python -m adapter.lalm.studies.diagnose runs/seeds/seed-*/dense runs/seeds/seed-*/moe-8c4 --out runs/diagnose
 
 For each run, at its initialization (step 0, rebuilt from its seed) and at every kept checkpoint:
 
@@ -35,18 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from adapter.cli import run_cli
-from adapter.lalm.analysis import answer_loss
 from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
 from adapter.lalm.model import AudioLLM
 from adapter.lalm.plots import pyplot, save
-from adapter.lalm.train import (
-    add_device_flag,
-    checkpoint_steps,
-    default_device,
-    device_from_flag,
-    load_trained,
-    run_features,
-)
+from adapter.lalm.studies.analysis import answer_loss
+from adapter.lalm.training.checkpoint import load_trained, run_features
+from adapter.lalm.training.runs import checkpoint_steps
+from adapter.lalm.training.setup import add_device_flag, default_device, device_from_flag
 
 PROBE_TASKS = ("instrument", "which sound", "gender", "direction", "mode", "background")
 SITES = ("input", "middle", "output")
@@ -464,7 +459,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m adapter.lalm.diagnose",
+        prog="python -m adapter.lalm.studies.diagnose",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""Per-GPU memory of the reference LALM's training state, DDP against FSDP: `python -m adapter.lalm.memory`.
+"""Per-GPU memory of the reference LALM's training state, DDP against FSDP: `python -m adapter.lalm.studies.memory`.
 
 Computed, not measured: parameter counts come from the real architectures built on the meta device
 (Qwen3 through transformers, Whisper large-v3's encoder, the adapter preset and the fusion layer at
@@ -8,7 +8,7 @@ the paper's d = 2560; nothing is downloaded and no memory is allocated), then by
     trained   4 (fp32 weight) + 4 (fp32 grad) + 8 (AdamW exp_avg, exp_avg_sq) = 16 B
     frozen    4 B
     transient 2 B per weight the forward casts to bf16 (autocast keeps the casts for the forward)
-  FSDP over N GPUs (MixedPrecisionPolicy bf16 params, fp32 reduce; adapter/lalm/parallel.py)
+  FSDP over N GPUs (MixedPrecisionPolicy bf16 params, fp32 reduce; adapter/lalm/training/parallel.py)
     trained   16 / N B;  frozen parts inside the sharded units 4 / N B
     frozen encoder (ignored_params) 4 B, replicated: it only computes the cached features
     transient the root unit gathered in bf16 for the whole step (embeddings, LM head, norms, fusion),

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from adapter.lalm.config import TrainConfig
 from adapter.lalm.data import write_manifest
-from adapter.lalm.experiment import ExperimentConfig, train_and_evaluate
-from adapter.lalm.train import load_trained
+from adapter.lalm.studies.experiment import ExperimentConfig, train_and_evaluate
+from adapter.lalm.training.checkpoint import load_trained
 
 BACKBONE = "backbone"  # the text stage's run folder under the experiment's output folder
 

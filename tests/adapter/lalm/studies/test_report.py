@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from adapter.lalm import report
-from adapter.lalm.ablation import describe
-from adapter.lalm.experiment import train_and_evaluate
+from adapter.lalm.studies import report
+from adapter.lalm.studies.ablation import describe
+from adapter.lalm.studies.experiment import train_and_evaluate
 from tests.adapter.lalm.conftest import TINY_EXPERIMENT
 
 
@@ -41,7 +41,7 @@ def test_describe_counts_parameters_like_the_presets():
     assert (row["experts"], row["top_k"], row["width"]) == (8, 4, 32)
     # The demo's adapters as built (d = 64 in, the tiny LLM's 128 out), counted from their modules:
     # 82,944 MoE (66,560 active) and 98,688 dense, not 66k each as with out_dim = d.
-    from adapter.lalm.build import build_model
+    from adapter.lalm.assemble import build_model
     from adapter.lalm.config import ModelConfig
 
     for name in ("moe-8c4", "dense"):
@@ -98,7 +98,7 @@ def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
 
 
 def test_ablation_cli(tmp_path, ci_corpus, capsys):
-    from adapter.lalm import ablation
+    from adapter.lalm.studies import ablation
 
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_EXPERIMENT.items()]
     tiny += ["--steps=2", f"--corpus={ci_corpus}", "--quiet"]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from adapter.lalm import memory
-from adapter.lalm.build import tiny_qwen3
+from adapter.lalm.assemble import tiny_qwen3
+from adapter.lalm.studies import memory
 from adapter.presets import preset
 
 

@@ -1,4 +1,4 @@
-"""adapter.lalm.curves: what a run's log holds reaches the right panel (text-only steps, skipped
+"""adapter.lalm.studies.curves: what a run's log holds reaches the right panel (text-only steps, skipped
 steps, evaluations, the fp16 loss scale, a run still writing its log), and the CLI on real runs."""
 
 import json
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from adapter.lalm import curves
-from adapter.lalm import train as train_mod
-from tests.adapter.lalm.test_train import _cfg
+from adapter.lalm.studies import curves
+from adapter.lalm.training import loop
+from tests.adapter.lalm.training.test_loop import _cfg
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +66,7 @@ def test_the_cli_on_real_runs_and_bad_input(tmp_path, tone_corpus, capsys):
     window of 0 are refused with what to do."""
     for seed in (0, 1):
         cfg = _cfg(tmp_path / f"seed-{seed}" / "moe", tone_corpus, max_steps=3, eval_every=2, save_every=0, seed=seed)
-        train_mod.train(cfg)
+        loop.train(cfg)
     out = tmp_path / "c.png"
     runs = [str(tmp_path / f"seed-{s}" / "moe") for s in (0, 1)]
     assert curves.main([*runs, "--out", str(out), "--smooth", "2"]) == 0
