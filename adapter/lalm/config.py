@@ -214,7 +214,7 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
-def _arg_type(tp):
+def arg_type(tp):
     return {"int": int, "float": float, "str": str}.get(tp if isinstance(tp, str) else tp.__name__, str)
 
 
@@ -232,7 +232,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", s
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             parser.add_argument(
-                flag, type=_arg_type(typing.get_type_hints(cls)[f.name]), default=default, help=help_text
+                flag, type=arg_type(typing.get_type_hints(cls)[f.name]), default=default, help=help_text
             )
 
 

@@ -131,7 +131,10 @@ def run_ablation(exp: ExperimentConfig, presets=TABLE_2_3) -> list[dict]:
     if unknown:
         raise ValueError(f"unknown presets {unknown}; choose from {sorted(PRESETS)}")
     manifests = exp.build_corpus()
-    rows = [summarize(p, train_and_evaluate(exp, p, manifests), exp.audio_dim, exp.llm_hidden) for p in presets]
+    model = exp.run.model
+    rows = [
+        summarize(p, train_and_evaluate(exp, p, manifests), model.audio_dim, model.tiny_llm_hidden) for p in presets
+    ]
     out = Path(exp.out)
     (out / "ablation.md").write_text(ablation_table(rows) + "\n")
     (out / "ablation.json").write_text(json.dumps(rows, indent=1))

@@ -27,6 +27,7 @@ from adapter.lalm.config import TrainConfig
 from adapter.lalm.data import write_manifest
 from adapter.lalm.studies.experiment import ExperimentConfig, train_and_evaluate
 from adapter.lalm.training.checkpoint import load_trained
+from adapter.lalm.training.runs import RunFolder
 
 BACKBONE = "backbone"  # the text stage's run folder under the experiment's output folder
 
@@ -74,14 +75,14 @@ def frozen_llm(llm_dir: str | Path, **model_changes):
 
 
 def train_backbone(exp: ExperimentConfig, steps: int, manifests: dict[str, Path]) -> dict:
-    """Train (or reuse, with exp.resume) the text stage in <exp.out>/backbone for `steps` steps and
+    """Train (or reuse, with exp.run.resume) the text stage in <exp.out>/backbone for `steps` steps and
     export its LLM; returns {"llm": the transformers directory, "eval": its text-only test scores,
     "seconds": training time}."""
-    exp = dataclasses.replace(exp, steps=steps)
+    exp = exp.with_(max_steps=steps)
     result = train_and_evaluate(exp, "dense", caption_manifests(manifests), name=BACKBONE, adjust=text_stage)
     run_dir = Path(exp.out) / BACKBONE
     llm_dir = run_dir / "llm"
-    stamp = {"step": steps, "eval": str(run_dir / "eval.json")}
+    stamp = {"step": steps, "eval": str(RunFolder(run_dir).eval)}
     if not (llm_dir / "done.json").is_file() or json.loads((llm_dir / "done.json").read_text()) != stamp:
         tmp = run_dir / "llm.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

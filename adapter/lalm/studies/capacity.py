@@ -95,8 +95,8 @@ def run_sweep(
     out: dict = {"backbone": {}, "runs": {}}
     total, done = len(seeds) * (1 + len(widths) * len(variants)), 0
     for seed in seeds:
-        base = dataclasses.replace(
-            exp, seed=seed, corpus=str(Path(exp.corpus) / f"seed-{seed}"), out=str(Path(exp.out) / f"seed-{seed}")
+        base = exp.with_(
+            seed=seed, corpus=str(Path(exp.corpus) / f"seed-{seed}"), out=str(Path(exp.out) / f"seed-{seed}")
         )
         manifests = base.build_corpus()
         done += 1
@@ -369,6 +369,7 @@ def _se(summary: dict, key: str) -> str:
 
 
 def markdown(summary: dict, exp: ExperimentConfig, text_steps: int) -> str:
+    model = exp.run.model
     seeds = summary["seeds"]
     bb = summary["backbone"]
     lines = [
@@ -376,10 +377,11 @@ def markdown(summary: dict, exp: ExperimentConfig, text_steps: int) -> str:
         "",
         f"Seeds {', '.join(map(str, seeds))} (each its own corpus, {exp.test_per_task or 'the size default'} test "
         f"items per task, {exp.knowledge_test or 'as many'} spoken-knowledge test items from a bank of "
-        f"{exp.questions} questions); encoder {exp.encoder} (frozen); d = {exp.audio_dim}; small random Qwen3 "
-        f"({exp.llm_layers} x {exp.llm_hidden}) trained {text_steps} steps on text (captions in place of audio, "
-        f"and the knowledge questions), then frozen; each audio-stage run trains fusion + adapter for {exp.steps} "
-        f"steps at {exp.batch_size} per step. Accuracy: MMAU-style test items, log-likelihood scoring, pooled "
+        f"{exp.questions} questions); encoder {model.encoder} (frozen); d = {model.audio_dim}; small random Qwen3 "
+        f"({model.tiny_llm_layers} x {model.tiny_llm_hidden}) trained {text_steps} steps on text (captions in place "
+        f"of audio, and the knowledge questions), then frozen; each audio-stage run trains fusion + adapter for "
+        f"{exp.run.max_steps} steps at {exp.run.max_batch_size} per step. Accuracy: MMAU-style test items, "
+        "log-likelihood scoring, pooled "
         "over seeds.",
         "",
         "Rules, fixed before the runs:",

@@ -101,19 +101,19 @@ def run_interference(
     total = len(seeds) * len(presets) * (len(SETTINGS) + (len(CATEGORIES) if equal_steps else 0))
     done = 0
     for seed in seeds:
-        base = dataclasses.replace(exp, seed=seed, corpus=str(Path(exp.corpus) / f"seed-{seed}"))
+        base = exp.with_(seed=seed, corpus=str(Path(exp.corpus) / f"seed-{seed}"))
         per_setting = category_manifests(base.build_corpus())
         n_train = {s: sum(1 for x in m["train"].read_text().splitlines() if x.strip()) for s, m in per_setting.items()}
-        runs = [(s, s, steps_for(n_train[s], epochs, exp.batch_size)) for s in SETTINGS]
+        runs = [(s, s, steps_for(n_train[s], epochs, exp.run.max_batch_size)) for s in SETTINGS]
         if equal_steps:
-            joint_steps = steps_for(n_train["joint"], epochs, exp.batch_size)
+            joint_steps = steps_for(n_train["joint"], epochs, exp.run.max_batch_size)
             runs += [(f"{c}-{EQUAL_STEPS}", c, joint_steps) for c in CATEGORIES]
         results[seed] = {}
         for preset in presets:
             results[seed][preset] = {}
             for setting, data, steps in runs:
                 manifests = per_setting[data]
-                run_exp = dataclasses.replace(base, steps=steps, out=str(Path(exp.out) / f"seed-{seed}" / preset))
+                run_exp = base.with_(max_steps=steps, out=str(Path(exp.out) / f"seed-{seed}" / preset))
                 done += 1
                 print(
                     f"[{done}/{total}] seed {seed} {preset} {setting}: {n_train[data]} items, {steps} steps", flush=True
@@ -184,13 +184,15 @@ def summarize(results: dict, presets: list[str]) -> dict:
 
 
 def markdown(summary: dict, exp: ExperimentConfig, epochs: float) -> str:
+    model = exp.run.model
     seeds = summary["seeds"]
     lines = [
         "# Interference between audio categories: each category alone vs all three jointly",
         "",
-        f"Seeds {', '.join(map(str, seeds))} (each its own corpus); encoder {exp.encoder} (frozen), "
-        f"d = {exp.audio_dim}, small random Qwen3 ({exp.llm_layers} x {exp.llm_hidden}) trained with the adapter; "
-        f"{epochs:g} passes over each run's training items at {exp.batch_size} per step; MMAU-style tasks only "
+        f"Seeds {', '.join(map(str, seeds))} (each its own corpus); encoder {model.encoder} (frozen), "
+        f"d = {model.audio_dim}, small random Qwen3 ({model.tiny_llm_layers} x {model.tiny_llm_hidden}) trained with "
+        "the adapter; "
+        f"{epochs:g} passes over each run's training items at {exp.run.max_batch_size} per step; MMAU-style tasks only "
         "(no text, no spoken knowledge).",
         "",
         f"Rule, fixed before the runs: {summary['rule']}.",

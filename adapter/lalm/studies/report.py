@@ -18,6 +18,7 @@ when the difference has the paper's sign and exceeds two standard errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -250,6 +251,7 @@ def _matrix_md(names: list[str], mat: list[list[float]]) -> str:
 
 
 def write_report(exp: ExperimentConfig, rows: list[dict], analysis: dict, info: dict, seconds: float, out: Path) -> str:
+    model = exp.run.model
     by = {r["preset"]: r for r in rows}
     test = read_manifest(Path(exp.corpus) / "test.jsonl")
     n_mmau = sum(1 for ex in test if ex.eval == "mmau")
@@ -269,12 +271,12 @@ def write_report(exp: ExperimentConfig, rows: list[dict], analysis: dict, info: 
         f"{seconds / 60:.0f} min.",
         "",
         "## Setup",
-        f"- Corpus `{exp.size}` (adapter.lalm.corpus: speech, music and sound, 12 tasks), seed {exp.seed}; "
+        f"- Corpus `{exp.size}` (adapter.lalm.corpus: speech, music and sound, 12 tasks), seed {exp.run.seed}; "
         f"test split: {n_mmau} MMAU-style items and {n_know} spoken knowledge questions.",
-        f"- Model: {encoder_words(exp.encoder)} (frozen), d = {exp.audio_dim}, a {exp.llm_layers}-layer "
-        f"random Qwen3 of hidden {exp.llm_hidden} (trained), semantic codebook {exp.semantic_codes}.",
-        f"- Every adapter: {exp.steps} steps of {exp.batch_size} examples, peak lr {exp.lr}, WSD, "
-        f"balance-loss weight {exp.aux_lambda}, the same data order.",
+        f"- Model: {encoder_words(model.encoder)} (frozen), d = {model.audio_dim}, a {model.tiny_llm_layers}-layer "
+        f"random Qwen3 of hidden {model.tiny_llm_hidden} (trained), semantic codebook {model.semantic_codes}.",
+        f"- Every adapter: {exp.run.max_steps} steps of {exp.run.max_batch_size} examples, peak lr {exp.run.lr}, WSD, "
+        f"balance-loss weight {exp.run.aux_lambda}, the same data order.",
         "- Paper: Qwen3-1.7B, d = 2560, 40B tokens. This run is about 10^5 times smaller; its numbers test "
         "the tools and show what this size can and cannot resolve, not the paper's values.",
         "",
@@ -375,7 +377,13 @@ def write_report(exp: ExperimentConfig, rows: list[dict], analysis: dict, info: 
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(
         json.dumps(
-            {"environment": info, "experiment": vars(exp), "rows": rows, "analysis": analysis, "claims": claims},
+            {
+                "environment": info,
+                "experiment": dataclasses.asdict(exp),
+                "rows": rows,
+                "analysis": analysis,
+                "claims": claims,
+            },
             indent=1,
         )
     )
@@ -390,7 +398,7 @@ def run_report(exp: ExperimentConfig, report_dir: Path, *, num_batches: int, bat
     val = read_manifest(Path(exp.corpus) / "val.jsonl")
     test = read_manifest(Path(exp.corpus) / "test.jsonl")
     common = dict(
-        batch_size=batch_size, num_batches=num_batches, step_size=step_size, seed=exp.seed, progress=not exp.quiet
+        batch_size=batch_size, num_batches=num_batches, step_size=step_size, seed=exp.run.seed, progress=not exp.quiet
     )
     analysis = {}
     for name in ("dense", "moe-8c4"):

@@ -14,7 +14,6 @@ Writes <out>/seeds.md, seeds.json and seeds.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import statistics
@@ -29,6 +28,7 @@ from adapter.lalm.studies.experiment import (
     experiment_from_args,
     train_and_evaluate,
 )
+from adapter.lalm.training.runs import RunFolder
 from adapter.presets import PRESETS
 
 
@@ -48,13 +48,13 @@ def run_seeds(exp: ExperimentConfig, presets: list[str], seeds: list[int]) -> di
     """{seed: {preset: evaluation}}, training what is not there yet."""
     results: dict[int, dict[str, dict]] = {}
     for seed in seeds:
-        seed_exp = dataclasses.replace(
-            exp, seed=seed, out=str(Path(exp.out) / f"seed-{seed}"), corpus=str(Path(exp.corpus) / f"seed-{seed}")
+        seed_exp = exp.with_(
+            seed=seed, out=str(Path(exp.out) / f"seed-{seed}"), corpus=str(Path(exp.corpus) / f"seed-{seed}")
         )
         manifests = seed_exp.build_corpus()
         results[seed] = {}
         for preset in presets:
-            done = Path(seed_exp.out) / preset / "eval.json"
+            done = RunFolder(Path(seed_exp.out) / preset).eval
             if done.is_file():
                 print(f"seed {seed} {preset}: reusing {done}", flush=True)
                 results[seed][preset] = json.loads(done.read_text())

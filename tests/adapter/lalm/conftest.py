@@ -66,9 +66,17 @@ def ci_corpus(tmp_path_factory):
 
 
 TINY_EXPERIMENT = dict(
-    encoder="demo", size="ci", batch_size=16, audio_dim=32, semantic_codes=8, llm_hidden=64, llm_layers=1, text_weight=1
+    encoder="demo",
+    size="ci",
+    max_batch_size=16,
+    audio_dim=32,
+    semantic_codes=8,
+    tiny_llm_hidden=64,
+    tiny_llm_layers=1,
+    text_weight=1,
 )
-"""The smallest ExperimentConfig settings the demo, ablation and report tests train with (seconds each)."""
+"""The smallest experiment the demo, ablation and report tests train with (seconds each): ExperimentConfig's
+own fields and its run's TrainConfig / ModelConfig fields, by name (ExperimentConfig.of)."""
 
 
 def tiny_experiment_argv(**extra) -> list[str]:
@@ -81,9 +89,9 @@ def tiny_experiment_argv(**extra) -> list[str]:
 
 @pytest.fixture
 def tiny_experiment(tmp_path, ci_corpus):
-    """ExperimentConfig(**TINY_EXPERIMENT) on the session corpus, writing under tmp_path/runs."""
+    """ExperimentConfig.of(**TINY_EXPERIMENT) on the session corpus, writing under tmp_path/runs."""
     from adapter.lalm.studies.experiment import ExperimentConfig
 
-    return lambda **kw: ExperimentConfig(
+    return lambda **kw: ExperimentConfig.of(
         **{**TINY_EXPERIMENT, "out": str(tmp_path / "runs"), "corpus": str(ci_corpus), "quiet": True, **kw}
     )

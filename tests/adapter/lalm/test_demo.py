@@ -8,7 +8,7 @@ from adapter.lalm.corpus.build import TASKS, TRAIN_ONLY
 
 def test_demo_end_to_end_tiny(tmp_path, tiny_experiment):
     out = tmp_path / "runs"
-    result = demo.run_demo(tiny_experiment(steps=6))
+    result = demo.run_demo(tiny_experiment(max_steps=6))
     report = (out / "table.txt").read_text()
     for row in (
         "MMAU-style speech",

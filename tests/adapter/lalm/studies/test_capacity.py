@@ -36,7 +36,7 @@ def test_sweep_trains_the_adapter_on_a_frozen_text_backbone(tmp_path, tiny_exper
     corpora = tmp_path / "corpora"
     corpora.mkdir()
     (corpora / "seed-0").symlink_to(ci_corpus)
-    exp = tiny_experiment(corpus=str(corpora), out=str(tmp_path / "runs"), steps=4, checkpoints=1)
+    exp = tiny_experiment(corpus=str(corpora), out=str(tmp_path / "runs"), max_steps=4, checkpoints=1)
     variants = ("dense", "moe-label")
     result = capacity.run_sweep(exp, [0], text_steps=4, widths=(0.25, 1.0), variants=variants)
 

@@ -28,8 +28,15 @@ def tiny_runs(module_tmp_path, ci_corpus):
     from tests.adapter.lalm.conftest import TINY_EXPERIMENT
 
     root = module_tmp_path
-    exp = ExperimentConfig(
-        **{**TINY_EXPERIMENT, "out": str(root), "corpus": str(ci_corpus), "quiet": True, "steps": 4, "checkpoints": 2}
+    exp = ExperimentConfig.of(
+        **{
+            **TINY_EXPERIMENT,
+            "out": str(root),
+            "corpus": str(ci_corpus),
+            "quiet": True,
+            "max_steps": 4,
+            "checkpoints": 2,
+        }
     )
     manifests = exp.build_corpus()
     for preset in ("dense", "moe-8c4"):

@@ -1,7 +1,6 @@
 """adapter/lalm/studies/experiment.py: a run's training time is summed over the calls that trained it,
 a call stopped by a signal included."""
 
-import dataclasses
 import json
 import signal
 import time
@@ -13,7 +12,7 @@ from adapter.lalm.studies import experiment
 
 
 def test_a_stopped_call_keeps_its_time_for_the_resume(tmp_path, tiny_experiment, monkeypatch):
-    exp = tiny_experiment(steps=2)
+    exp = tiny_experiment(max_steps=2)
     manifests = exp.build_corpus()
     timing = tmp_path / "runs" / "dense" / "train_seconds.json"
     real_train = experiment.train
@@ -30,7 +29,7 @@ def test_a_stopped_call_keeps_its_time_for_the_resume(tmp_path, tiny_experiment,
     assert 0.5 <= stopped < 5.0, stopped
     monkeypatch.setattr(experiment, "train", real_train)
     t0 = time.perf_counter()
-    result = experiment.train_and_evaluate(dataclasses.replace(exp, resume=True), "dense", manifests)
+    result = experiment.train_and_evaluate(exp.with_(resume=True), "dense", manifests)
     this_call = time.perf_counter() - t0  # training and evaluation: an upper bound of the training part
     assert stopped < result["seconds"] < stopped + this_call, (stopped, result["seconds"], this_call)
     assert json.loads(timing.read_text())["seconds"] == result["seconds"]
@@ -54,3 +53,60 @@ def test_every_experiment_cli_can_train_in_fp16_or_fp32(tmp_path):
         assert (cfg.bf16, cfg.fp16) == want
         # Every evenly spaced checkpoint for the analyses, the optimizer state in the newest alone.
         assert (cfg.keep_checkpoints, cfg.full_checkpoints) == (exp.checkpoints + 1, 1)
+
+
+def test_the_demo_run_is_trainconfig_with_the_experiment_budget(tmp_path):
+    """One source per setting: a run of the default experiment is TrainConfig's defaults but for what
+    EXPERIMENT_RUN and the experiment's own settings set (the demo's numbers depend on each)."""
+    import dataclasses
+
+    from adapter.lalm.config import ModelConfig, TrainConfig
+
+    manifests = {"train": tmp_path / "train.jsonl", "val": tmp_path / "val.jsonl", "text": tmp_path / "text.jsonl"}
+    cfg = experiment.ExperimentConfig().train_config("moe-8c4-parallel", manifests, tmp_path / "run")
+    changed = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k != "model" and v != getattr(TrainConfig(), k) and k not in ("train_manifest", "val_manifest")
+    }
+    assert changed == {
+        "output_dir": str(tmp_path / "run"),
+        "feature_cache": str(tmp_path / "features"),
+        "max_steps": 1500,
+        "lr": 2e-3,
+        "warmup_steps": 75,
+        "max_batch_tokens": 32 * 160,
+        "eval_every": 375,
+        "save_every": 375,
+        "keep_checkpoints": 5,
+        "full_checkpoints": 1,
+        "overwrite": True,
+    }
+    assert cfg.train_manifest == f"{manifests['train']},{manifests['text']}*4"
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if v != getattr(ModelConfig(), k)}
+    assert model == {"adapter": "moe-8c4-parallel", "audio_dim": 64, "semantic_codes": 64}
+
+
+def test_run_flags_take_the_field_names_and_the_old_aliases():
+    import argparse
+
+    def parse(argv):
+        p = argparse.ArgumentParser()
+        experiment.add_experiment_args(p, out="runs/x")
+        return experiment.experiment_from_args(p.parse_args(argv))
+
+    short = parse(
+        ["--steps", "7", "--batch-size", "5", "--llm-hidden", "64", "--llm-layers", "1", "--backend", "torch"]
+    )
+    long = parse(
+        ["--max-steps", "7", "--max-batch-size", "5", "--tiny-llm-hidden", "64", "--tiny-llm-layers", "1"]
+        + ["--adapter-backend", "torch"]
+    )
+    assert short == long and short.out == "runs/x"
+    assert (short.run.max_steps, short.run.max_batch_size, short.run.model.tiny_llm_hidden) == (7, 5, 64)
+    assert short.run.model.adapter_backend == "torch" and short.run.lr == 2e-3  # the rest: EXPERIMENT_RUN's
+    assert parse([]) == experiment.ExperimentConfig(out="runs/x")
+    with pytest.raises(TypeError, match=r"not a TrainConfig or ModelConfig field: \['steps'\]"):
+        experiment.ExperimentConfig.of(steps=3)
+    with pytest.raises(ValueError, match="max_steps must be > 0, got 0"):
+        experiment.ExperimentConfig.of(max_steps=0)

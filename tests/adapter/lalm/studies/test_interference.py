@@ -30,7 +30,7 @@ def test_alone_and_joint_runs_are_paired_per_category(tmp_path, tiny_experiment,
     runs = results[0]["dense"]
     steps = {s: runs[s]["steps"] for s in interference.SETTINGS}
     n = {s: len(read_manifest(manifests[s]["train"])) for s in interference.SETTINGS}
-    assert steps == {s: interference.steps_for(n[s], 2, exp.batch_size) for s in interference.SETTINGS}
+    assert steps == {s: interference.steps_for(n[s], 2, exp.run.max_batch_size) for s in interference.SETTINGS}
     assert abs(steps["joint"] - sum(steps[c] for c in interference.CATEGORIES)) <= len(interference.CATEGORIES)
     for c in interference.CATEGORIES:  # the control: alone, as many steps as the joint run, on c's items only
         control = runs[f"{c}-{interference.EQUAL_STEPS}"]

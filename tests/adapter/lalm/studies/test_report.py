@@ -1,6 +1,5 @@
 """The ablation runner and the report: their arithmetic by hand, and one tiny run end to end."""
 
-import dataclasses
 import json
 import math
 
@@ -66,7 +65,7 @@ def test_setup_names_the_encoder_that_ran():
 
 
 def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
-    exp = tiny_experiment(steps=4, checkpoints=2)
+    exp = tiny_experiment(max_steps=4, checkpoints=2)
     out = tmp_path / "report"
     text = report.run_report(exp, out, num_batches=1, batch_size=3, step_size=1e-2)
     for section in ("## Tables 1-3", "## Figure 3", "## Figure 4", "## Figure 5", "## Training curves", "## The paper"):
@@ -75,7 +74,7 @@ def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
     for preset in report.PRESETS:
         assert f"| {preset} |" in text, preset
     data = json.loads((out / "report.json").read_text())
-    assert data["environment"]["device"].startswith("CPU") and data["experiment"]["steps"] == 4
+    assert data["environment"]["device"].startswith("CPU") and data["experiment"]["run"]["max_steps"] == 4
     assert {"dense", "moe-8c4", "moe-8c4-no-ebl", "moe-8c4-parallel"} <= set(data["analysis"])
     assert "**moe-8c4-parallel** (rows sum to k" in text
     assert [t["step"] for t in data["analysis"]["dense"]["cosine"]] == [2, 4]
@@ -90,11 +89,11 @@ def test_report_end_to_end_tiny(tmp_path, tiny_experiment):
     run = tmp_path / "runs" / "dense"
     before = {f: (run / f).read_bytes() for f in ("eval.json", "log.jsonl", "train_seconds.json")}
     manifests = exp.build_corpus()
-    again = train_and_evaluate(dataclasses.replace(exp, resume=True), "dense", manifests)
+    again = train_and_evaluate(exp.with_(resume=True), "dense", manifests)
     assert {f: (run / f).read_bytes() for f in before} == before
     assert again["eval"] == json.loads(before["eval.json"]) and again["summary"]["steps"] == 4
     with pytest.raises(ValueError, match=r"trained otherwise \(lr: 0.002 -> 0.001\)"):
-        train_and_evaluate(dataclasses.replace(exp, resume=True, lr=1e-3), "dense", manifests)
+        train_and_evaluate(exp.with_(resume=True, lr=1e-3), "dense", manifests)
 
 
 def test_ablation_cli(tmp_path, ci_corpus, capsys):
