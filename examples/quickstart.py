@@ -4,7 +4,7 @@ import torch
 
 from adapter import MoEAdapter, preset, total_aux_loss
 
-adapter = MoEAdapter(preset("moe-8c4", in_dim=256, out_dim=192))  # Table 4 shape, scaled down
+adapter = MoEAdapter(preset("moe-8c4-parallel", in_dim=256, out_dim=192))  # Table 4 shape, scaled down
 audio_feats = torch.randn(2, 50, 256)  # (batch, frames, d) from the audio frontend
 mask = torch.ones(2, 50, dtype=torch.bool)
 mask[1, 30:] = False  # padded frames get no expert work and zero output

@@ -505,7 +505,7 @@ def main(argv=None) -> int:
         out="runs/capacity",
         corpus="data/corpus-capacity",
         audio_dim=256,
-        steps=800,
+        max_steps=800,
         questions=1000,
         knowledge_test=100,
     )

@@ -218,6 +218,9 @@ def add_experiment_args(parser: argparse.ArgumentParser, **defaults) -> None:
     """ExperimentConfig's own fields and the RUN_FLAGS of its run as flags (`--max-steps` or
     `--steps`, `--audio-dim`, ...; help and type from the TrainConfig / ModelConfig field);
     `defaults`, by field name, override EXPERIMENT_RUN's and the fields' own."""
+    own = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"run"}
+    if unknown := sorted(set(defaults) - own - set(RUN_FLAGS)):
+        raise TypeError(f"add_experiment_args: no flag for {unknown}; fields: {sorted(own | set(RUN_FLAGS))}")
     add_dataclass_args(parser, ExperimentConfig, skip=("run",), defaults=defaults)
     for name, aliases in RUN_FLAGS.items():
         cls, source = (ModelConfig, EXPERIMENT_RUN.model) if name in _MODEL_FIELDS else (TrainConfig, EXPERIMENT_RUN)

@@ -106,6 +106,8 @@ def test_run_flags_take_the_field_names_and_the_old_aliases():
     assert (short.run.max_steps, short.run.max_batch_size, short.run.model.tiny_llm_hidden) == (7, 5, 64)
     assert short.run.model.adapter_backend == "torch" and short.run.lr == 2e-3  # the rest: EXPERIMENT_RUN's
     assert parse([]) == experiment.ExperimentConfig(out="runs/x")
+    with pytest.raises(TypeError, match=r"no flag for \['steps'\]"):  # a runner's default by an alias is no default
+        experiment.add_experiment_args(argparse.ArgumentParser(), steps=800)
     with pytest.raises(TypeError, match=r"not a TrainConfig or ModelConfig field: \['steps'\]"):
         experiment.ExperimentConfig.of(steps=3)
     with pytest.raises(ValueError, match="max_steps must be > 0, got 0"):
