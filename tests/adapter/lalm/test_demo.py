@@ -38,13 +38,14 @@ def test_a_trained_run_answers_about_any_audio_file(tmp_path, tone_corpus, capsy
     import numpy as np
     import soundfile as sf
 
-    from adapter.lalm import evaluate, train
+    from adapter.lalm import evaluate
+    from adapter.lalm.training import loop
     from adapter.lalm.config import ModelConfig, TrainConfig
     from tests.adapter.lalm.conftest import REAL_RECORDING
 
     run = tmp_path / "run"
     model = ModelConfig(encoder="demo", audio_dim=32, tiny_llm_hidden=64, tiny_llm_layers=1, adapter_backend="torch")
-    train.train(
+    loop.train(
         TrainConfig(
             train_manifest=str(tone_corpus[0]),
             output_dir=str(run),

@@ -97,7 +97,8 @@ def test_the_device_a_trained_model_runs_on(tool, tmp_path, capsys, monkeypatch)
 
     from adapter.lalm.training.setup import default_device
 
-    main = importlib.import_module(f"adapter.lalm.{tool}").main
+    module = {"evaluate": "adapter.lalm.evaluate", "analysis": "adapter.lalm.studies.analysis"}
+    main = importlib.import_module(module.get(tool, f"adapter.lalm.studies.{tool}")).main
     manifest = tmp_path / "test.jsonl"
     manifest.write_text('{"id": "a", "question": "q", "answer": "x"}\n')
     no_run = str(tmp_path / "no-run")
