@@ -43,6 +43,9 @@ def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        # complex would "compute" a complex result, int and bool fail deep in torch: refuse by name.
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     # Eager only: dynamo cannot trace the functorch queries (a graph break inside the adapter); a
     # vmap under torch.compile fails where it would have without the check.
     if not torch.compiler.is_compiling() and _vmapped([*named.values(), token_mask_T]):
@@ -53,8 +56,6 @@ def _check_moe_inputs(z_TD, router_weight_ED, w1_EDF, w2_EFD, top_k, token_mask_
             "which vmap cannot batch. Call the adapter on the whole batch instead (every token is routed on "
             "its own; only aux_loss is a statistic of the batch) or loop over the samples"
         )
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if z_TD.dim() != 2:
         raise ValueError(f"z_TD must be 2-D (T, D), got shape {tuple(z_TD.shape)}")
     if w1_EDF.dim() != 3 or w2_EFD.dim() != 3 or router_weight_ED.dim() != 2:

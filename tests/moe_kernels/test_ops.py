@@ -33,3 +33,18 @@ def test_vmap_is_refused_by_name_not_deep_in_the_permutation():
         # float32 rounding apart: functorch sums some gradients in another order (3.7e-9 at most on
         # the 2-core AMD EPYC, 2026-12-04).
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.int64, torch.bool])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_non_float_inputs_are_refused_by_name(dtype, which):
+    """Issue 39 item 8: the check sat after a raise (dead code); complex64 gave a complex "result"
+    and int/bool crashed deep in torch."""
+    from moe_kernels import moe_ffn
+    from tests.utils import make_moe_inputs
+
+    inputs = list(make_moe_inputs(6, 8, 5, 4, dtype=torch.float32, requires_grad=False))
+    inputs[which] = inputs[which].to(dtype)
+    name = ("z_TD", "router_weight_ED", "w1_EDF", "w2_EFD")[which]
+    with pytest.raises(ValueError, match=rf"{name} must be a floating-point tensor, got dtype {dtype}"):
+        moe_ffn(*inputs, top_k=2, backend="torch")
