@@ -104,6 +104,7 @@ def read_manifest(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     examples = []
+    first_line: dict[str, int] = {}  # id -> the line that gave it first
     with open(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -118,6 +119,9 @@ def read_manifest(path: str | Path) -> list[Example]:
             if missing:
                 raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
             _check_record_types(rec, f"{path}:{lineno}")
+            # Items are paired, scored and reported by id: a repeated one would pair the wrong items.
+            if (earlier := first_line.setdefault(str(rec["id"]), lineno)) != lineno:
+                raise ValueError(f"{path}:{lineno}: id {str(rec['id'])!r} repeats line {earlier}; ids must be unique")
             audio = None
             if rec.get("audio"):
                 audio = Path(rec["audio"])

@@ -75,6 +75,11 @@ def paired_difference(
 def aligned(rows_a: list[dict], rows_b: list[dict], key: str, keep=None) -> tuple[list[bool], list[bool]]:
     """The `key` correctness of the items both prediction lists hold (paired by id), in a's order;
     `keep(row)` selects items (e.g. one category)."""
+    for name, rows in (("a", rows_a), ("b", rows_b)):
+        ids = [r["id"] for r in rows]
+        if len(set(ids)) != len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"aligned: the prediction rows of {name} repeat ids {twice[:5]}: items cannot be paired")
     by_id = {r["id"]: r for r in rows_b}
     pairs = [(r[key], by_id[r["id"]][key]) for r in rows_a if r["id"] in by_id and (keep is None or keep(r))]
     return [bool(x) for x, _ in pairs], [bool(y) for _, y in pairs]

@@ -131,3 +131,12 @@ def test_manifest_fields_of_the_wrong_type_name_file_and_line(tmp_path, record, 
     manifest.write_text(json.dumps({"id": "fine", "question": "q"}) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(ValueError, match=rf"m.jsonl:2: .*{match}"):
         read_manifest(manifest)
+
+
+def test_repeated_ids_are_refused_with_file_and_lines(tmp_path):
+    """Issue 39 item 3: a repeated id was accepted and paired.aligned then paired the wrong items."""
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "question": "q"}, {"id": 7, "question": "q"}, {"id": "7", "question": "q"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"m.jsonl:3: id '7' repeats line 2; ids must be unique"):
+        read_manifest(manifest)

@@ -39,8 +39,8 @@ def test_a_trained_run_answers_about_any_audio_file(tmp_path, tone_corpus, capsy
     import soundfile as sf
 
     from adapter.lalm import evaluate
-    from adapter.lalm.training import loop
     from adapter.lalm.config import ModelConfig, TrainConfig
+    from adapter.lalm.training import loop
     from tests.adapter.lalm.conftest import REAL_RECORDING
 
     run = tmp_path / "run"

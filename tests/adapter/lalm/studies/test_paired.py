@@ -40,3 +40,14 @@ def test_aligned_pairs_items_by_id():
     rows_b = [{"id": "z", "ok": False}, {"id": "x", "ok": True}]
     assert aligned(rows_a, rows_b, "ok") == ([True, True], [True, False])
     assert aligned(rows_a, rows_b, "ok", keep=lambda r: r["id"] == "z") == ([True], [False])
+
+
+def test_aligned_refuses_repeated_ids():
+    """Issue 39 item 3: with a repeated id the later row won the lookup and items were mispaired
+    (a paired difference of -0.50 where it is 0.00)."""
+    a = [{"id": "x", "ok": True}, {"id": "x", "ok": False}]
+    b = [{"id": "x", "ok": True}, {"id": "y", "ok": False}]
+    with pytest.raises(ValueError, match=r"prediction rows of a repeat ids \['x'\]"):
+        aligned(a, b, "ok")
+    with pytest.raises(ValueError, match=r"prediction rows of b repeat ids \['x'\]"):
+        aligned(b, a, "ok")
