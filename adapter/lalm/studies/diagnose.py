@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from adapter.cli import run_cli
-from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
+from adapter.lalm.data import Example, FeatureSource, collate, read_manifest, read_manifests
 from adapter.lalm.model import AudioLLM
 from adapter.lalm.plots import pyplot, save
 from adapter.lalm.studies.analysis import answer_loss
 from adapter.lalm.training.checkpoint import load_trained, run_features
-from adapter.lalm.training.runs import checkpoint_steps
+from adapter.lalm.training.runs import RunFolder, checkpoint_steps
 from adapter.lalm.training.setup import add_device_flag, default_device, device_from_flag
 
 PROBE_TASKS = ("instrument", "which sound", "gender", "direction", "mode", "background")
@@ -256,7 +256,7 @@ def gradient_norms(model: AudioLLM, batch) -> dict[str, float]:
 
 def _run_label(run: Path) -> tuple[str, int]:
     """('preset' plus what differs from the defaults the runs were compared under, seed)."""
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = RunFolder(run).read_config()
     label = cfg["model"]["adapter"]
     if cfg.get("router_lr_scale", 1.0) != 1.0:
         label += f" router-lr x{cfg['router_lr_scale']:g}"
@@ -457,6 +457,28 @@ def plot(results: list[dict], path: Path) -> None:
     save(fig, path)
 
 
+def run_splits(run: Path, test_manifest: Path | None = None) -> tuple[str, Path]:
+    """The training manifest(s) `run` recorded, and the test manifest: `test_manifest`, or test.jsonl
+    beside the first recorded training manifest (the layout adapter.lalm.corpus writes). Never a
+    manifest found relative to where this is run: a run whose split is not there is refused."""
+    spec = RunFolder(run).read_config().get("train_manifest") or ""
+    first = Path(spec.split(",")[0].partition("*")[0])
+    if not spec or not first.is_file():
+        raise ValueError(
+            f"{run}: the training manifest it recorded, {str(first)!r}, is not there (a relative path is read "
+            "from the folder the run was trained in: run diagnose from there)"
+        )
+    test = test_manifest or first.parent / "test.jsonl"
+    if not test.is_file():
+        raise ValueError(f"{run}: no test split: {test} is missing beside its training manifest; pass --test-manifest")
+    return spec, test
+
+
+def read_training_examples(spec: str) -> list[Example]:
+    """The examples of a run's training manifests, each line once (a weighted manifest repeats lines)."""
+    return list({ex.source: ex for ex in read_manifests(spec)}.values())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m adapter.lalm.studies.diagnose",
@@ -465,20 +487,30 @@ def main(argv=None) -> int:
     )
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with config.json and checkpoints)")
     p.add_argument("--out", type=Path, default=Path("runs/diagnose"), help="folder for diagnose.json/.md/.png")
+    p.add_argument(
+        "--test-manifest",
+        type=Path,
+        help="the split the probes are scored on and routing is read from (default: test.jsonl beside each "
+        "run's recorded training manifest)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_flag(p)
     args = p.parse_args(argv)
     device = device_from_flag(p, args)
-    missing = [str(r) for r in args.runs if not (r / "config.json").is_file()]
+    missing = [str(r) for r in args.runs if not RunFolder(r).config.is_file()]
     if missing:
         p.error(f"not run folders (no config.json): {missing}")
-    splits: dict[Path, tuple[list[Example], list[Example]]] = {}
+    try:  # every run's splits before any work
+        wanted = {run: run_splits(run, args.test_manifest) for run in args.runs}
+    except ValueError as exc:
+        p.error(str(exc))
+    splits: dict[tuple[str, Path], tuple[list[Example], list[Example]]] = {}
     results = []
     for run in args.runs:
-        corpus = Path(json.loads((run / "config.json").read_text())["val_manifest"]).parent
-        if corpus not in splits:
-            splits[corpus] = (read_manifest(corpus / "train.jsonl"), read_manifest(corpus / "test.jsonl"))
-        results.append(diagnose_run(run, *splits[corpus], progress=not args.quiet, device=device))
+        key = wanted[run]
+        if key not in splits:
+            splits[key] = (read_training_examples(key[0]), read_manifest(key[1]))
+        results.append(diagnose_run(run, *splits[key], progress=not args.quiet, device=device))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "diagnose.json").write_text(json.dumps(results, indent=1))
     text = markdown(results)

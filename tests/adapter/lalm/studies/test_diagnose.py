@@ -99,3 +99,33 @@ def test_run_features_use_the_runs_cache_only_where_it_exists(tiny_runs, tmp_pat
     (moved / "config.json").write_text(json.dumps({**saved, "feature_cache": "no/such/folder"}))
     monkeypatch.chdir(tmp_path)
     assert run_features(moved, model).cache_dir is None and not (tmp_path / "no").exists()
+
+
+def test_splits_come_from_the_run_never_from_the_working_directory(tiny_runs, tmp_path, monkeypatch, capsys):
+    """Issue 39 item 1: diagnose read train.jsonl / test.jsonl from the folder of the run's val
+    manifest, which for a run trained without --val-manifest is the working directory: it analysed
+    whatever corpus lay there. Now: the run's recorded training manifest, the test.jsonl beside it
+    (or --test-manifest), or a refusal."""
+    run = tmp_path / "no-val"
+    run.mkdir()
+    cfg = json.loads((tiny_runs / "dense" / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**cfg, "val_manifest": ""}))
+    decoy = tmp_path / "cwd"
+    decoy.mkdir()
+    (decoy / "train.jsonl").write_text('{"id": "decoy", "question": "q"}\n')
+    (decoy / "test.jsonl").write_text('{"id": "decoy", "question": "q"}\n')
+    monkeypatch.chdir(decoy)
+    spec, test = diagnose.run_splits(run)
+    assert spec == cfg["train_manifest"] and test == Path(cfg["train_manifest"].split(",")[0]).parent / "test.jsonl"
+    train_ex = diagnose.read_training_examples(spec)
+    assert train_ex and "decoy" not in {ex.id for ex in train_ex}
+    assert len({ex.source for ex in train_ex}) == len(train_ex)  # the weighted text manifest: each line once
+    other = tmp_path / "other-test.jsonl"
+    other.write_text('{"id": "t", "question": "q"}\n')
+    assert diagnose.run_splits(run, other) == (spec, other)
+    (run / "config.json").write_text(json.dumps({**cfg, "train_manifest": "gone/train.jsonl"}))
+    with pytest.raises(ValueError, match=r"no-val: the training manifest it recorded, 'gone/train.jsonl', is not"):
+        diagnose.run_splits(run)
+    with pytest.raises(SystemExit):
+        diagnose.main([str(run), "--out", str(tmp_path / "out")])
+    assert "gone/train.jsonl" in capsys.readouterr().err
