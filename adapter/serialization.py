@@ -24,7 +24,7 @@ from adapter.dense import DenseAdapter, DenseAdapterConfig
 from adapter.files import atomic_write
 from adapter.moe import MoEAdapter, MoEAdapterConfig
 from adapter.presets import build_adapter
-from adapter.swap import module_placement, set_module
+from adapter.swap import module_placement, registrations, set_module
 
 FORMAT = "moe-adapter/1"
 _KINDS = {"dense": DenseAdapterConfig, "moe": MoEAdapterConfig}
@@ -139,16 +139,54 @@ def save_swapped(model: nn.Module, path: str | Path) -> None:
 
 
 def load_swapped(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
-    """Swap the saved adapters into `model` (built the original way) and load every saved tensor."""
-    swaps = _json_field(_open_header(path)[0], "swaps", path, other="adapter")
+    """Swap the saved adapters into `model` (built the original way; a module registered under
+    several names is replaced under each) and load every saved tensor. All or nothing: the file is
+    checked against the swapped model (names, shapes) before a tensor is copied, and on any
+    failure `model` keeps its original modules and weights."""
+    meta, tensors = _open_header(path)
+    swaps = _json_field(meta, "swaps", path, other="adapter")
     if not isinstance(swaps, dict):
         raise ValueError(f"{path}: metadata 'swaps' must be a JSON object, got {type(swaps).__name__}")
+    placed = []  # (path, original, adapter), built before any is placed
     for name, record in swaps.items():
         try:
             old = model.get_submodule(name)
         except AttributeError as exc:
             raise ValueError(f"{path} holds an adapter at {name!r}, which {type(model).__name__} lacks") from exc
         dtype, device = module_placement(old)
-        set_module(model, name, build_adapter(_config(record, path)).to(device=device, dtype=dtype))
-    load_model(model, str(path), strict=strict)
+        new = build_adapter(_config(record, path)).to(device=device, dtype=dtype)
+        placed += [(alias, old, new) for alias in registrations(model, old)]
+    for alias, _, new in placed:
+        set_module(model, alias, new)
+    try:
+        _check_against(model, tensors, path, strict)
+        load_model(model, str(path), strict=strict)
+    except BaseException:
+        for alias, old, _ in reversed(placed):
+            set_module(model, alias, old)
+        raise
     return model
+
+
+def _check_against(model: nn.Module, tensors: dict, path, strict: bool) -> None:
+    """Refuse, before anything is copied, a file whose tensors do not fit `model`: missing (unless a
+    tied alias of the name is there: the file holds shared tensors once) or unexpected names with
+    `strict`, and any shape that differs."""
+    state = model.state_dict()
+    groups: dict[tuple, set[str]] = {}  # names that share storage (tied weights)
+    for name, t in state.items():
+        groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), set()).add(name)
+    missing = sorted(n for g in groups.values() if not g & tensors.keys() for n in g)
+    unexpected = sorted(tensors.keys() - state.keys())
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__} with its adapters swapped in: missing {len(missing)} "
+            f"tensor(s) {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]} (built from another config?)"
+        )
+    wrong = [
+        f"{n}: file {shape}, model {tuple(state[n].shape)}"
+        for n, (shape, _) in tensors.items()
+        if n in state and tuple(state[n].shape) != shape
+    ]
+    if wrong:  # (dtypes may differ: load_state_dict casts, e.g. fp32 weights into a bf16 model)
+        raise ValueError(f"{path} does not fit {type(model).__name__}: {wrong[:5]}")

@@ -7,7 +7,9 @@
     handle = swap_adapter(model, adapter="moe-8c4", upcycle=True)              # start from its weights
     handle.undo()                                                         # the originals back
 
-Sizes (in, out), dtype and device come from the module replaced. `adapter` is a preset name
+Sizes (in, out), dtype and device come from the module replaced. A module registered under several
+names (aliased or tied submodules) is replaced under every one by the same adapter, each listed in
+the handle and restored by `undo`. `adapter` is a preset name
 (adapter.presets, scaled to the inferred sizes), a config, or a callable (in_dim, out_dim) -> config.
 
 Upcycling (`upcycle=True`, MoE only) starts the MoE adapter from the replaced dense projector so the
@@ -97,6 +99,20 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     if name not in parent._modules:
         raise ValueError(f"{type(parent).__name__} at {parent_path or '<root>'} has no child {name!r}")
     parent._modules[name] = new
+
+
+def registrations(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every path at which `module` is registered in `model`: one per (parent, attribute name), so a
+    module reached through an aliased parent counts once. Setting each replaces it everywhere."""
+    seen, paths = set(), []
+    for path, m in model.named_modules(remove_duplicate=False):
+        if m is module and path:
+            parent_path, _, name = path.rpartition(".")
+            key = (id(model.get_submodule(parent_path) if parent_path else model), name)
+            if key not in seen:
+                seen.add(key)
+                paths.append(path)
+    return paths
 
 
 def find_projector(model: nn.Module) -> str:
@@ -298,16 +314,20 @@ def swap_adapter(
     that lists and undoes the swaps. `overrides` go to the adapter config (e.g. backend="torch");
     with `upcycle` to `upcycle_moe` (num_experts, top_k, expert_dim, router_std, ...)."""
     # Build every replacement before touching the model: a failure on any target swaps nothing.
-    swaps = []
+    swaps, built = [], {}
     for path in _targets(model, target):
         original = model.get_submodule(path)
+        if id(original) in built:  # the same module by another name: its swaps are made already
+            continue
         if upcycle:
             new = upcycle_moe(original, **_upcycle_args(adapter, overrides))
         else:
             in_dim, out_dim = infer_dims(original)
             dtype, device = module_placement(original)
             new = build_adapter(_adapter_config(adapter, in_dim, out_dim, overrides)).to(device=device, dtype=dtype)
-        swaps.append(Swap(path, original, new))
+        built[id(original)] = new
+        # Every name the module is registered under, or a path left with the original would run it.
+        swaps += [Swap(alias, original, new) for alias in registrations(model, original)]
     for swap in swaps:
         set_module(model, swap.path, swap.adapter)
     return SwapHandle(model, swaps)

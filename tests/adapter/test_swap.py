@@ -201,3 +201,40 @@ def test_upcycling_a_parallel_preset_keeps_the_projector_and_its_layout():
     m = model.blocks[0]
     assert m.config.layout == "parallel" and m.w2.shape == (8, 24, 8) and bool((m.w2 == 0).all())
     assert (model(x) - want).abs().max() < 1e-12
+
+
+class Aliased(nn.Module):
+    """One projector reached by two attribute paths (as tied or aliased submodules are), and a
+    wrapper reaching it a third way through an aliased parent."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(5, 12)
+        self.projector = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 8))
+        self.mm_projector = self.projector  # the alias: a second name of the same module
+        self.wrap = nn.ModuleDict({"inner": self.projector})
+        self.wrap_alias = self.wrap  # the same registration (wrap.inner) by another path
+
+    def forward(self, x):
+        h = self.encoder(x)
+        return self.projector(h) + self.mm_projector(h) + self.wrap["inner"](h)
+
+
+@pytest.mark.parametrize("target", ["mm_projector", "projector", lambda n, m: n.endswith("projector")])
+def test_an_aliased_projector_is_swapped_and_restored_under_every_name(target):
+    """Issue 39 item 2: one name was replaced, the other path kept running the original projector,
+    and the handle listed one swap."""
+    torch.manual_seed(0)
+    model = Aliased()
+    original = model.projector
+    handle = swap_adapter(model, target, "moe-8c4", backend="torch")
+    new = model.projector
+    assert isinstance(new, MoEAdapter) and model.mm_projector is new and model.wrap["inner"] is new
+    assert model.wrap_alias["inner"] is new
+    assert sorted(s.path for s in handle) == ["mm_projector", "projector", "wrap.inner"]
+    assert all(s.adapter is new and s.original is original for s in handle)
+    assert not any(m is original for m in model.modules())  # nothing runs the original any more
+    assert model(torch.randn(2, 3, 5)).shape == (2, 3, 8)
+    handle.undo()
+    assert model.projector is original and model.mm_projector is original and model.wrap["inner"] is original
+    assert not any(isinstance(m, MoEAdapter) for m in model.modules())
