@@ -320,7 +320,9 @@ def swap_adapter(
         if id(original) in built:  # the same module by another name: its swaps are made already
             continue
         if upcycle:
-            new = upcycle_moe(original, **_upcycle_args(adapter, overrides))
+            s = dense_structure(original)  # None: upcycle_moe says what it takes
+            dims = (s.in_dim, s.out_dim) if s is not None else (2, 2)
+            new = upcycle_moe(original, **_upcycle_args(adapter, overrides, *dims))
         else:
             in_dim, out_dim = infer_dims(original)
             dtype, device = module_placement(original)
@@ -333,16 +335,28 @@ def swap_adapter(
     return SwapHandle(model, swaps)
 
 
-def _upcycle_args(adapter, overrides: dict) -> dict:
+def _upcycle_args(adapter, overrides: dict, in_dim: int, out_dim: int) -> dict:
     """upcycle_moe's arguments. A preset name gives its expert count, top-k and balance-loss
-    options; an explicit MoEAdapterConfig gives every field, and upcycle_moe refuses the ones that
-    disagree with the projector (sizes, aggregation block, norms, biases, activation). The caller's
+    options, and in the parallel layout its expert width at the projector's sizes (the serial
+    layout's identity experts fix f = 2d: a serial preset that asks for another width is refused);
+    an explicit MoEAdapterConfig gives every field, and upcycle_moe refuses the ones that disagree
+    with the projector (sizes, aggregation block, norms, biases, activation). The caller's
     overrides come last."""
     if isinstance(adapter, str):
-        cfg = preset(adapter, 2, 2)
+        cfg = preset(adapter, in_dim, out_dim)
         if not isinstance(cfg, MoEAdapterConfig):
             raise ValueError(f"upcycling builds an MoE adapter; pass an MoE preset name or config, not {adapter!r}")
         base = {"num_experts": cfg.num_experts, "top_k": cfg.top_k, "balance_p": cfg.balance_p, "layout": cfg.layout}
+        standard = preset("moe-8c4", in_dim, out_dim).expert_dim
+        if cfg.layout == "parallel":
+            base["expert_dim"] = cfg.expert_dim  # the parallel layout's experts start silent: any width
+        elif cfg.expert_dim != standard and "expert_dim" not in overrides:
+            raise ValueError(
+                f"upcycling {adapter!r}: the serial layout starts every expert as the identity, which fixes the "
+                f"expert width at f = 2*in_dim = {2 * in_dim}, but the preset asks for f = {cfg.expert_dim} (the "
+                f"standard width is {standard}); upcycle {adapter}-parallel, which takes any width, or pass "
+                "expert_dim= explicitly"
+            )
         if cfg.aux_loss_weight != 1.0:
             base["aux_loss_weight"] = cfg.aux_loss_weight
         return {**base, **overrides}

@@ -199,7 +199,8 @@ def test_upcycling_a_parallel_preset_keeps_the_projector_and_its_layout():
     want = model(x)
     swap_adapter(model, "blocks.0", "moe-8c4-parallel", upcycle=True, backend="torch")
     m = model.blocks[0]
-    assert m.config.layout == "parallel" and m.w2.shape == (8, 24, 8) and bool((m.w2 == 0).all())
+    # The preset's width, f = d/2 (issue 39 item 6: it was 2d whatever the preset said).
+    assert m.config.layout == "parallel" and m.w2.shape == (8, 6, 8) and bool((m.w2 == 0).all())
     assert (model(x) - want).abs().max() < 1e-12
 
 
@@ -238,3 +239,29 @@ def test_an_aliased_projector_is_swapped_and_restored_under_every_name(target):
     handle.undo()
     assert model.projector is original and model.mm_projector is original and model.wrap["inner"] is original
     assert not any(isinstance(m, MoEAdapter) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "name,f", [("moe-8c4-half-f-parallel", 3), ("moe-8c4-double-f-parallel", 12), ("moe-8c4-matched-parallel", None)]
+)
+def test_upcycling_a_parallel_preset_takes_its_expert_width(name, f):
+    """Issue 39 item 6: every preset built f = 2d when upcycled. The parallel layout starts its
+    experts silent, so it takes any width: the preset's, at the projector's sizes."""
+    torch.manual_seed(0)
+    model = Toy(torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64)
+    want = model(x)
+    swap_adapter(model, "blocks.0", name, upcycle=True, backend="torch")
+    m = model.blocks[0]
+    assert m.config.expert_dim == (f or preset(name, 12, 8).expert_dim)
+    assert (model(x) - want).abs().max() < 1e-12  # still the projector's function
+
+
+@pytest.mark.parametrize("name", ["moe-8c4-half-f", "moe-8c4-double-f", "moe-8c4-matched"])
+def test_upcycling_a_serial_preset_of_another_width_is_refused_by_name(name):
+    model = Toy(torch.float64)
+    with pytest.raises(ValueError, match=rf"upcycling '{name}': the serial layout .* f = 2\*in_dim = 24.*-parallel"):
+        swap_adapter(model, "blocks.0", name, upcycle=True, backend="torch")
+    assert isinstance(model.blocks[0], nn.Sequential)  # nothing swapped
+    swap_adapter(model, "blocks.0", "moe-8c4", upcycle=True, backend="torch")  # the standard width: f = 2d
+    assert model.blocks[0].config.expert_dim == 24
