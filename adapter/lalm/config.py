@@ -24,6 +24,10 @@ def option(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
+# ModelConfig fields that only an MoE preset reads, at their defaults: a dense run refuses others.
+MOE_ONLY_DEFAULTS = {"routing": "learned", "expert_init": "independent", "balance_scope": "local"}
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     llm: str = option(
@@ -88,6 +92,13 @@ class ModelConfig:
             )
         if self.adapter == "dense" and (self.num_experts or self.top_k):
             raise ValueError("num_experts / top_k apply to MoE presets; the dense adapter has no experts")
+        if self.adapter == "dense" and (
+            asked := {k: getattr(self, k) for k, v in MOE_ONLY_DEFAULTS.items() if getattr(self, k) != v}
+        ):
+            raise ValueError(
+                f"{', '.join(f'{k}={v!r}' for k, v in asked.items())} apply to MoE presets; the dense adapter has no "
+                "router or experts (a flag that would do nothing)"
+            )
         if self.semantic_codes < 0:
             raise ValueError(f"semantic_codes must be >= 0, got {self.semantic_codes}")
         if not self.use_continuous and not self.semantic_codes:
@@ -207,6 +218,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "resume and overwrite contradict each other: --resume continues the run, --overwrite deletes it"
+            )
         if self.freeze_llm and not self.train_adapter and self.freeze_encoder:
             raise ValueError("nothing to train: encoder, LLM and adapter are all frozen")
 

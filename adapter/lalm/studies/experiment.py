@@ -23,7 +23,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from adapter.cli import Stopped
-from adapter.lalm.config import ModelConfig, TrainConfig, add_dataclass_args, arg_type, dataclass_from_args, option
+from adapter.lalm.config import (
+    MOE_ONLY_DEFAULTS,
+    ModelConfig,
+    TrainConfig,
+    add_dataclass_args,
+    arg_type,
+    dataclass_from_args,
+    option,
+)
 from adapter.lalm.corpus import SIZES, build_corpus
 from adapter.lalm.corpus.build import QUESTIONS
 from adapter.lalm.data import read_manifest
@@ -149,7 +157,8 @@ class ExperimentConfig:
             val_manifest=str(manifests["val"]),
             output_dir=str(run_dir),
             feature_cache=str(Path(manifests["train"]).parent / "features"),
-            model=replace(run.model, adapter=preset),
+            # MoE-only settings apply to the MoE presets of the experiment; a dense run has no router.
+            model=replace(run.model, adapter=preset, **(MOE_ONLY_DEFAULTS if preset == "dense" else {})),
             warmup_steps=max(1, run.max_steps // 20),
             decay_fraction=0.2,
             max_batch_tokens=run.max_batch_size * 160,

@@ -150,6 +150,35 @@ def test_non_finite_settings_are_refused(flag, value):
         train_config_from_argv(["--train-manifest", "m.jsonl", flag, value])
 
 
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--adapter", "dense", "--routing", "frozen"], r"routing='frozen' apply to MoE presets"),
+        (["--adapter", "dense", "--expert-init", "replicated"], r"expert_init='replicated' apply to MoE presets"),
+        (["--adapter", "dense", "--balance-scope", "global"], r"balance_scope='global' apply to MoE presets"),
+        (["--resume", "--overwrite"], "resume and overwrite contradict each other"),
+    ],
+)
+def test_flags_that_would_do_nothing_or_contradict_are_refused(argv, match):
+    """Issue 39 item 9: these were accepted and silently ignored (--resume won over --overwrite)."""
+    with pytest.raises(ValueError, match=match):
+        train_config_from_argv(["--train-manifest", "m.jsonl", *argv])
+    train_config_from_argv(
+        ["--train-manifest", "m.jsonl", "--adapter", "moe-8c4", *argv[2:]]
+        if "--adapter" in argv
+        else ["--train-manifest", "m.jsonl"]
+    )
+
+
+def test_an_experiment_applies_moe_only_settings_to_its_moe_presets_alone(tmp_path):
+    from adapter.lalm.studies.experiment import ExperimentConfig
+
+    exp = ExperimentConfig.of(expert_init="replicated")
+    m = {"train": tmp_path / "t.jsonl", "val": tmp_path / "v.jsonl"}
+    assert exp.train_config("dense", m, tmp_path / "d").model.expert_init == "independent"
+    assert exp.train_config("moe-8c4", m, tmp_path / "m").model.expert_init == "replicated"
+
+
 def test_config_file_flags_override_it_through_the_real_cli(tmp_path, tone_corpus):
     """Issue 20 item 1: every flag given beside --config wins, in both `--flag v` and `--flag=v`
     forms, including through the console entry point's own sys.argv."""
