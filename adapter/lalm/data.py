@@ -96,6 +96,14 @@ def _check_record_types(rec: dict, where: str) -> None:
         raise ValueError(f"{where}: every entry of 'choices' must be a string, got {rec['choices']!r}")
     if rec.get("eval", "mmau") not in ("mmau", "voicebench"):
         raise ValueError(f"{where}: 'eval' must be 'mmau' or 'voicebench', got {rec['eval']!r}")
+    choices, answer = rec.get("choices", []), rec.get("answer")
+    if len(set(choices)) != len(choices):
+        raise ValueError(f"{where}: 'choices' repeat an option: {choices!r}")
+    if choices and answer not in choices:
+        # Scored by exact choice: an answer outside them could never be right.
+        raise ValueError(f"{where}: 'answer' {answer!r} is not one of the choices {choices!r}")
+    if rec.get("eval") == "voicebench" and answer not in tuple("ABCD"):
+        raise ValueError(f"{where}: a voicebench item's 'answer' must be a letter A-D, got {answer!r}")
 
 
 def read_manifest(path: str | Path) -> list[Example]:

@@ -41,12 +41,30 @@ _EXPLICIT = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-D])\b", r
 _STANDALONE = re.compile(r"\b([A-D])\b")  # a capital A-D standing alone: "B", "(C)", "D) a dog"
 
 
+# A word: letters and digits of any script (Cyrillic, Greek, accented Latin ...), with a trailing
+# sharp or flat kept ("C#" is not "C"); each CJK ideograph or kana a word of its own (no spaces
+# separate them).
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+[#\u266f\u266d]*")
+
+
 def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    return _WORD.findall(text.casefold())
+
+
+def _normalized(text: str) -> str:
+    """Case, surrounding space and punctuation, and runs of spaces ignored: how an answer that is
+    exactly one of the choices is recognized."""
+    return " ".join(text.casefold().split()).strip(" .,;:!?\"'()[]")
 
 
 def mmau_correct(prediction: str, choices: list[str], answer: str) -> bool:
-    """All words of the right choice present, and none that appear only in wrong choices."""
+    """A prediction that is exactly one of the choices (up to case, spacing and surrounding
+    punctuation) is right when that choice is the answer. Otherwise: all words of the right choice
+    present, and none that appear only in wrong choices."""
+    exact = [c for c in choices if _normalized(c) == _normalized(prediction)]
+    if len(exact) == 1:
+        return exact[0] == answer
     pred = set(words(prediction))
     right = set(words(answer))
     wrong_only = set().union(*(set(words(c)) for c in choices if c != answer)) - right
@@ -146,12 +164,30 @@ def loglik_choice(ex: Example, scores: list[float]) -> str:
 
 
 def _accuracy_table(per_task: dict[str, list[bool]], per_category: dict[str, list[bool]]) -> dict:
+    """Accuracies per category, per task and overall; overall is None when no item was scored (an
+    accuracy of nothing is not 0)."""
+    n = sum(len(v) for v in per_category.values())
     return {
         "per_category": {c: sum(v) / len(v) for c, v in sorted(per_category.items())},
         "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
-        "overall": sum(sum(v) for v in per_category.values()) / max(1, sum(len(v) for v in per_category.values())),
-        "n": sum(len(v) for v in per_category.values()),
+        "overall": sum(sum(v) for v in per_category.values()) / n if n else None,
+        "n": n,
     }
+
+
+def _percent(value: float | None, width: int) -> str:
+    return f"{'n/a':>{width}s}" if value is None else f"{100 * value:{width}.1f}"
+
+
+def check_scorable(examples: list[Example]) -> None:
+    """Refuse, before any work, items evaluation cannot score: no answer (it would always count as
+    wrong), naming the manifest line."""
+    unanswered = [ex.source or ex.id for ex in examples if not ex.answer]
+    if unanswered:
+        raise ValueError(
+            f"evaluate: {len(unanswered)} item(s) have no answer to score against: {unanswered[:5]} (give each an "
+            "'answer'; to only ask questions, use --audio)"
+        )
 
 
 @torch.no_grad()
@@ -197,6 +233,7 @@ def evaluate(
     (default: the model's)."""
     if not examples:
         raise ValueError("evaluate: no examples to score (an empty manifest?)")
+    check_scorable(examples)
     torch.manual_seed(seed)
     preds = generate_answers(
         model, examples, source, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
@@ -277,11 +314,10 @@ def format_table(results: dict[str, dict]) -> str:
             f"{'MMAU-style ' + c:28s}"
             + "".join(f"{100 * results[n]['mmau']['per_category'].get(c, float('nan')):{w}.1f}" for n in names)
         )
-    lines.append(f"{'MMAU-style all':28s}" + "".join(f"{100 * results[n]['mmau']['overall']:{w}.1f}" for n in names))
+    lines.append(f"{'MMAU-style all':28s}" + "".join(_percent(results[n]["mmau"]["overall"], w) for n in names))
     if all("mmau_ll" in r for r in results.values()):  # evaluations from before log-likelihood scoring lack it
         lines.append(
-            f"{'MMAU-style all, log-lik':28s}"
-            + "".join(f"{100 * results[n]['mmau_ll']['overall']:{w}.1f}" for n in names)
+            f"{'MMAU-style all, log-lik':28s}" + "".join(_percent(results[n]["mmau_ll"]["overall"], w) for n in names)
         )
     if all("voicebench" in r for r in results.values()):
         for label, key in (("knowledge, text", "text"), ("knowledge, audio", "audio")):

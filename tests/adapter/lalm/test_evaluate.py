@@ -146,3 +146,66 @@ def test_log_likelihood_scoring_picks_the_most_likely_option(tone_corpus):
     assert result["mmau_ll"]["overall"] == sum(p == ex.answer for p, ex in zip(picks, exs, strict=True)) / 4
     with pytest.raises(ValueError, match="needs choices"):
         option_logprobs(model, [dataclasses.replace(exs[0], choices=[])], source)
+
+
+@pytest.mark.parametrize(
+    "choices, answer, prediction, right",
+    [
+        (["猫", "狗", "鸟"], "狗", "这是狗", True),  # Chinese: no spaces, each ideograph a word
+        (["猫", "狗", "鸟"], "狗", "这是猫", False),
+        (["кошка", "собака"], "собака", "Это собака.", True),  # Cyrillic
+        (["γάτα", "σκύλος"], "γάτα", "σκύλος", False),  # Greek
+        (["C", "C#", "D"], "C", "C#", False),  # a sharp is not the natural
+        (["C", "C#", "D"], "C#", "c#", True),
+        (["C", "C#", "D"], "C", "C.", True),
+        (["green farmer", "farmer"], "farmer", "Farmer!", True),  # exactly one choice: decided by it
+    ],
+)
+def test_answers_in_any_script_and_exact_choices_are_scored(choices, answer, prediction, right):
+    """Issue 39 item 4: answers without ASCII letters or digits could never be right, and "C" and
+    "C#" counted as the same answer."""
+    assert mmau_correct(prediction, choices, answer) is right
+
+
+def test_a_table_with_no_log_likelihood_items_says_n_a():
+    from adapter.lalm.evaluate import _accuracy_table, format_table
+
+    empty = _accuracy_table({}, {})
+    assert empty["overall"] is None and empty["n"] == 0
+    result = {"mmau": _accuracy_table({"sound/x": [True]}, {"sound": [True]}), "mmau_ll": empty}
+    line = [ln for ln in format_table({"run": result}).splitlines() if "log-lik" in ln][0]
+    assert line.split()[-1] == "n/a"
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ({"choices": ["a", "b"], "answer": "c"}, r"'answer' 'c' is not one of the choices \['a', 'b'\]"),
+        ({"choices": ["a", "b"]}, r"'answer' None is not one of the choices"),
+        ({"choices": ["a", "a"], "answer": "a"}, r"'choices' repeat an option"),
+        ({"eval": "voicebench", "answer": "Paris"}, r"a voicebench item's 'answer' must be a letter A-D, got 'Paris'"),
+    ],
+)
+def test_unscorable_items_are_refused_when_the_manifest_is_read(tmp_path, record, match):
+    """Issue 39 item 4: a missing answer, an answer not among the choices and a non-letter
+    spoken-knowledge answer were accepted and always scored wrong."""
+    import json
+
+    from adapter.lalm.data import read_manifest
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "i", "question": "q", **record}) + "\n")
+    with pytest.raises(ValueError, match=rf"m.jsonl:1: {match}"):
+        read_manifest(manifest)
+
+
+def test_evaluate_refuses_items_without_an_answer_before_any_work():
+    from adapter.lalm.data import Example
+    from adapter.lalm.evaluate import evaluate
+
+    items = [
+        Example(id="a", question="q", answer="x", source="t.jsonl:1"),
+        Example(id="b", question="q", source="t.jsonl:2"),
+    ]
+    with pytest.raises(ValueError, match=r"1 item\(s\) have no answer to score against: \['t.jsonl:2'\]"):
+        evaluate(None, items, None)  # refused before the model is touched
