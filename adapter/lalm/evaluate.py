@@ -298,6 +298,8 @@ def evaluate(
                 modality_gap_ll=(sum(audio_ok) - sum(text_ok)) / len(text_ok),
             )
     result["expert_rates"] = expert_rates(model, examples, source, device)
+    if (trained_from := getattr(model, "trained_from", None)) is not None:  # load_trained's record
+        result["checkpoint"] = trained_from
     result["predictions"] = rows
     return result
 
@@ -332,6 +334,13 @@ def format_table(results: dict[str, dict]) -> str:
             f"{'letter parse fail rate':28s}"
             + "".join(f"{100 * results[n]['voicebench']['audio']['fail_rate']:{w}.1f}" for n in names)
         )
+    if all("checkpoint" in r for r in results.values()):  # which step was scored ("!": not the newest)
+        marks = {n: "" if results[n]["checkpoint"]["newest"] else "!" for n in names}
+        lines.append(
+            f"{'checkpoint step':28s}"
+            + "".join(f"{results[n]['checkpoint']['step']}{marks[n]}".rjust(w) for n in names)
+        )
+        lines += [f"  ! {n}: {results[n]['checkpoint']['why_not_newest']}" for n in names if marks[n]]
     return "\n".join(lines)
 
 

@@ -9,10 +9,12 @@ instant (SIGKILL included) resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -265,11 +267,33 @@ def damaged(file: Path, exc: Exception) -> ValueError:
     return ValueError(f"cannot read the checkpoint file {file} ({type(exc).__name__}: {exc}); {way_back}")
 
 
+def _provenance(run: RunFolder, path: Path, step: int, max_steps: int) -> dict:
+    """What a loaded model is: its run, the checkpoint's step, a digest of the run's config.json,
+    whether that is the newest checkpoint the run saved, and why not."""
+    named = run.latest.read_text().strip() if run.latest.is_file() else None
+    held = step_folders(run.checkpoints)
+    newest, why = True, ""
+    if named is not None and not (run.checkpoints / named).is_dir():
+        newest, why = False, f"the run's newest checkpoint, {named}, is missing"
+    elif held and path != held[-1]:
+        newest, why = False, f"the run holds a newer checkpoint, {held[-1].name}"
+    return {
+        "run": str(run.path),
+        "step": step,
+        "config_sha256": hashlib.sha256(run.config.read_bytes()).hexdigest()[:16],
+        "newest": newest,
+        "why_not_newest": why,
+        "max_steps": max_steps,
+    }
+
+
 def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) -> AudioLLM:
     """The model of a finished (or checkpointed) run: rebuilt from its config, trained weights
     loaded from its latest checkpoint, or from the checkpoint of `step`. Step 0 is the run's
     initialization: the weights its seed draws, with the semantic codebook the run fitted before
-    its first step (read from its latest checkpoint)."""
+    its first step (read from its latest checkpoint). The model's `trained_from` says what was
+    loaded (_provenance); asked for the latest, a checkpoint that is not the newest the run saved
+    (that one is missing) is warned of."""
     run = RunFolder(output_dir)
     out = run.path
     try:
@@ -296,6 +320,9 @@ def load_trained(output_dir: str | Path, device="cpu", step: int | None = None) 
             model.semantic.codebook.copy_(load_file(str(path / "model.safetensors"))["semantic.codebook"])
     else:
         load_trainable(model, path, trainable_names(model, cfg))
+    model.trained_from = _provenance(run, path, step if step is not None else int(path.name[5:]), cfg.max_steps)
+    if step is None and not model.trained_from["newest"]:
+        warnings.warn(f"{out}: loading {path.name}, as {model.trained_from['why_not_newest']}", stacklevel=2)
     return model.to(device).eval()
 
 

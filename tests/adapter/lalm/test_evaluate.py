@@ -209,3 +209,32 @@ def test_evaluate_refuses_items_without_an_answer_before_any_work():
     ]
     with pytest.raises(ValueError, match=r"1 item\(s\) have no answer to score against: \['t.jsonl:2'\]"):
         evaluate(None, items, None)  # refused before the model is touched
+
+
+def test_the_scored_checkpoint_is_recorded_and_an_older_one_is_said(tmp_path, tone_corpus, capsys):
+    """Issue 39 item 5: evaluate silently scored an older checkpoint when the newest was gone, and
+    its output never said which step it scored."""
+    import json
+    import shutil
+
+    from adapter.lalm import evaluate as ev
+    from adapter.lalm.training import loop
+    from tests.adapter.lalm.training.test_loop import _cfg
+
+    run = tmp_path / "run"
+    loop.train(_cfg(run, tone_corpus, max_steps=4, save_every=2, eval_every=0, keep_checkpoints=3))
+    test = tmp_path / "test.jsonl"
+    rows = [json.loads(ln) for ln in open(tone_corpus[1]).readlines()[:3]]
+    test.write_text("".join(json.dumps({**r, "audio": str(tone_corpus[1].parent / r["audio"])}) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    assert ev.main(["--run", str(run), "--manifest", str(test), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())["checkpoint"]
+    assert record["step"] == 4 and record["newest"] and len(record["config_sha256"]) == 16
+    assert record["run"] == str(run) and "checkpoint step" in capsys.readouterr().out
+    shutil.rmtree(run / "checkpoints" / "step_0000004")  # the newest gone: step 2 is what remains
+    with pytest.warns(UserWarning, match=r"loading step_0000002, as the run's newest checkpoint, step_0000004, is"):
+        assert ev.main(["--run", str(run), "--manifest", str(test), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())["checkpoint"]
+    assert record["step"] == 2 and not record["newest"]
+    printed = capsys.readouterr().out
+    assert "2!" in printed and "! run: the run's newest checkpoint, step_0000004, is missing" in printed
