@@ -224,7 +224,7 @@ def test_the_scored_checkpoint_is_recorded_and_an_older_one_is_said(tmp_path, to
     run = tmp_path / "run"
     loop.train(_cfg(run, tone_corpus, max_steps=4, save_every=2, eval_every=0, keep_checkpoints=3))
     test = tmp_path / "test.jsonl"
-    rows = [json.loads(ln) for ln in open(tone_corpus[1]).readlines()[:3]]
+    rows = [json.loads(ln) for ln in tone_corpus[1].read_text().splitlines()[:3]]
     test.write_text("".join(json.dumps({**r, "audio": str(tone_corpus[1].parent / r["audio"])}) + "\n" for r in rows))
     out = tmp_path / "eval.json"
     assert ev.main(["--run", str(run), "--manifest", str(test), "--out", str(out)]) == 0
