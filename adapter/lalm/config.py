@@ -18,6 +18,7 @@ from pathlib import Path
 from adapter._checks import check_field_types
 from adapter.moe import BALANCE_SCOPES, EXPERT_INITS, ROUTINGS
 from adapter.presets import PRESETS
+from moe_kernels import BACKENDS
 
 
 def option(default, help: str, **kw):
@@ -79,6 +80,8 @@ class ModelConfig:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {self.expert_init!r}")
         if self.balance_scope not in BALANCE_SCOPES:
             raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
+        if self.adapter_backend not in BACKENDS:  # checked here: an MoE run would find out only when it starts
+            raise ValueError(f"adapter_backend must be one of {BACKENDS}, got {self.adapter_backend!r}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         for name in ("audio_dim", "tiny_llm_hidden", "tiny_llm_layers"):

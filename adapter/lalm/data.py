@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapter.files import atomic_write, atomic_write_text
-from adapter.lalm.audio import HOP_LENGTH, SAMPLE_RATE, audio_frames, load_audio, log_mel
+from adapter.lalm.audio import HOP_LENGTH, SAMPLE_RATE, STACK, audio_frames, load_audio, log_mel
 from adapter.lalm.model import AUDIO_CATEGORIES, IGNORE, Batch, pad_frames
 
 
@@ -189,6 +189,32 @@ def prompt_ids(tokenizer, num_frames: int, question: str, context: str = "") -> 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer.encode(f" {answer}") + [tokenizer.eos_id]
+
+
+def check_lengths(examples: list[Example], tokenizer, limit: int | None, *, with_answer: bool = True) -> None:
+    """Refuse, before training or evaluation starts, examples whose prompt (and answer) take more
+    positions than the LLM has (`limit`, its max_position_embeddings; None: no limit): a long clip
+    would otherwise stop a run at the step that meets it, and again on every resume. Names the
+    manifest line, the clip's length and the longest clip that fits."""
+    if limit is None:
+        return
+    too_long = []
+    for ex in examples:
+        n = len(prompt_ids(tokenizer, ex.num_frames, ex.question, "" if ex.num_frames else ex.context))
+        # The answer, or the longest option (evaluation scores each choice in its place).
+        n += max(len(answer_ids(tokenizer, a)) for a in [ex.answer, *ex.choices]) if with_answer else 0
+        if n > limit:
+            too_long.append((ex, n))
+    if too_long:
+        ex, n = too_long[0]
+        seconds = ex.num_samples / SAMPLE_RATE
+        spare = limit - (n - ex.num_frames)  # positions left for audio frames beside this text
+        fits = max(0, spare) * HOP_LENGTH * STACK * 2 / SAMPLE_RATE  # frames -> seconds (12.5 Hz)
+        raise ValueError(
+            f"{ex.source or ex.id}: {n} positions ({ex.num_frames} audio frames of a {seconds:.1f} s clip, then the "
+            f"text) exceed the LLM's {limit} (max_position_embeddings); crop the clip to at most {fits:.0f} s or "
+            f"split it into parts ({len(too_long)} example(s) too long in all)"
+        )
 
 
 def encoder_fingerprint(encoder) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from adapter.cli import run_cli
-from adapter.lalm.data import Example, FeatureSource, collate, read_manifest
+from adapter.lalm.data import Example, FeatureSource, check_lengths, collate, read_manifest
 from adapter.lalm.model import AudioLLM
 from adapter.measures import activation_rates
 
@@ -234,6 +234,7 @@ def evaluate(
     if not examples:
         raise ValueError("evaluate: no examples to score (an empty manifest?)")
     check_scorable(examples)
+    check_lengths(examples, model.tokenizer, model.position_limit)
     torch.manual_seed(seed)
     preds = generate_answers(
         model, examples, source, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
@@ -365,6 +366,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.manifest and not args.audio:
         p.error("give --manifest or --audio")
+    if args.manifest and args.audio:  # one of them would be ignored
+        p.error("give --manifest (score a test set) or --audio (ask about files), not both")
+    if args.out is not None and args.audio:
+        p.error("--out writes a manifest's scores; --audio prints its answers")
+    if args.out is not None and not args.out.parent.is_dir():  # said now, not after the whole evaluation
+        p.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    if args.out is not None and args.out.is_dir():
+        p.error(f"--out {args.out} is a folder; give a file path such as {args.out / 'eval.json'}")
     for flag in ("batch_size", "max_new_tokens"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
@@ -381,6 +390,7 @@ def main(argv=None) -> int:
             Example(id=Path(a).name, question=args.question, audio=Path(a), num_samples=resampled_length(Path(a)))
             for a in args.audio
         ]
+        check_lengths(exs, model.tokenizer, model.position_limit, with_answer=False)
         for ex, ans in zip(exs, generate_answers(model, exs, source, max_new_tokens=args.max_new_tokens), strict=True):
             print(f"{ex.id}: {ans}")
         return 0

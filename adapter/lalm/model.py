@@ -171,12 +171,17 @@ class AudioLLM(nn.Module):
         feats = self.encode_audio(batch.mels or [])
         return pad_frames(feats, self.encoder.stacked_dim, batch.input_ids_BL.device)
 
+    @property
+    def position_limit(self) -> int | None:
+        """The LLM's max_position_embeddings: the longest prompt + answer it takes (None: no limit)."""
+        return getattr(self.llm.config, "max_position_embeddings", None)
+
     # ------------------------------------------------------------------ text
     def input_embeddings(
         self, input_ids_BL: torch.Tensor, audio_BFD: torch.Tensor | None, audio_mask_BF: torch.Tensor | None
     ) -> torch.Tensor:
         """Token embeddings with each `<|audio_pad|>` replaced, in order, by the sample's audio frames."""
-        limit = getattr(self.llm.config, "max_position_embeddings", None)
+        limit = self.position_limit
         if limit is not None and input_ids_BL.shape[1] > limit:
             raise ValueError(
                 f"a sequence of {input_ids_BL.shape[1]} positions exceeds the LLM's max_position_embeddings="

@@ -71,6 +71,7 @@ from adapter.lalm.data import (
     DataPosition,
     Example,
     FeatureSource,
+    check_lengths,
     collate,
     length_batches,
     read_manifests,
@@ -442,6 +443,7 @@ def _start(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> Run:
     val_examples = read_manifests(cfg.val_manifest) if cfg.val_manifest else []
     seed_everything(cfg.seed)
     model = build_model(cfg.model, seed=cfg.seed).to(device)
+    check_lengths(train_examples + val_examples, model.tokenizer, model.position_limit)
     params = set_trainable(model, cfg)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.llm)

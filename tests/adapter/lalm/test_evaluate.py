@@ -238,3 +238,29 @@ def test_the_scored_checkpoint_is_recorded_and_an_older_one_is_said(tmp_path, to
     assert record["step"] == 2 and not record["newest"]
     printed = capsys.readouterr().out
     assert "2!" in printed and "! run: the run's newest checkpoint, step_0000004, is missing" in printed
+
+
+def test_arguments_that_would_waste_the_evaluation_are_refused_first(tmp_path, capsys):
+    """Issue 39 item 11: --out into a missing folder failed after the whole evaluation, and
+    --manifest with --audio scored nothing and exited 0."""
+    from adapter.lalm import evaluate as ev
+
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text('{"id": "a", "question": "q", "answer": "x"}\n')
+    run = str(tmp_path / "no-run")  # refused before the run is even looked at
+    for argv, said in [
+        (["--manifest", str(manifest), "--audio", "a.wav"], "not both"),
+        (["--manifest", str(manifest), "--out", str(tmp_path / "missing" / "e.json")], "does not exist"),
+        (["--manifest", str(manifest), "--out", str(tmp_path)], "is a folder"),
+        (["--audio", "a.wav", "--out", str(tmp_path / "e.json")], "--out writes a manifest's scores"),
+    ]:
+        with pytest.raises(SystemExit):
+            ev.main(["--run", run, *argv])
+        assert said in capsys.readouterr().err
+
+
+def test_a_mistyped_backend_is_refused_before_the_demo_trains(capsys):
+    from adapter.lalm import demo
+
+    with pytest.raises(ValueError, match=r"adapter_backend must be one of .*, got 'trito'"):
+        demo.main(["--backend", "trito"])

@@ -529,3 +529,41 @@ def test_features_in_memory_in_several_processes_are_warned_of_with_their_size(t
     assert setup.feature_memory_warning(cfg, examples, model, world=1) is None  # small, one process
     cached = dataclasses.replace(cfg, feature_cache=str(tmp_path / "features"))
     assert setup.feature_memory_warning(cached, examples, model, world=4) is None
+
+
+def test_a_clip_longer_than_the_llm_takes_is_refused_before_training(tmp_path, tone_corpus):
+    """Issue 39 item 10: a 5.5-minute clip (4,125 audio positions past the tiny LLM's 4,096) crashed
+    training at the step that met it, again on every --resume, naming no file."""
+    import numpy as np
+    import soundfile as sf
+
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(330 * 8000, dtype=np.int16), 8000, subtype="PCM_16")  # 330 s at 8 kHz
+    manifest = tmp_path / "train.jsonl"
+    rows = [json.loads(ln) for ln in tone_corpus[0].read_text().splitlines()[:3]]
+    rows = [{**r, "audio": str(tone_corpus[0].parent / r["audio"])} for r in rows]
+    rows.append({"id": "long", "audio": str(long), "question": "Is the tone high or low?", "answer": "low"})
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    cfg = _cfg(out, (manifest, tone_corpus[1]), max_steps=1)
+    with pytest.raises(
+        ValueError,
+        match=r"train.jsonl:4: \d+ positions \(4125 audio frames of a 330.0 s clip.*"
+        r"exceed the LLM's 4096 .*crop the clip to at most 32\d s",
+    ):
+        loop.train(cfg)
+    assert not (out / "config.json").exists() and not (out / "checkpoints").exists()  # nothing written
+
+
+def test_check_lengths_counts_prompt_answer_and_the_longest_choice():
+    from adapter.lalm.data import Example, answer_ids, check_lengths, prompt_ids
+    from adapter.lalm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("gpt2-offline")
+    ex = Example(id="a", question="Which?", answer="x", choices=["x", "a much longer option than x"], source="m:1")
+    need = len(prompt_ids(tok, 0, "Which?")) + len(answer_ids(tok, "a much longer option than x"))
+    check_lengths([ex], tok, need)
+    with pytest.raises(ValueError, match=rf"m:1: {need} positions .* exceed the LLM's {need - 1}"):
+        check_lengths([ex], tok, need - 1)
+    check_lengths([ex], tok, need - 1, with_answer=False)  # a prompt alone fits
+    check_lengths([ex], tok, None)
