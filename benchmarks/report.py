@@ -198,6 +198,30 @@ def _stem(info: dict, tag: str | None) -> str:
     return f"{dev[:40]}-{info['date'][:10]}"
 
 
+RESULT_SUFFIXES = (".csv", ".json", ".md", ".png")
+
+
+def results_stem(out_dir: Path, info: dict, tag: str | None, level: str, overwrite: bool = False) -> str:
+    """The file stem a run writes under: `tag`, or device and date, with -<level> for a block-level
+    run. Never an earlier run's files silently: a default stem already there gets -2, -3, ...; a
+    given tag already there is refused unless `overwrite`."""
+    base = _stem(info, tag) + ("" if level == "adapter" else f"-{level}")
+
+    def taken(stem: str) -> bool:
+        return any((out_dir / f"{stem}{suffix}").exists() for suffix in RESULT_SUFFIXES)
+
+    if overwrite or not taken(base):
+        return base
+    if tag:
+        raise ValueError(
+            f"{out_dir} holds results named {base} already: --overwrite replaces them, or give another --tag"
+        )
+    n = 2
+    while taken(f"{base}-{n}"):
+        n += 1
+    return f"{base}-{n}"
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """A run killed mid-write (the device tool's time limit) leaves the previous complete file."""
     tmp = path.with_name(path.name + ".tmp")

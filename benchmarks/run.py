@@ -315,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(__file__).parent / "results",
         help="folder for the CSV / JSON / markdown / PNG results",
     )
-    p.add_argument("--tag", default=None, help="results file name stem (default: device and date)")
+    p.add_argument(
+        "--tag", default=None, help="results file name stem (default: device and date, numbered when already there)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run with this --tag")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--budget-s",
@@ -359,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         plan.cases = [c for c in plan.cases if c.dtype == "float32"]  # CPU bf16 GEMMs are not representative
 
     info = environment(device)
-    # A block-level run writes beside the adapter-level one, not over it.
-    tag = args.tag if plan.level == "adapter" else f"{args.tag or report._stem(info, None)}-{plan.level}"
+    # A block-level run writes beside the adapter-level one, and no run over an earlier one unasked.
+    try:
+        tag = report.results_stem(args.out, info, args.tag, plan.level, args.overwrite)
+    except ValueError as exc:
+        p.error(str(exc))
     print(f"device: {info['device']} ({info['device_detail']}); torch {info['torch']}, triton {info['triton']}")
     unavailable = unavailable_providers(args.providers, plan, device)
     for name, why in unavailable.items():

@@ -221,3 +221,17 @@ def test_the_triton_path_saves_pre_and_gated_act_per_pair_and_no_copies():
         assert saved_activation_bytes(parallel_m, x) == 4 * parallel
         torch_m = MoEAdapter(shapes.moe_config("torch"))
         assert saved_activation_bytes(torch_m, x) > 4 * serial
+
+
+def test_a_second_run_never_overwrites_the_first_unasked(tmp_path, capsys):
+    """Issue 39 item 12: two runs on one device on one day wrote the same files (even one that
+    measured nothing)."""
+    argv = ["--plan", "smoke", "--out", str(tmp_path), "--quiet", "--budget-s", "0", "--providers", "dense"]
+    assert run.main(argv) == 0 and run.main(argv) == 0
+    stems = sorted(p.stem for p in tmp_path.glob("*.json"))
+    assert len(stems) == 2 and stems[1] == stems[0] + "-2"
+    assert run.main([*argv, "--tag", "mine"]) == 0
+    with pytest.raises(SystemExit):
+        run.main([*argv, "--tag", "mine"])
+    assert "holds results named mine already: --overwrite" in capsys.readouterr().err
+    assert run.main([*argv, "--tag", "mine", "--overwrite"]) == 0

@@ -324,7 +324,8 @@ def test_budget_and_partial_writes(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.tmp"))
 
     seen.clear()
-    assert run.main(["--plan", "smoke", "--out", str(tmp_path), "--tag", "s", "--quiet", "--budget-s", "0"]) == 0
+    argv = ["--plan", "smoke", "--out", str(tmp_path), "--tag", "s", "--quiet", "--budget-s", "0"]
+    assert run.main([*argv, "--overwrite"]) == 0
     rows = list(csv.DictReader((tmp_path / "s.csv").read_text().splitlines()))
     assert len(rows) == 3 * len(PROVIDERS) and {r["status"] for r in rows} == {"not run: time budget spent"}
     assert not (tmp_path / "s.png").exists()  # the earlier run's plot is gone with its rows
