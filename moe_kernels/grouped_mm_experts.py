@@ -42,6 +42,22 @@ def grouped_mm_unavailable(device: torch.device, dtype: torch.dtype) -> str | No
     return None
 
 
+# torch._grouped_mm wants every operand's row stride a multiple of 16 bytes ("strides should be
+# multiple of 16 bytes", torch 2.13): rows of f = 50 fp32 values (200 bytes) or a permuted weight
+# view are refused there.
+_ALIGN_BYTES = 16
+
+
+def _padded(t: torch.Tensor, *pads: int) -> torch.Tensor:
+    """`t` contiguous, its last dims zero-padded by `pads` (last dim first, as F.pad takes them)."""
+    return F.pad(t, [p for n in pads for p in (0, n)]) if any(pads) else t.contiguous()
+
+
+def _pad_to_align(n: int, dtype: torch.dtype) -> int:
+    per = _ALIGN_BYTES // torch.tensor([], dtype=dtype).element_size()
+    return -n % per
+
+
 def grouped_experts(
     z_TD: torch.Tensor,
     w1_EDF: torch.Tensor,
@@ -58,8 +74,15 @@ def grouped_experts(
     pairs_R = torch.where(real_R, perm.sorted_pair_R.long(), 0)
     x_RD = torch.where(real_R[:, None], z_RD.index_select(0, pairs_R), 0)
     offs_E = perm.offsets_E1[1:].to(torch.int32)
-    act_RF = F.silu(torch._grouped_mm(x_RD, w1_EDF, offs=offs_E))
-    y_RN = torch._grouped_mm(act_RF, w2_EFN, offs=offs_E)
+    # Any widths and strides: pad D, F and N to 16-byte rows (zeros in a reduction dim add nothing,
+    # SiLU(0) = 0 in a padded hidden column, padded output columns are dropped); no copy when the
+    # operands are aligned and contiguous already.
+    N = w2_EFN.shape[2]
+    pad_D, pad_F, pad_N = (_pad_to_align(n, z_TD.dtype) for n in (z_TD.shape[1], w1_EDF.shape[2], N))
+    x_RD = _padded(x_RD, pad_D)
+    act_RF = F.silu(torch._grouped_mm(x_RD, _padded(w1_EDF, pad_F, pad_D), offs=offs_E))
+    y_RN = torch._grouped_mm(act_RF, _padded(w2_EFN, pad_N, pad_F), offs=offs_E)
+    y_RN = y_RN[:, :N] if pad_N else y_RN
     rows_TK = perm.pair_row_TK.long()
     routed_TK = rows_TK >= 0
     y_TKN = y_RN.index_select(0, rows_TK.clamp_min(0).reshape(-1)).view(T, K, -1)

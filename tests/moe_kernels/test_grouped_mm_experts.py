@@ -86,3 +86,44 @@ def test_moe_adapter_runs_on_the_grouped_mm_backend():
     for ref32, got, want in zip(fp32, got32, exact, strict=True):
         scale = want.abs().max()
         assert (got - want).abs().max() <= 4 * (ref32 - want).abs().max() + 1e-7 * scale
+
+
+@pytest.mark.parametrize(
+    "D,F,N,permuted",
+    [
+        (100, 50, 64, False),  # preset("moe-8c4", 100, 64): rows of f = 50 fp32 are 200 bytes
+        (13, 7, 5, False),  # nothing aligned
+        (16, 8, 16, True),  # aligned widths, w2 a permuted (non-contiguous) view
+        (13, 7, 13, True),
+    ],
+)
+def test_grouped_mm_takes_any_width_and_strides(D, F, N, permuted):
+    """Issue 39 item 14: widths whose rows are not 16-byte multiples and a permuted w2 failed
+    inside torch._grouped_mm ("strides should be multiple of 16 bytes", "Invalid strides/sizes")."""
+    T, E, K = 23, 4, 2
+    z, router, w1, _ = make_moe_inputs(T, D, F, E)
+    w2 = torch.randn(E, F, N, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * F**-0.5
+    if permuted:  # the same values, stored with the last two dims swapped
+        w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not w2.is_contiguous()
+    inputs64 = tuple(t.detach().requires_grad_(True) for t in (z, router, w1, w2))
+    inputs32 = tuple(t.detach().float().requires_grad_(True) for t in inputs64)
+    if permuted:
+        inputs32 = (*inputs32[:3], inputs64[3].detach().float().transpose(1, 2).contiguous().transpose(1, 2))
+        inputs32[3].requires_grad_(True)
+    ref, ref_grads = _fwd_bwd(inputs64, K, None, "topk", "torch")
+    out, grads = _fwd_bwd(inputs32, K, None, "topk", "grouped_mm")
+    assert out.h_TD.shape == (T, N)
+    _assert_fp32_matches(out, grads, ref, ref_grads)
+
+
+def test_grouped_mm_bf16_at_unaligned_widths():
+    """bf16 rows are 16-byte multiples at 8 values: d = 100 is not."""
+    z, router, w1, w2 = make_moe_inputs(19, 100, 50, 4)
+    inputs = tuple(t.detach().to(torch.bfloat16).requires_grad_(True) for t in (z, router, w1, w2))
+    ref, _ = _fwd_bwd(tuple(t.detach().double().requires_grad_(True) for t in inputs), 2, None, "topk", "torch")
+    out, grads = _fwd_bwd(inputs, 2, None, "topk", "grouped_mm")
+    assert all(torch.isfinite(g).all() for g in grads)
+    # bf16 rounding of inputs, products and the fp32-accumulated sum: within 2% of the scale.
+    h, want = out.h_TD.detach().double(), ref.h_TD.detach()
+    assert float((h - want).abs().max()) <= 2e-2 * float(want.abs().max())
