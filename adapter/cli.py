@@ -38,7 +38,20 @@ class Stopped(Exception):
         return 128 + self.signum
 
 
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+class RunFailed(RuntimeError):
+    """A run that cannot go on for a reason its message says in full (every step skipped as
+    non-finite): reported in one line like an input error."""
+
+
+INPUT_ERRORS = (
+    RunFailed,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 
 def add_note(exc: BaseException, note: str) -> None:

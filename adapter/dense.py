@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,8 @@ class DenseAdapterConfig:
     def __post_init__(self) -> None:
         check_field_types(self)
         check_positive(in_dim=self.in_dim, out_dim=self.out_dim, hidden_dim=self.hidden_dim)
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):  # inf: every output 0
+            raise ValueError(f"norm_eps must be a positive finite number, got {self.norm_eps}")
 
     def param_counts(self) -> ParamCounts:
         d, D, H = self.in_dim, self.out_dim, self.hidden_dim

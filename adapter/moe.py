@@ -123,8 +123,8 @@ class MoEAdapterConfig:
             raise ValueError(f"balance_p must be one of {moe_kernels.BALANCE_MODES}, got {self.balance_p!r}")
         if not (math.isfinite(self.aux_loss_weight) and self.aux_loss_weight >= 0):
             raise ValueError(f"aux_loss_weight must be finite and >= 0, got {self.aux_loss_weight}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps > 0):  # inf: every output 0
+            raise ValueError(f"norm_eps must be a positive finite number, got {self.norm_eps}")
         if self.backend not in moe_kernels.BACKENDS:
             raise ValueError(f"backend must be one of {moe_kernels.BACKENDS}, got {self.backend!r}")
         if self.activation not in ACTIVATIONS:
@@ -352,8 +352,10 @@ class MoEAdapter(nn.Module):
         return F.silu(z_TD @ w1_cat) @ w2_cat
 
     def param_counts(self) -> ParamCounts:
-        """Counted from the parameters: routed experts count k/E of their size as active."""
-        total = sum(p.numel() for p in self.parameters())
+        """Counted from the weights it computes with, trained or not (a frozen router's weights are a
+        buffer, counted as the config counts them); routed experts count k/E of their size as active."""
+        frozen_router = 0 if isinstance(self.router.weight, nn.Parameter) else self.router.weight.numel()
+        total = sum(p.numel() for p in self.parameters()) + frozen_router
         routed = self.w1.numel() + self.w2.numel()
         per_expert = routed // self.config.num_experts
         return ParamCounts(total=total, active=total - routed + self.config.top_k * per_expert)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -28,6 +30,8 @@ def with_aux_loss(loss: torch.Tensor, model: nn.Module, weight: float = 0.01) ->
     """`loss + weight * total_aux_loss(model)` (paper eq. 6): how the balance loss of adapters swapped
     into a model whose forward has no slot for it (transformers models) reaches the training loss.
     Call it after the forward, before backward; returns `loss` unchanged when no MoE adapter ran."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"with_aux_loss: weight must be a finite number >= 0 (lambda, eq. 6), got {weight!r}")
     aux = total_aux_loss(model)
     return loss if aux is None or weight == 0 else loss + weight * aux.to(loss.dtype)
 

@@ -69,8 +69,9 @@ def default_schedule() -> Schedule:
     MOE_ADAPTER_WGRAD ("split", the default, or "nosplit"), read at each call. The defaults stay
     until the GPU suite has timed every schedule (benchmarks/gpu_suite.sh); backend="auto" times
     them on the user's own GPU instead."""
-    gemm = os.environ.get("MOE_ADAPTER_GEMM", BUILTIN_SCHEDULE.gemm)
-    wgrad = os.environ.get("MOE_ADAPTER_WGRAD", BUILTIN_SCHEDULE.wgrad)
+    # An empty value (`MOE_ADAPTER_GEMM= cmd`, a shell's way to unset) is the default, as unset.
+    gemm = os.environ.get("MOE_ADAPTER_GEMM") or BUILTIN_SCHEDULE.gemm
+    wgrad = os.environ.get("MOE_ADAPTER_WGRAD") or BUILTIN_SCHEDULE.wgrad
     if gemm not in GEMM_SCHEDULES:
         raise ValueError(f"MOE_ADAPTER_GEMM must be one of {GEMM_SCHEDULES}, got {gemm!r}")
     if wgrad not in WGRAD_SCHEDULES:

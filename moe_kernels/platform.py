@@ -69,8 +69,13 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
+# The values Triton 3.9's getenv_bool reads as true (any case); "0", "false", "off", "no" and unset are false.
+_TRUE = ("1", "true", "yes", "on")
+
+
 def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether TRITON_INTERPRET asks for the interpreter, read as Triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
 def _major_minor(version: str) -> tuple[int, int]:

@@ -143,3 +143,17 @@ def test_a_cli_reports_a_missing_manifest_in_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert f"python -m adapter.lalm.train: error: manifest not found: {missing}" in proc.stderr.splitlines()
+
+
+def test_a_failed_run_ends_in_one_line_not_a_traceback(capsys, monkeypatch):
+    """Issue 39 item 16: a run whose every step was skipped ended with a traceback."""
+    from adapter.cli import RunFailed, run_cli
+
+    monkeypatch.delenv("MOE_ADAPTER_TRACEBACK", raising=False)
+
+    def main(argv):
+        raise RunFailed("all 3 steps of the run in runs/x were skipped as non-finite")
+
+    assert run_cli(main, [], prog="python -m adapter.lalm.train") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m adapter.lalm.train: error: all 3 steps") and "Traceback" not in err

@@ -437,3 +437,25 @@ def test_label_routing_errors_name_the_problem():
         m(x, labels=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="only read with routing='label'"):
         _adapter()(x, labels=torch.zeros(4, dtype=torch.long))
+
+
+def test_small_config_and_loss_settings_are_checked():
+    """Issue 39 item 16: a frozen router's weights counted in the config's param_counts but not the
+    module's (364 vs 332); norm_eps=inf (every output 0) and a NaN or negative balance-loss weight
+    were accepted."""
+    import math
+
+    from adapter import DenseAdapterConfig, MoEAdapterConfig, preset, with_aux_loss
+
+    for routing in ("learned", "frozen"):
+        cfg = preset("moe-8c4", 8, 6, routing=routing)
+        assert cfg.param_counts() == MoEAdapter(cfg).param_counts(), routing
+    for cls, kw in ((MoEAdapterConfig, {"expert_dim": 4}), (DenseAdapterConfig, {"hidden_dim": 4})):
+        with pytest.raises(ValueError, match="norm_eps must be a positive finite number, got inf"):
+            cls(in_dim=8, out_dim=6, norm_eps=math.inf, **kw)
+    adapter = MoEAdapter(preset("moe-8c4", 8, 6, backend="torch"))
+    loss = adapter(torch.randn(3, 8)).sum()
+    for bad in (math.nan, -1, math.inf, True, "0.01"):
+        with pytest.raises(ValueError, match="with_aux_loss: weight must be a finite number >= 0"):
+            with_aux_loss(loss, adapter, weight=bad)
+    assert with_aux_loss(loss, adapter, weight=0) is loss

@@ -30,3 +30,20 @@ def test_interpreter_incompatibility_by_version(triton_version, numpy_version, b
 def test_triton_mma_path_by_arch(arch, want):
     """What Triton 3.9 compiles tl.dot to (read from its SASS by benchmarks/inspect_sm90 --arch N)."""
     assert platform.triton_mma(arch) == want
+
+
+@pytest.mark.parametrize("value,want", [("1", True), ("true", True), ("TRUE", True), ("yes", True), ("on", True),
+                                        ("0", False), ("false", False), ("off", False), ("", False)])  # fmt: skip
+def test_the_interpreter_is_asked_for_as_triton_reads_it(monkeypatch, value, want):
+    """Issue 39 item 16: TRITON_INTERPRET=true ran Triton's interpreter but was refused here (the
+    values are those Triton 3.9's getenv_bool took in this project's run of it, 2026-12-08)."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert platform.interpreter_requested() is want
+
+
+def test_an_empty_schedule_variable_is_the_default(monkeypatch):
+    from moe_kernels.gemm_config import BUILTIN_SCHEDULE, default_schedule
+
+    monkeypatch.setenv("MOE_ADAPTER_GEMM", "")
+    monkeypatch.setenv("MOE_ADAPTER_WGRAD", "")
+    assert default_schedule() == BUILTIN_SCHEDULE

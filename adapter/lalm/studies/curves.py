@@ -170,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smooth < 1:
         p.error(f"--smooth must be >= 1, got {args.smooth}")
+    out = Path(args.out)
+    out = out / "curves.png" if out.is_dir() else out if out.suffix else out.with_suffix(".png")  # what is written
+    if not out.parent.is_dir():
+        p.error(f"--out {args.out}: the folder {out.parent} does not exist")
     runs = [read_run(r) for r in args.runs]
     if len({run["name"] for run in runs}) < len(runs):  # runs/seed-0/dense, runs/seed-1/dense: name them by path
         for run, path in zip(runs, args.runs, strict=True):
             run["name"] = path.rstrip("/")
-    plot_runs(runs, args.out, args.smooth)
-    print(f"curves: {args.out}")
+    plot_runs(runs, out, args.smooth)
+    print(f"curves: {out}")
     return 0
 
 

@@ -61,7 +61,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from adapter.cli import Stopped, stop_requests
+from adapter.cli import RunFailed, Stopped, stop_requests
 from adapter.files import atomic_write_text
 from adapter.lalm.assemble import build_model
 from adapter.lalm.config import TrainConfig
@@ -399,7 +399,7 @@ def _finish(run: Run, summary: dict) -> dict:
     """After the last step: refuse a run that learned nothing, evaluate, write the final checkpoint."""
     cfg, state = run.cfg, run.state
     if state["step"] and state["skipped"] == state["step"]:
-        raise RuntimeError(
+        raise RunFailed(
             f"all {state['step']} steps of the run in {run.folder.path} were skipped as non-finite (a NaN or inf "
             "loss or gradient): nothing was learned and no final checkpoint is written; check the "
             "inputs (audio, manifests) and --lr / --aux-lambda"

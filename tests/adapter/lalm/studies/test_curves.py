@@ -80,3 +80,20 @@ def test_the_cli_on_real_runs_and_bad_input(tmp_path, tone_corpus, capsys):
     with pytest.raises(SystemExit):
         curves.main([runs[0], "--smooth", "0"])
     assert "--smooth must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_out_names_what_is_written(tmp_path, capsys):
+    """Issue 39 item 16: --out DIR wrote DIR.png but printed DIR."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 1.0, "ntp": 1.0, "lr": 1e-3, "grad_norm": 1.0}) + "\n"
+    )
+    folder = tmp_path / "figs"
+    folder.mkdir()
+    for out, written in ((folder, folder / "curves.png"), (tmp_path / "plain", tmp_path / "plain.png")):
+        assert curves.main([str(run), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.strip() == f"curves: {written}" and written.is_file()
+    with pytest.raises(SystemExit):
+        curves.main([str(run), "--out", str(tmp_path / "missing" / "c.png")])
+    assert "does not exist" in capsys.readouterr().err
