@@ -103,6 +103,10 @@ def _check_tensors(path, header: dict, adapter_on_meta: nn.Module) -> None:
     if wrong:
         raise ValueError(f"{path}: tensor shapes do not match its config: {wrong[:5]}")
     dtypes = sorted({dt for _, dt in header.values()})
+    if odd := [dt for dt in dtypes if dt not in ("F16", "BF16", "F32", "F64")]:  # int, bool, float8, complex
+        raise ValueError(
+            f"{path}: an adapter's tensors are float16, bfloat16, float32 or float64; the file holds {odd}"
+        )
     if len(dtypes) > 1:
         by_dtype = {dt: sorted(k for k, (_, d) in header.items() if d == dt)[:3] for dt in dtypes}
         raise ValueError(f"{path}: an adapter's tensors must share one dtype, found {by_dtype}")

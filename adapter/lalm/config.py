@@ -196,6 +196,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig(**self.model)
+        if not isinstance(self.model, ModelConfig):  # a config file's "model": null, say
+            raise ValueError(f"model must be a ModelConfig (in a file: an object of its fields), got {self.model!r}")
         check_field_types(self)
         positive = ("max_steps", "grad_accum", "max_batch_tokens", "max_batch_size", "log_every", "keep_checkpoints")
         for name in positive:

@@ -113,48 +113,57 @@ def read_manifest(path: str | Path) -> list[Example]:
         raise FileNotFoundError(f"manifest not found: {path}")
     examples = []
     first_line: dict[str, int] = {}  # id -> the line that gave it first
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in ("id", "question") if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-            _check_record_types(rec, f"{path}:{lineno}")
-            # Items are paired, scored and reported by id: a repeated one would pair the wrong items.
-            if (earlier := first_line.setdefault(str(rec["id"]), lineno)) != lineno:
-                raise ValueError(f"{path}:{lineno}: id {str(rec['id'])!r} repeats line {earlier}; ids must be unique")
-            audio = None
-            if rec.get("audio"):
-                audio = Path(rec["audio"])
-                audio = audio if audio.is_absolute() else path.parent / audio
-            ex = Example(
-                id=str(rec["id"]),
-                question=rec["question"],
-                answer=rec.get("answer", ""),
-                audio=audio,
-                category=rec.get("category", ""),
-                task=rec.get("task", ""),
-                choices=rec.get("choices", []),
-                text=rec.get("text", ""),
-                context=rec.get("context", ""),
-                eval=rec.get("eval", "mmau"),
-                source=f"{path}:{lineno}",
-            )
-            if audio is not None and ex.context:
-                raise ValueError(f"{path}:{lineno}: an example has either audio or a context, not both")
-            if audio is not None:
-                try:  # a missing file or an unreadable header, with the manifest line
-                    ex.num_samples = resampled_length(audio)
-                except (ValueError, FileNotFoundError) as exc:
-                    raise type(exc)(f"{path}:{lineno}: {exc}") from exc
-            examples.append(ex)
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"{path}: the manifest is UTF-16; write it as UTF-8 (iconv -f UTF-16 -t UTF-8)")
+    for lineno, raw_line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path}:{lineno}: not UTF-8 (byte {raw_line[exc.start]:#04x} at column {exc.start + 1}); write "
+                "the manifest as UTF-8 (from Latin-1: iconv -f LATIN1 -t UTF-8)"
+            ) from exc
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from exc
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in ("id", "question") if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+        _check_record_types(rec, f"{path}:{lineno}")
+        # Items are paired, scored and reported by id: a repeated one would pair the wrong items.
+        if (earlier := first_line.setdefault(str(rec["id"]), lineno)) != lineno:
+            raise ValueError(f"{path}:{lineno}: id {str(rec['id'])!r} repeats line {earlier}; ids must be unique")
+        audio = None
+        if rec.get("audio"):
+            audio = Path(rec["audio"])
+            audio = audio if audio.is_absolute() else path.parent / audio
+        ex = Example(
+            id=str(rec["id"]),
+            question=rec["question"],
+            answer=rec.get("answer", ""),
+            audio=audio,
+            category=rec.get("category", ""),
+            task=rec.get("task", ""),
+            choices=rec.get("choices", []),
+            text=rec.get("text", ""),
+            context=rec.get("context", ""),
+            eval=rec.get("eval", "mmau"),
+            source=f"{path}:{lineno}",
+        )
+        if audio is not None and ex.context:
+            raise ValueError(f"{path}:{lineno}: an example has either audio or a context, not both")
+        if audio is not None:
+            try:  # a missing file or an unreadable header, with the manifest line
+                ex.num_samples = resampled_length(audio)
+            except (ValueError, FileNotFoundError) as exc:
+                raise type(exc)(f"{path}:{lineno}: {exc}") from exc
+        examples.append(ex)
     return examples
 
 
@@ -189,6 +198,24 @@ def prompt_ids(tokenizer, num_frames: int, question: str, context: str = "") -> 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
     return tokenizer.encode(f" {answer}") + [tokenizer.eos_id]
+
+
+def category_index(category: str) -> int:
+    """The index of an audio category in AUDIO_CATEGORIES, in any case ("Sound" is "sound"); -1: none."""
+    folded = category.casefold()
+    return AUDIO_CATEGORIES.index(folded) if folded in AUDIO_CATEGORIES else -1
+
+
+def check_categories(examples: list[Example]) -> None:
+    """For a model that routes by category: every audio example names one of AUDIO_CATEGORIES
+    (any case), or it is refused with its manifest line before any work."""
+    odd = [ex for ex in examples if ex.audio is not None and category_index(ex.category) < 0]
+    if odd:
+        ex = odd[0]
+        raise ValueError(
+            f"{ex.source or ex.id}: the adapter routes by audio category (routing='label'), which must be one of "
+            f"{AUDIO_CATEGORIES}, got {ex.category!r} ({len(odd)} audio example(s) without one)"
+        )
 
 
 def check_lengths(examples: list[Example], tokenizer, limit: int | None, *, with_answer: bool = True) -> None:
@@ -336,7 +363,7 @@ def collate(
         ids[b, sl] = torch.tensor(s)
         lab[b, sl] = torch.tensor(y)
         attn[b, sl] = 1
-    categories = [AUDIO_CATEGORIES.index(ex.category) if ex.category in AUDIO_CATEGORIES else -1 for ex in examples]
+    categories = [category_index(ex.category) for ex in examples]
     batch = Batch(ids, attn, lab if with_answer else None, category_B=torch.tensor(categories, dtype=torch.long))
     if use_text_question or all(ex.audio is None for ex in examples):
         return batch

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from adapter.cli import run_cli
-from adapter.lalm.data import Example, FeatureSource, check_lengths, collate, read_manifest
-from adapter.lalm.model import AudioLLM
+from adapter.lalm.data import Example, FeatureSource, check_categories, check_lengths, collate, read_manifest
+from adapter.lalm.model import AUDIO_CATEGORIES, AudioLLM
 from adapter.measures import activation_rates
 
 LETTERS = "ABCD"
@@ -235,6 +235,8 @@ def evaluate(
         raise ValueError("evaluate: no examples to score (an empty manifest?)")
     check_scorable(examples)
     check_lengths(examples, model.tokenizer, model.position_limit)
+    if model.routes_by_category:
+        check_categories(examples)
     torch.manual_seed(seed)
     preds = generate_answers(
         model, examples, source, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
@@ -358,6 +360,11 @@ def main(argv=None) -> int:
     p.add_argument("--manifest", help="a test manifest (JSONL) to score")
     p.add_argument("--audio", nargs="+", help="instead of a manifest: audio files (WAV/FLAC/OGG/MP3) to ask about")
     p.add_argument("--question", default="What do you hear?", help="the question asked about --audio files")
+    p.add_argument(
+        "--category",
+        choices=AUDIO_CATEGORIES,
+        help="the audio category of --audio files (a run whose adapter routes by category needs one)",
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
     p.add_argument("--max-new-tokens", type=int, default=24, help="greedy decoding length limit")
@@ -386,8 +393,19 @@ def main(argv=None) -> int:
     if args.audio:
         from adapter.lalm.data import resampled_length
 
+        if model.routes_by_category and not args.category:
+            p.error(
+                f"{args.run} routes by audio category (routing='label'): give --category "
+                f"{{{','.join(AUDIO_CATEGORIES)}}}"
+            )
         exs = [
-            Example(id=Path(a).name, question=args.question, audio=Path(a), num_samples=resampled_length(Path(a)))
+            Example(
+                id=Path(a).name,
+                question=args.question,
+                audio=Path(a),
+                num_samples=resampled_length(Path(a)),
+                category=args.category or "",
+            )
             for a in args.audio
         ]
         check_lengths(exs, model.tokenizer, model.position_limit, with_answer=False)

@@ -147,6 +147,12 @@ class AudioLLM(nn.Module):
         param = self.encoder.encoder.conv1.weight
         return [self.encoder(m) if m is not None else param.new_zeros(0, self.encoder.stacked_dim) for m in mels]
 
+    @property
+    def routes_by_category(self) -> bool:
+        """The adapter routes each sample by its audio category (routing="label"): every audio
+        example then needs one of AUDIO_CATEGORIES."""
+        return getattr(getattr(self.adapter, "config", None), "routing", None) == "label"
+
     def embed_audio(
         self, audio_BFC: torch.Tensor, audio_mask_BF: torch.Tensor, category_B: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -157,7 +163,7 @@ class AudioLLM(nn.Module):
             x = self.fusion(audio_BFC)
         if self.semantic is not None:
             x = x + self.semantic_embed(self.semantic(audio_BFC))
-        if getattr(getattr(self.adapter, "config", None), "routing", None) == "label":
+        if self.routes_by_category:
             if category_B is None:
                 raise ValueError("the adapter routes by category (routing='label'): pass the batch's category_B")
             return self.adapter(x, audio_mask_BF, labels=category_B[:, None].expand(audio_mask_BF.shape))

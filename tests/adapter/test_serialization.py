@@ -207,3 +207,15 @@ def test_an_aliased_projector_round_trips_under_both_names(tmp_path):
     load_swapped(fresh, tmp_path / "m.safetensors")
     assert isinstance(fresh.proj, MoEAdapter) and fresh.proj_alias is fresh.proj
     assert torch.equal(fresh(x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn, torch.complex64])
+def test_load_adapter_refuses_files_of_non_float_tensors_by_name(tmp_path, dtype):
+    """Issue 39 item 15: an adapter file of int, bool, float8 or complex tensors raised deep in torch."""
+    a = build_adapter(preset("moe-4c2", 8, 6, backend="torch"))
+    state = {k: v.detach().to(dtype).contiguous() for k, v in a.state_dict().items()}
+    meta = {"format": "moe-adapter/1", "adapter": json.dumps({"kind": "moe", "config": a.config.__dict__})}
+    path = tmp_path / "odd.safetensors"
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"odd.safetensors: an adapter's tensors are float16, bfloat16, float32 or"):
+        load_adapter(path)

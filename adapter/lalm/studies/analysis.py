@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -249,6 +250,11 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device_flag(p)
     args = p.parse_args(argv)
+    for flag in ("batch_size", "num_batches"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if not (math.isfinite(args.step_size) and args.step_size > 0):
+        p.error(f"--step-size must be a positive finite number, got {args.step_size}")
     device = device_from_flag(p, args)
     for run in args.runs:
         if not (run / "config.json").is_file():

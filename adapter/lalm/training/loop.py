@@ -71,6 +71,7 @@ from adapter.lalm.data import (
     DataPosition,
     Example,
     FeatureSource,
+    check_categories,
     check_lengths,
     collate,
     length_batches,
@@ -444,6 +445,8 @@ def _start(cfg: TrainConfig, out_dir: Path, lock: RunFolderLock) -> Run:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, seed=cfg.seed).to(device)
     check_lengths(train_examples + val_examples, model.tokenizer, model.position_limit)
+    if model.routes_by_category:
+        check_categories(train_examples + val_examples)
     params = set_trainable(model, cfg)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model.llm)

@@ -140,3 +140,21 @@ def test_repeated_ids_are_refused_with_file_and_lines(tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"m.jsonl:3: id '7' repeats line 2; ids must be unique"):
         read_manifest(manifest)
+
+
+@pytest.mark.parametrize(
+    "encode, match",
+    [
+        (lambda t: t.encode("utf-16"), r"m.jsonl: the manifest is UTF-16; write it as UTF-8"),
+        (lambda t: t.encode("latin-1"), r"m.jsonl:2: not UTF-8 \(byte 0xe9 at column 32\).*iconv -f LATIN1"),
+    ],
+)
+def test_manifests_in_other_encodings_are_named(tmp_path, encode, match):
+    """Issue 39 item 15: a UTF-16 or Latin-1 manifest raised a raw UnicodeDecodeError."""
+    manifest = tmp_path / "m.jsonl"
+    text = '{"id": "a", "question": "q"}\n{"id": "b", "question": "Le caf\u00e9?"}\n'
+    manifest.write_bytes(encode(text))
+    with pytest.raises(ValueError, match=match):
+        read_manifest(manifest)
+    manifest.write_bytes(b"\xef\xbb\xbf" + text.encode())  # UTF-8 with a byte-order mark: read
+    assert [ex.question for ex in read_manifest(manifest)] == ["q", "Le caf\u00e9?"]

@@ -135,3 +135,13 @@ def test_runs_with_the_same_folder_name_keep_apart(tmp_path):
     assert run_labels([tmp_path / "dense", tmp_path / "moe"]) == ["dense", "moe"]
     with pytest.raises(ValueError, match="given twice"):
         run_labels([a, a])
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--batch-size", "0"), ("--num-batches", "0"), ("--num-batches", "-1"), ("--step-size", "nan")]
+)
+def test_cli_refuses_sizes_that_would_do_nothing(tmp_path, capsys, flag, value):
+    """Issue 39 item 15: these ended in raw Python errors (or an empty analysis)."""
+    with pytest.raises(SystemExit):
+        analysis.main(["--runs", str(tmp_path), "--manifest", str(tmp_path / "m.jsonl"), flag, value])
+    assert f"{flag} must be" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from adapter.lalm.config import TrainConfig, train_config_from_argv
+from adapter.lalm.config import ModelConfig, TrainConfig, train_config_from_argv
 from adapter.lalm.model import AudioLLM
 from adapter.lalm.training import checkpoint, loop, setup
 from adapter.lalm.training import runs as run_folder
@@ -567,3 +567,35 @@ def test_check_lengths_counts_prompt_answer_and_the_longest_choice():
         check_lengths([ex], tok, need - 1)
     check_lengths([ex], tok, need - 1, with_answer=False)  # a prompt alone fits
     check_lengths([ex], tok, None)
+
+
+def test_label_routing_takes_categories_in_any_case_and_refuses_others_by_line(tmp_path, tone_corpus, capsys):
+    """Issue 39 item 15: category "Sound" (case) under label routing, and `evaluate --audio` on a
+    label-routed run, ended in raw Python errors without a file or line."""
+    from adapter.lalm import evaluate as ev
+
+    rows = [json.loads(ln) for ln in tone_corpus[0].read_text().splitlines()[:8]]
+    rows = [{**r, "audio": str(tone_corpus[0].parent / r["audio"]), "category": "Sound"} for r in rows]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = ModelConfig(encoder="demo", audio_dim=32, tiny_llm_hidden=64, adapter_backend="torch",
+                        adapter="moe-8c4", num_experts=12, routing="label")  # fmt: skip
+    run = tmp_path / "run"
+    loop.train(_cfg(run, (manifest, tone_corpus[1]), model=model, max_steps=1, val_manifest=""))
+    rows[5]["category"] = "noise"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"train.jsonl:6: the adapter routes by audio category .* got 'noise'"):
+        loop.train(_cfg(tmp_path / "other", (manifest, tone_corpus[1]), model=model, max_steps=1, val_manifest=""))
+    assert not (tmp_path / "other" / "config.json").exists()
+    clip = rows[0]["audio"]
+    with pytest.raises(SystemExit):
+        ev.main(["--run", str(run), "--audio", clip])
+    assert "routes by audio category (routing='label'): give --category" in capsys.readouterr().err
+    assert ev.main(["--run", str(run), "--audio", clip, "--category", "sound", "--max-new-tokens", "2"]) == 0
+
+
+def test_a_config_file_whose_model_is_null_is_named(tmp_path):
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({"train_manifest": "m.jsonl", "model": None}))
+    with pytest.raises(ValueError, match="model must be a ModelConfig .*, got None"):
+        train_config_from_argv(["--config", str(cfg_path)])
