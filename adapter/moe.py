@@ -210,13 +210,33 @@ class MoEAdapter(nn.Module):
         self.expert_counts: torch.Tensor | None = None
         self.last_topk_idx: torch.Tensor | None = None
         self.balance_group = None
+        self._scope: list | None = None  # per call of an open forward scope: (psum_E, counts_E, real tokens)
+        self._frame_lengths_B: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
         """Copies (copy.deepcopy, AveragedModel / EMA, pickling) leave out the last forward's
         statistics (aux_loss is a node of that forward's graph, which deepcopy cannot copy) and
         the process group (a copy uses the default group)."""
         state = super().__getstate__()
-        return {**state, "aux_loss": None, "expert_counts": None, "last_topk_idx": None, "balance_group": None}
+        cleared = dict.fromkeys(("aux_loss", "expert_counts", "last_topk_idx", "balance_group", "_scope"))
+        return {**state, **cleared, "_frame_lengths_B": None}
+
+    def begin_forward(self, frame_lengths_B: torch.Tensor | None = None) -> None:
+        """Open one forward of a model that may call this adapter several times (per clip, per
+        chunk): the statistics are cleared now (a forward that never calls the adapter leaves none,
+        not the previous step's), and each call adds its tokens, so aux_loss is the balance loss
+        over every real token of the forward's calls and expert_counts / last_topk_idx cover them
+        all. `frame_lengths_B`: real frames per sample of a (B, L, d) input the model passes without
+        a mask (its padding is then routed nowhere and left out of the statistics). swap_adapter
+        opens and closes this around each forward of the model it swapped into."""
+        self.aux_loss = self.expert_counts = self.last_topk_idx = None
+        self._scope = []
+        self._frame_lengths_B = frame_lengths_B
+
+    def end_forward(self) -> None:
+        """Close the forward begin_forward opened; the statistics stay for the loss to read."""
+        self._scope = None
+        self._frame_lengths_B = None
 
     @torch.no_grad()
     def reset_expert_parameters(self) -> None:
@@ -235,6 +255,10 @@ class MoEAdapter(nn.Module):
     ) -> torch.Tensor:
         c = self.config
         check_adapter_input(x, mask, c.in_dim, self.w1, "MoEAdapter")
+        lengths_B = self._frame_lengths_B
+        if mask is None and lengths_B is not None and x.dim() == 3 and x.shape[0] == lengths_B.shape[0]:
+            # The model's own frame lengths (swap_adapter): its padded frames are no tokens.
+            mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths_B.to(x.device)[:, None]
         labels_T = self._check_labels(x, mask, labels)
         lead = x.shape[:-1]
         x_TD = x.reshape(-1, c.in_dim)
@@ -266,9 +290,35 @@ class MoEAdapter(nn.Module):
             self.aux_loss = global_balance_loss(psum_E, out.counts_E, num_real, self.balance_group) + 0 * out.aux_loss
         self.expert_counts = out.counts_E.detach()
         self.last_topk_idx = out.topk_idx_TK.detach()
+        if self._scope is not None:
+            self._add_to_scope(out, z_TD)
         if self.training and x.requires_grad and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._warn_aux_loss_without_grad()
         return y
+
+    def _add_to_scope(self, out: moe_kernels.MoEOutput, z_TD: torch.Tensor) -> None:
+        """This call's statistics joined to the open forward scope's earlier calls: L_aux (eq. 10)
+        over the union of their real tokens, P_e and f_e means over all of them; expert_counts
+        summed and last_topk_idx concatenated in call order (one call: its own, unchanged)."""
+        c = self.config
+        idx_TK = out.topk_idx_TK.detach()
+        num_real = (idx_TK[:, 0] >= 0).sum() if idx_TK.shape[0] else idx_TK.new_zeros((), dtype=torch.long)
+        psum_E = local_probability_sums(out, z_TD, self.router.weight, c.balance_p)
+        self._scope.append((psum_E, out.counts_E.detach(), num_real, idx_TK))
+        if len(self._scope) == 1:
+            return
+        if c.balance_scope == "global" and self.training and group_size(self.balance_group) > 1:
+            raise NotImplementedError(
+                "balance_scope='global' with several adapter calls in one forward: the ranks may call it a "
+                "different number of times, so their balance losses cannot be joined; use balance_scope='local'"
+            )
+        psum_E = torch.stack([s[0] for s in self._scope]).sum(0)
+        counts_E = torch.stack([s[1] for s in self._scope]).sum(0)
+        tokens = torch.stack([s[2] for s in self._scope]).sum().clamp(min=1)
+        f_E = (counts_E.to(psum_E.dtype) / tokens).detach()  # f carries no gradient (eq. 9)
+        self.aux_loss = c.num_experts * (psum_E / tokens * f_E).sum()
+        self.expert_counts = counts_E
+        self.last_topk_idx = torch.cat([s[3] for s in self._scope])
 
     def _warn_aux_loss_without_grad(self) -> None:
         """An input that wants gradients, fed in training mode with gradients disabled: the mark of

@@ -24,7 +24,7 @@ from adapter.dense import DenseAdapter, DenseAdapterConfig
 from adapter.files import atomic_write
 from adapter.moe import MoEAdapter, MoEAdapterConfig
 from adapter.presets import build_adapter
-from adapter.swap import module_placement, registrations, set_module
+from adapter.swap import ForwardScope, module_placement, registrations, set_module
 
 FORMAT = "moe-adapter/1"
 _KINDS = {"dense": DenseAdapterConfig, "moe": MoEAdapterConfig}
@@ -169,6 +169,9 @@ def load_swapped(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         for alias, old, _ in reversed(placed):
             set_module(model, alias, old)
         raise
+    moe = list({id(new): new for _, _, new in placed if isinstance(new, MoEAdapter)}.values())
+    if moe:  # each forward one balance-loss scope, as after swap_adapter
+        ForwardScope(model, moe)
     return model
 
 

@@ -52,6 +52,14 @@ transformers versions do not break the lookup."""
 
 PROJECTOR_NAMES = ("multi_modal_projector",)
 
+FRAME_MASKS = {
+    "Qwen2AudioForConditionalGeneration": "feature_attention_mask",
+    "AudioFlamingo3ForConditionalGeneration": "input_features_mask",
+}
+"""Models that call their projector on every encoder frame, padding included, by the forward argument
+that says which mel frames are real; their audio tower's `_get_feat_extract_output_lengths` turns
+its counts into the projector input's real frames (transformers 5: [1] of what it returns)."""
+
 _ACTIVATION_NAMES = {  # class name of an activation module -> MoEAdapterConfig.activation
     "SiLU": "silu",
     "SiLUActivation": "silu",
@@ -71,12 +79,48 @@ class Swap:
     adapter: nn.Module
 
 
+class ForwardScope:
+    """Hooks on a model's forward that make each forward one balance-loss scope for the MoE
+    adapters swapped into it (MoEAdapter.begin_forward / end_forward): every call of an adapter in
+    the forward counts, a forward that skips it leaves no statistics (not the previous step's freed
+    graph), and for the FRAME_MASKS models the padded encoder frames are no tokens."""
+
+    def __init__(self, model: nn.Module, adapters: list[MoEAdapter]) -> None:
+        self.adapters = adapters
+        self.mask_arg = FRAME_MASKS.get(type(model).__name__)
+        towers = [m for m in model.modules() if hasattr(m, "_get_feat_extract_output_lengths")]
+        self.tower = towers[0] if self.mask_arg and len(towers) == 1 else None
+        self.handles = [
+            model.register_forward_pre_hook(self._begin, with_kwargs=True),
+            model.register_forward_hook(self._end, always_call=True),  # also when the forward raises
+        ]
+
+    def _begin(self, module, args, kwargs) -> None:
+        lengths_B = None
+        mel_mask = kwargs.get(self.mask_arg) if self.tower is not None else None
+        if mel_mask is not None:
+            lengths_B = self.tower._get_feat_extract_output_lengths(mel_mask.sum(-1))[1]
+        for a in self.adapters:
+            a.begin_forward(lengths_B)
+
+    def _end(self, module, args, output) -> None:
+        for a in self.adapters:
+            a.end_forward()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 class SwapHandle:
     """What `swap_adapter` replaced: iterate it for `Swap(path, original, adapter)`; `undo()` restores."""
 
     def __init__(self, model: nn.Module, swaps: list[Swap]) -> None:
         self.model = model
         self.swaps = swaps
+        moe = list({id(s.adapter): s.adapter for s in swaps if isinstance(s.adapter, MoEAdapter)}.values())
+        self.scope = ForwardScope(model, moe) if moe else None
 
     def __iter__(self):
         return iter(self.swaps)
@@ -87,6 +131,9 @@ class SwapHandle:
     def undo(self) -> None:
         for s in reversed(self.swaps):
             set_module(self.model, s.path, s.original)
+        if self.scope is not None:
+            self.scope.remove()
+            self.scope = None
         self.swaps = []
 
 
