@@ -19,6 +19,7 @@ Parameter counts (what `param_counts()` reports, counted from these dims, LayerN
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -140,6 +141,10 @@ def preset(
     then takes the expert width that matches the dense adapter scaled alike."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    kind = DenseAdapterConfig if name == "dense" else MoEAdapterConfig
+    fields = {f.name for f in dataclasses.fields(kind)} - {"in_dim", "out_dim"}
+    if unknown := sorted(set(overrides) - fields):  # not a TypeError from inside the preset's factory
+        raise ValueError(f"preset {name!r} ({kind.__name__}) has no option {unknown}; its options: {sorted(fields)}")
     config = PRESETS[name](in_dim, out_dim, **overrides)
     if width_scale != 1.0:
         config = scale_widths(config, width_scale)

@@ -97,3 +97,12 @@ def test_width_scale_scales_hidden_widths_and_keeps_matched_presets_at_dense_siz
     assert preset("moe-8c4", d, D, width_scale=1.0) == preset("moe-8c4", d, D)
     with pytest.raises(ValueError, match="width scale must be > 0, got 0"):
         preset("dense", d, D, width_scale=0)
+
+
+def test_an_option_a_preset_does_not_take_is_refused_by_name():
+    """Found by tests/test_properties.py: swap_adapter(model, path, "dense", backend="torch") raised a
+    TypeError from inside the preset's factory."""
+    with pytest.raises(ValueError, match=r"preset 'dense' \(DenseAdapterConfig\) has no option \['backend'\]"):
+        preset("dense", 8, 6, backend="torch")
+    with pytest.raises(ValueError, match=r"preset 'moe-8c4' \(MoEAdapterConfig\) has no option \['experts'\]"):
+        preset("moe-8c4", 8, 6, experts=4)
