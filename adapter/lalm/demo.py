@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from adapter.cli import run_cli
 from adapter.lalm.evaluate import format_table
 from adapter.lalm.plots import pyplot, save
@@ -120,8 +118,7 @@ def main(argv=None) -> int:
     )
     add_experiment_args(p)
     exp = experiment_from_args(p.parse_args(argv))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    run_demo(exp)
+    run_demo(exp)  # its runs pin their thread count as every runner's do (experiment.pin_threads)
     return 0
 
 

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from adapter.cli import Stopped
 from adapter.lalm.config import (
     MOE_ONLY_DEFAULTS,
@@ -103,6 +105,11 @@ class ExperimentConfig:
         "the optimizer state, which --resume needs)",
     )
     quiet: bool = option(False, "no progress bars")
+    threads: int = option(
+        0,
+        "torch threads of every run (0: torch's default at start, the machine's cores); BLAS rounds "
+        "differently at another count, so runs are compared at one, recorded in each eval.json",
+    )
     run: TrainConfig = field(
         default_factory=lambda: EXPERIMENT_RUN, metadata={"help": "the TrainConfig every run starts from"}
     )
@@ -113,7 +120,7 @@ class ExperimentConfig:
         for name in ("text_weight", "checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("train_per_task", "test_per_task", "knowledge_test"):
+        for name in ("train_per_task", "test_per_task", "knowledge_test", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not isinstance(self.run, TrainConfig):
@@ -171,6 +178,18 @@ class ExperimentConfig:
         )
 
 
+# torch's thread count when this module was imported: what `threads` = 0 means, whatever a run set since.
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def pin_threads(exp: ExperimentConfig) -> int:
+    """Set torch's thread count for `exp`'s runs (every runner, the demo included, trains through
+    train_and_evaluate, so the same settings run at the same count) and return it."""
+    threads = exp.threads or _DEFAULT_THREADS
+    torch.set_num_threads(threads)
+    return threads
+
+
 def train_and_evaluate(
     exp: ExperimentConfig,
     preset: str,
@@ -184,6 +203,7 @@ def train_and_evaluate(
     time, summed over resumed calls}.
     The evaluation is also written to the run folder's eval.json. With `exp.run.resume`, a run that
     had finished and been evaluated before this call keeps its evaluation and its training time."""
+    threads = pin_threads(exp)
     run_dir = Path(exp.out) / (name or preset)
     folder = RunFolder(run_dir)
     done, timing, resume = folder.eval, folder.train_seconds, exp.run.resume
@@ -193,6 +213,12 @@ def train_and_evaluate(
     cfg = exp.train_config(preset, manifests, run_dir)
     if adjust is not None:
         cfg = adjust(cfg)
+    recorded = json.loads(timing.read_text()).get("threads") if resume and timing.is_file() else None
+    if recorded is not None and recorded != threads:  # BLAS would round the rest of the run otherwise
+        raise ValueError(
+            f"--resume: the run in {run_dir} trained at {recorded} torch thread(s), this call at {threads}: "
+            f"pass --threads {recorded}"
+        )
     if finished and timing.is_file():
         diffs = config_differences(folder.read_config(), cfg)
         if diffs:
@@ -211,14 +237,15 @@ def train_and_evaluate(
     try:
         summary = train(cfg)
     except Stopped:
-        timing.write_text(json.dumps({"seconds": earlier + time.perf_counter() - t0}))
+        timing.write_text(json.dumps({"seconds": earlier + time.perf_counter() - t0, "threads": threads}))
         raise
     seconds = time.perf_counter() - t0
     print(f"{name or preset}: at step {exp.run.max_steps}, {seconds:.0f} s in this call", flush=True)
     seconds += earlier
-    timing.write_text(json.dumps({"seconds": seconds}))
+    timing.write_text(json.dumps({"seconds": seconds, "threads": threads}))
     model = load_trained(run_dir, device=default_device())  # where train() ran it
     result = evaluate(model, read_manifest(manifests["test"]), run_features(run_dir, model), seed=exp.run.seed)
+    result["threads"] = threads  # trained and evaluated at
     done.write_text(json.dumps(result, indent=1))
     return {"eval": result, "summary": summary, "log": read_log(run_dir), "seconds": seconds}
 

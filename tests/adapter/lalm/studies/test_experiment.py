@@ -112,3 +112,33 @@ def test_run_flags_take_the_field_names_and_the_old_aliases():
         experiment.ExperimentConfig.of(steps=3)
     with pytest.raises(ValueError, match="max_steps must be > 0, got 0"):
         experiment.ExperimentConfig.of(max_steps=0)
+
+
+def test_the_demo_and_the_seeds_runner_give_the_same_numbers_for_the_same_settings(tiny_experiment, monkeypatch):
+    """Issue 40 item 5: the demo's seed 0 and the seeds runner's differed on one machine. Both now
+    train through train_and_evaluate, which pins one thread count (recorded in eval.json); with the
+    same settings their evaluations are the same to the bit (one process, one machine)."""
+    from adapter.lalm import demo
+    from adapter.lalm.studies import seeds
+
+    pinned = []
+    real_pin = experiment.pin_threads
+    monkeypatch.setattr(experiment, "pin_threads", lambda exp: pinned.append(real_pin(exp)) or pinned[-1])
+    exp = tiny_experiment(max_steps=2, threads=1)
+    from_demo = demo.run_demo(exp)
+    from_seeds = seeds.run_seeds(
+        exp.with_(out=exp.out + "-seeds", corpus=exp.corpus + "-seeds"), list(demo.ADAPTERS), [0]
+    )
+    assert pinned == [1] * 4
+    for name in demo.ADAPTERS:
+        mine, theirs = from_demo["results"][name], from_seeds[0][name]
+        assert mine["threads"] == theirs["threads"] == 1
+        assert mine["mmau"] == theirs["mmau"] and mine["predictions"] == theirs["predictions"], name
+
+
+def test_a_resume_at_another_thread_count_is_refused(tiny_experiment):
+    exp = tiny_experiment(max_steps=2, threads=1)
+    manifests = exp.build_corpus()
+    experiment.train_and_evaluate(exp, "dense", manifests)
+    with pytest.raises(ValueError, match=r"trained at 1 torch thread\(s\), this call at 2: pass --threads 1"):
+        experiment.train_and_evaluate(exp.with_(resume=True, threads=2), "dense", manifests)
