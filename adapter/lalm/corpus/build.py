@@ -58,7 +58,7 @@ from adapter.lalm.corpus import music, sounds, speech
 from adapter.lalm.corpus.banks import NOUNS, phrase_bank, question_bank, sentence_bank
 from adapter.lalm.data import write_manifest
 
-VERSION = 7
+VERSION = 8  # 8: transcription distractors from the item's own split; test voices held out
 QUESTIONS = 100  # distinct knowledge questions: few enough that the small LLM learns them all as text
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTION = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -196,7 +196,7 @@ class _Builder:
         gender = ["male", "female"][i % 2] if task == "gender" else None
         rate = list(speech.RATES)[i % 3] if task == "rate" else None
         pitch = list(speech.PITCH_CLASSES)[i % 2] if task == "voice pitch" else None
-        voice = speech.random_voice(rng, gender=gender, rate=rate, pitch=pitch)
+        voice = speech.random_voice(rng, gender=gender, rate=rate, pitch=pitch, held_out=split == "test")
         choices = TASKS[task][2]
         text = ""
         if task == "knowledge":
@@ -204,12 +204,16 @@ class _Builder:
             q = pool[i % len(pool)] if self.cfg.wide_bank else rng.choice(pool)
             said, answer, text = q.spoken(), q.letter, f"{q.spoken()} {VOICEBENCH_INSTRUCTION}"
         elif task == "transcription":
-            said = rng.choice(self.phrases[split])
+            pool = self.phrases[split]
+            said = rng.choice(pool)
             adj, noun = said.split()
-            # distractors (never spoken, so free to come from any split) share one word with the
-            # answer: both words must be heard
-            near = [p for p in phrase_bank() if p != said and (p.split()[0] == adj or p.split()[1] == noun)]
-            choices = [said, *rng.sample(near, 3)]
+            # Distractors from the item's own split (issue 40: drawn from every split, a test item's
+            # distractors had mostly been answers in training and its right phrase never had); those
+            # sharing a word with the answer first (both words must be heard), then any.
+            near = [p for p in pool if p != said and (p.split()[0] == adj or p.split()[1] == noun)]
+            picked = rng.sample(near, min(3, len(near)))
+            others = [p for p in pool if p != said and p not in picked]
+            choices = [said, *picked, *rng.sample(others, 3 - len(picked))]
             rng.shuffle(choices)
             answer = said
         elif task == "word count":

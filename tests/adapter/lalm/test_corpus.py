@@ -329,3 +329,21 @@ def test_wide_question_bank_and_held_out_knowledge_items(tmp_path):
     assert not corpus_build._same_build({**legacy, "version": 6}, default)
     with pytest.raises(ValueError, match="questions must be >= 10"):
         CorpusConfig(questions=5)
+
+
+def test_test_voices_are_never_heard_in_training_and_distractors_share_the_split(built):
+    """Issue 40 item 4 (corpus version 8): the 48 espeak voices were shared by every split (gender and
+    pitch tested on seen speakers), and transcription distractors came from every split (a test
+    item's right phrase had never been an answer in training, its distractors mostly had)."""
+    root, manifests = built
+    recs = {s: [json.loads(line) for line in manifests[s].read_text().splitlines()] for s in SPLITS}
+    held = {v for vs in speech.TEST_VARIANTS.values() for v in vs}
+    spoken = {s: [r for r in recs[s] if "voice" in r] for s in SPLITS}
+    assert spoken["test"] and all(r["voice"]["variant"] in held for r in spoken["test"])
+    assert all(r["voice"]["variant"] not in held for s in ("train", "val") for r in spoken[s])
+    seed = corpus_build.SIZES["ci"].seed
+    for s in SPLITS:
+        for r in recs[s]:
+            if r["task"] == "transcription":
+                assert {corpus_build.split_of(c, seed) for c in r["choices"]} == {s}, r["choices"]
+                assert len(set(r["choices"])) == 4 and r["answer"] in r["choices"]
