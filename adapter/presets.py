@@ -133,6 +133,27 @@ def _parallel(factory: Callable[..., MoEAdapterConfig]) -> Callable[..., MoEAdap
 PRESETS.update({f"{name}-parallel": _parallel(f) for name, f in list(PRESETS.items()) if name != "dense"})
 
 
+def dense_matched_to_active(
+    in_dim: int = PAPER_IN_DIM, out_dim: int = PAPER_OUT_DIM, moe: str = "moe-8c4-parallel", width_scale: float = 1.0
+) -> DenseAdapterConfig:
+    """The dense adapter whose hidden width makes its total the nearest to the active parameters of
+    `moe` at the same dims (and width scale): the compute per token of the MoE preset, no routing
+    (total = a + b*h is linear in the hidden width h). 74,688 against 74,752 at d = 64, D = 128."""
+    active = preset(moe, in_dim, out_dim, width_scale=width_scale).param_counts().active
+    a = DenseAdapterConfig(in_dim=in_dim, out_dim=out_dim, hidden_dim=1).param_counts().total
+    b = DenseAdapterConfig(in_dim=in_dim, out_dim=out_dim, hidden_dim=2).param_counts().total - a
+    return DenseAdapterConfig(in_dim=in_dim, out_dim=out_dim, hidden_dim=max(1, round(1 + (active - a) / b)))
+
+
+PRESETS["dense-active"] = dense_matched_to_active
+DENSE_PRESETS = frozenset({"dense", "dense-active"})
+"""The presets that build a DenseAdapter (no router, no experts)."""
+
+
+def is_dense(name: str) -> bool:
+    return name in DENSE_PRESETS
+
+
 def preset(
     name: str, in_dim: int = PAPER_IN_DIM, out_dim: int = PAPER_OUT_DIM, width_scale: float = 1.0, **overrides
 ) -> AdapterConfig:
@@ -141,10 +162,12 @@ def preset(
     then takes the expert width that matches the dense adapter scaled alike."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    kind = DenseAdapterConfig if name == "dense" else MoEAdapterConfig
+    kind = DenseAdapterConfig if is_dense(name) else MoEAdapterConfig
     fields = {f.name for f in dataclasses.fields(kind)} - {"in_dim", "out_dim"}
     if unknown := sorted(set(overrides) - fields):  # not a TypeError from inside the preset's factory
         raise ValueError(f"preset {name!r} ({kind.__name__}) has no option {unknown}; its options: {sorted(fields)}")
+    if name == "dense-active":  # matched at the scaled size (its width follows the MoE preset's)
+        return dense_matched_to_active(in_dim, out_dim, width_scale=width_scale, **overrides)
     config = PRESETS[name](in_dim, out_dim, **overrides)
     if width_scale != 1.0:
         config = scale_widths(config, width_scale)

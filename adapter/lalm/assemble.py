@@ -15,7 +15,7 @@ from adapter.lalm.config import ModelConfig
 from adapter.lalm.encoder import build_encoder
 from adapter.lalm.model import AUDIO_CATEGORIES, AudioLLM, FrontendConfig
 from adapter.lalm.tokenizer import load_tokenizer
-from adapter.presets import build_adapter, preset
+from adapter.presets import build_adapter, is_dense, preset
 
 
 def tiny_qwen3(vocab_size: int, hidden: int = 128, layers: int = 2, seed: int = 0):
@@ -63,7 +63,7 @@ def build_model(config: ModelConfig, seed: int = 0) -> AudioLLM:
         hidden = llm.get_input_embeddings().embedding_dim
         overrides = (
             {}
-            if config.adapter == "dense"
+            if is_dense(config.adapter)
             else {
                 "backend": config.adapter_backend,
                 "expert_init": config.expert_init,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from adapter._checks import check_field_types
 from adapter.moe import BALANCE_SCOPES, EXPERT_INITS, ROUTINGS
-from adapter.presets import PRESETS
+from adapter.presets import PRESETS, is_dense
 from moe_kernels import BACKENDS
 
 
@@ -93,9 +93,9 @@ class ModelConfig:
             raise ValueError(
                 f"num_experts and top_k must be >= 0 (0: the preset's), got {self.num_experts}, {self.top_k}"
             )
-        if self.adapter == "dense" and (self.num_experts or self.top_k):
+        if is_dense(self.adapter) and (self.num_experts or self.top_k):
             raise ValueError("num_experts / top_k apply to MoE presets; the dense adapter has no experts")
-        if self.adapter == "dense" and (
+        if is_dense(self.adapter) and (
             asked := {k: getattr(self, k) for k, v in MOE_ONLY_DEFAULTS.items() if getattr(self, k) != v}
         ):
             raise ValueError(

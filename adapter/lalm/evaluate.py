@@ -255,6 +255,7 @@ def evaluate(
     for pred, ll, ex in zip(preds, lls, examples, strict=True):
         row = {"id": ex.id, "category": ex.category, "task": ex.task, "answer": ex.answer, "prediction": pred}
         if ll is not None:
+            row["option_logprobs"] = [round(v, 4) for v in ll]  # per choice, in ex.choices' order
             row["loglik_choice"] = loglik_choice(ex, ll)
             row["correct_ll"] = row["loglik_choice"] == ex.answer
         if ex.eval == "mmau":

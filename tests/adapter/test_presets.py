@@ -35,6 +35,7 @@ EXPECTED.update({f"{k}-parallel": table4_moe(*_args, n=D) for k, _args in {
 }.items()})  # fmt: skip
 EXPECTED["moe-8c4-matched"] = table4_moe(8, 4, 1151)  # the width that equals dense's 94.38M
 EXPECTED["moe-8c4-matched-parallel"] = table4_moe(8, 4, 1279, n=D)
+EXPECTED["dense-active"] = (LN(d) + d * 15366 + 15366 * D + LN(D),) * 2  # moe-8c4-parallel's 70.81M active
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -106,3 +107,16 @@ def test_an_option_a_preset_does_not_take_is_refused_by_name():
         preset("dense", 8, 6, backend="torch")
     with pytest.raises(ValueError, match=r"preset 'moe-8c4' \(MoEAdapterConfig\) has no option \['experts'\]"):
         preset("moe-8c4", 8, 6, experts=4)
+
+
+def test_dense_active_has_the_moe_presets_active_count_at_any_size():
+    """Issue 40: the control with the MoE preset's compute per token and no routing."""
+    from adapter import DenseAdapterConfig
+
+    for d, D, scale in ((64, 128, 1.0), (2560, 2048, 1.0), (256, 128, 0.5), (7, 3, 1.0)):
+        dense = preset("dense-active", d, D, width_scale=scale)
+        active = preset("moe-8c4-parallel", d, D, width_scale=scale).param_counts().active
+        per_unit = d + D  # one more hidden unit: a row of W1 and a column of W2
+        assert isinstance(dense, DenseAdapterConfig)
+        assert abs(dense.param_counts().total - active) <= per_unit / 2 + 1, (d, D, scale)
+    assert preset("dense-active", 64, 128).param_counts().total == 74_688  # against 74,752 active

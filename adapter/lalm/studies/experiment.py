@@ -42,7 +42,7 @@ from adapter.lalm.training.checkpoint import load_trained, run_features
 from adapter.lalm.training.loop import train
 from adapter.lalm.training.runs import RunFolder, config_differences, read_log
 from adapter.lalm.training.setup import default_device
-from adapter.presets import PRESETS
+from adapter.presets import PRESETS, is_dense
 
 # The run every experiment starts from: TrainConfig's and ModelConfig's defaults, but for the
 # experiment's budget (1500 steps at a peak lr of 2e-3) and its sizes (d = 64, a 64-code semantic
@@ -165,7 +165,7 @@ class ExperimentConfig:
             output_dir=str(run_dir),
             feature_cache=str(Path(manifests["train"]).parent / "features"),
             # MoE-only settings apply to the MoE presets of the experiment; a dense run has no router.
-            model=replace(run.model, adapter=preset, **(MOE_ONLY_DEFAULTS if preset == "dense" else {})),
+            model=replace(run.model, adapter=preset, **(MOE_ONLY_DEFAULTS if is_dense(preset) else {})),
             warmup_steps=max(1, run.max_steps // 20),
             decay_fraction=0.2,
             max_batch_tokens=run.max_batch_size * 160,
