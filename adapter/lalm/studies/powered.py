@@ -42,6 +42,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from adapter.cli import run_cli
 from adapter.environment import environment
 from adapter.lalm.config import TrainConfig
@@ -94,21 +96,33 @@ def _adjust(routing: str):
     return adjust
 
 
-def run_study(exp: ExperimentConfig, seeds: tuple[int, ...] = SEEDS, arms: tuple[str, ...] = tuple(ARMS)) -> dict:
+def run_seed(exp: ExperimentConfig, seed: int, arms: tuple[str, ...]) -> dict[str, dict]:
+    """{arm: evaluation} of one seed: its corpus, then its arms one after another."""
+    seed_exp = exp.with_(
+        seed=seed, out=str(Path(exp.out) / f"seed-{seed}"), corpus=str(Path(exp.corpus) / f"seed-{seed}")
+    )
+    manifests = seed_exp.build_corpus()
+    out = {}
+    for arm in arms:
+        preset, routing = ARMS[arm]
+        out[arm] = train_and_evaluate(seed_exp, preset, manifests, name=arm, adjust=_adjust(routing))["eval"]
+    return out
+
+
+def run_study(
+    exp: ExperimentConfig, seeds: tuple[int, ...] = SEEDS, arms: tuple[str, ...] = tuple(ARMS), jobs: int = 1
+) -> dict[int, dict[str, dict]]:
     """{seed: {arm: evaluation}}, training what is not there yet (resumable: finished runs are
-    reused when exp.run.resume)."""
-    results: dict[int, dict[str, dict]] = {}
-    for seed in seeds:
-        seed_exp = exp.with_(
-            seed=seed, out=str(Path(exp.out) / f"seed-{seed}"), corpus=str(Path(exp.corpus) / f"seed-{seed}")
-        )
-        manifests = seed_exp.build_corpus()
-        results[seed] = {}
-        for arm in arms:
-            preset, routing = ARMS[arm]
-            run = train_and_evaluate(seed_exp, preset, manifests, name=arm, adjust=_adjust(routing))
-            results[seed][arm] = run["eval"]
-    return results
+    reused when exp.run.resume). `jobs` > 1: that many seeds at once, each in a process of its own
+    (spawned: no state shared with this one), every run at exp.threads."""
+    if jobs == 1:
+        return {seed: run_seed(exp, seed, arms) for seed in seeds}
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {seed: pool.submit(run_seed, exp, seed, arms) for seed in seeds}
+        return {seed: f.result() for seed, f in futures.items()}
 
 
 def write_predictions(results: dict[int, dict[str, dict]], path: Path) -> None:
@@ -243,11 +257,22 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds (pre-registered: 100-114)")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms (pre-registered: all)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds trained at once, each in its own process; with --threads 0 each gets cores / jobs threads "
+        "(the thread count is pinned for the whole study: keep one --jobs from start to end)",
+    )
     add_experiment_args(p, out="runs/powered", corpus="data/corpus-powered")
     args = p.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     exp = experiment_from_args(args)
+    if args.jobs > 1 and not exp.threads:  # every run at the same count: cores shared evenly
+        exp = exp.with_(threads=max(1, torch.get_num_threads() // args.jobs))
     threads = pin_threads(exp)
     out = Path(exp.out)
     info = {**environment(), "threads": threads}
@@ -255,7 +280,7 @@ def main(argv=None) -> int:
         check_same_setting(out, info)
     except ValueError as exc:
         p.error(str(exc))
-    results = run_study(exp, tuple(args.seeds), tuple(args.arms))
+    results = run_study(exp, tuple(args.seeds), tuple(args.arms), args.jobs)
     write_predictions(results, out / "predictions.jsonl.gz")
     summary = summarize(read_predictions(out / "predictions.jsonl.gz"))
     (out / "powered.json").write_text(json.dumps({"summary": summary, "environment": info}, indent=1))

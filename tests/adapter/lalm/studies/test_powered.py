@@ -68,3 +68,14 @@ def test_the_runner_end_to_end_at_the_tiny_size(tmp_path, ci_corpus):
     assert "moe - moe-frozen" in text and "too few seeds" in text  # one seed: no verdict
     assert powered.main(argv) == 0  # resumed: every run reused, the same files
     assert powered.read_predictions(tmp_path / "runs" / "predictions.jsonl.gz") == rows
+
+
+def test_jobs_train_seeds_in_processes_of_their_own_at_one_thread_count(tmp_path, ci_corpus):
+    """Issue 40 item 2: independent runs in parallel processes (one thread each on 2 cores)."""
+    argv = ["--seeds", "7", "8", "--arms", "dense", "--max-steps", "2", "--checkpoints", "1", "--quiet"]
+    argv += ["--jobs", "2", *tiny_experiment_argv(out=tmp_path / "runs", corpus=tmp_path / "corpus")]
+    assert powered.main(argv) == 0
+    for seed in (7, 8):
+        ev = json.loads((tmp_path / "runs" / f"seed-{seed}" / "dense" / "eval.json").read_text())
+        assert ev["threads"] == max(1, __import__("torch").get_num_threads() // 2)
+    assert json.loads((tmp_path / "runs" / "study.json").read_text())["threads"] == ev["threads"]
