@@ -19,6 +19,16 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_thread_count():
+    """A test that pins torch's thread count (the experiment runners' pin_threads) leaves the
+    worker's own count to the tests after it."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def _cpu_kind() -> str:
     """ATen's vector capability (ATEN_CPU_CAPABILITY included) and a hash of the CPU's feature flags."""
     try:
